@@ -1,0 +1,8 @@
+"""Shared pytest setup: the repo root on sys.path so `training`, `handlers` and `serving` import."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
