@@ -7,7 +7,8 @@ All functions work on whole batches of uint8 image tensors (C, H, W) whose chann
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision.transforms.v2 as T

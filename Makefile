@@ -1,0 +1,91 @@
+# Stable entry points; each target is a thin wrapper over a Python CLI.
+#   make demo   fresh machine: set up, train + evaluate the demo model, archive, serve, predict
+#   make test   set up, then the whole test suite (unit + integration against a real TorchServe)
+SHELL := /bin/bash
+PY := .venv/bin/python
+MODEL ?= fmnist-lenet5
+VERSION ?= 1.0
+ARCH ?= lenet5
+DATASET ?= fashion_mnist
+EPOCHS ?=
+RECIPE ?= default
+CKPT ?= checkpoints/$(ARCH)-$(DATASET).pt
+IMAGES ?= reports/samples
+WORKERS ?= 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup demo train eval zoo samples experiment-depth archive serve stop predict models describe register \
+        scale set-default unregister rollout rollback test lint load-test bench reliability clean
+
+setup:
+	@bash scripts/setup.sh
+
+train: setup
+	$(PY) -m training train --recipe $(RECIPE) --arch $(ARCH) --dataset $(DATASET) \
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(CKPT)
+
+eval: setup
+	$(PY) -m training eval --checkpoint $(CKPT)
+
+zoo: setup
+	$(PY) -m training zoo
+
+samples: setup
+	$(PY) -m training samples --out-dir $(IMAGES)
+
+experiment-depth: setup
+	$(PY) -m training experiment-depth
+
+archive: setup
+	$(PY) -m serving archive --all
+
+serve: setup
+	$(PY) -m serving serve
+
+stop:
+	@if [ -x $(PY) ]; then $(PY) -m serving stop; else echo "nothing to stop"; fi
+
+predict: setup
+	$(PY) -m serving predict --model $(MODEL) $(IMAGES)/*.png
+
+models:
+	$(PY) -m serving models
+
+describe:
+	$(PY) -m serving describe $(MODEL) $(VERSION)
+
+register:
+	$(PY) -m serving register $(MODEL) $(VERSION) --min-workers $(WORKERS)
+
+scale:
+	$(PY) -m serving scale $(MODEL) $(VERSION) --min-workers $(WORKERS)
+
+set-default:
+	$(PY) -m serving set-default $(MODEL) $(VERSION)
+
+unregister:
+	$(PY) -m serving unregister $(MODEL) $(VERSION)
+
+rollout:
+	$(PY) -m serving rollout $(MODEL) $(VERSION)
+
+rollback:
+	$(PY) -m serving rollback $(MODEL)
+
+demo: setup
+	$(PY) -m training train --recipe default --out checkpoints/lenet5-fashion_mnist.pt
+	$(PY) -m training eval --checkpoint checkpoints/lenet5-fashion_mnist.pt
+	$(PY) -m training samples --out-dir $(IMAGES)
+	$(PY) -m serving archive --config archive_configs/fmnist-lenet5/1.0.yaml
+	$(PY) -m serving serve --models fmnist-lenet5:1.0
+	$(PY) -m serving predict --model fmnist-lenet5 $(IMAGES)/*.png
+	@$(PY) -m serving howto --model fmnist-lenet5
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf reports runs .pytest_cache .ruff_cache

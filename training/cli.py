@@ -1,0 +1,120 @@
+"""`python -m training {zoo,train,eval,experiment-depth}`. Errors end with one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.models import list_models
+    from training.recipe import RecipeError, load_recipe
+    from training.train import train
+
+    overrides = {"arch": args.arch, "dataset": args.dataset, "epochs": args.epochs, "data_root": args.data_root,
+                 "batch_size": args.batch_size, "lr": args.lr, "limit": args.limit, "seed": args.seed,
+                 "img_size": args.img_size}
+    recipe = load_recipe(args.recipe or "default", overrides)
+    if recipe.arch not in list_models():
+        raise RecipeError(f"unknown arch {recipe.arch!r}; known: {', '.join(list_models())}")
+    out = Path(args.out or f"checkpoints/{recipe.arch}-{recipe.dataset}.pt")
+    log_dir = None if args.no_tensorboard else (args.log_dir or f"runs/{out.stem}")
+    ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet)
+    m = ckpt["metrics"]
+    print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, "test_acc": m.get("test_acc"),
+                      "val_acc": m.get("val_acc"), "train_time_s": round(m["train_time_s"], 1),
+                      "hardware": m["hardware"], "tensorboard": log_dir}))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from training.evaluate import run_eval
+
+    out_dir = args.out_dir or f"reports/eval/{Path(args.checkpoint).stem}"
+    r = run_eval(args.checkpoint, out_dir, data_root=args.data_root, limit=args.limit)
+    print(f"{r['arch']}: test accuracy {r['test_acc']:.4f} on {r['n']} images")
+    for name, acc in r["per_class_acc"].items():
+        print(f"  {name:<14} {acc:.4f}")
+    print(f"wrote {out_dir}/metrics.json, confusion.png, samples.png")
+
+
+def _zoo(args: argparse.Namespace) -> None:
+    from training.zoo import main as zoo_main
+
+    zoo_main(args.rest)
+
+
+def _depth(args: argparse.Namespace) -> None:
+    from training.experiments import depth_experiment
+
+    depth_experiment(args.out_dir, epochs=args.epochs, limit=args.limit, data_root=args.data_root)
+
+
+def _samples(args: argparse.Namespace) -> None:
+    from training.samples import export_samples
+
+    paths = export_samples(args.dataset, args.out_dir, n=args.n, data_root=args.data_root)
+    print(f"wrote {len(paths)} test images to {args.out_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a model from a recipe")
+    t.add_argument("--recipe", help="recipe name in training/recipes/ or a YAML path (default: default)")
+    t.add_argument("--arch")
+    t.add_argument("--dataset", choices=["fashion_mnist", "cifar10", "imagefolder"])
+    t.add_argument("--data-root")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--img-size", type=int)
+    t.add_argument("--limit", type=int, help="cap each split at N images (quick runs)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--out", help="checkpoint path (default checkpoints/<arch>-<dataset>.pt)")
+    t.add_argument("--resume", help="continue from this checkpoint")
+    t.add_argument("--log-dir", help="TensorBoard log dir (default runs/<checkpoint name>)")
+    t.add_argument("--no-tensorboard", action="store_true")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its test split, with plots")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data-root")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--out-dir")
+    e.set_defaults(fn=_eval)
+    z = sub.add_parser("zoo", help="table of every model: params, FLOPs, CPU latency", add_help=False)
+    z.add_argument("rest", nargs=argparse.REMAINDER)
+    z.set_defaults(fn=_zoo)
+    s = sub.add_parser("samples", help="write test-split images as PNG files (for predictions and load tests)")
+    s.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "cifar10"])
+    s.add_argument("--data-root")
+    s.add_argument("--n", type=int, default=8)
+    s.add_argument("--out-dir", default="reports/samples")
+    s.set_defaults(fn=_samples)
+    d = sub.add_parser("experiment-depth", help="plain vs residual nets of growing depth (degradation)")
+    d.add_argument("--out-dir", default="reports/depth")
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--limit", type=int, default=12000)
+    d.add_argument("--data-root")
+    d.set_defaults(fn=_depth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.checkpoint import CheckpointError
+    from training.data import DatasetError
+    from training.recipe import RecipeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (DatasetError, RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

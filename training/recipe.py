@@ -1,0 +1,120 @@
+"""Training recipes: YAML files in training/recipes/, validated into a dataclass (an unknown key is an error)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used as written."""
+
+
+@dataclass
+class Recipe:
+    arch: str = "lenet5"                # a name from `python -m training zoo`
+    dataset: str = "fashion_mnist"      # fashion_mnist | cifar10 | imagefolder
+    data_root: str | None = None        # None: the dataset's default location
+    img_size: int | None = None         # None: the dataset's natural size (28 FMNIST, 32 CIFAR, 224 folders)
+    resize: int | None = None           # eval: shorter side resized to this before the center crop (None = img_size)
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra builder kwargs, e.g. {dropout: 0.1}
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"              # sgd (nesterov) | adamw
+    lr: float = 0.1                     # peak learning rate after warm-up
+    momentum: float = 0.9
+    weight_decay: float = 5e-4          # not applied to norm layers and biases
+    warmup_epochs: float = 1.0          # linear warm-up, then cosine decay to zero
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0            # 0 disables MixUp
+    cutmix_alpha: float = 0.0           # 0 disables CutMix
+    mix_prob: float = 1.0               # share of batches that get MixUp/CutMix
+    crop_padding: int = 2               # in-memory datasets: random crop with this zero padding (0 = off)
+    hflip: bool = True
+    ema_decay: float = 0.0              # 0 disables the weight EMA; e.g. 0.999
+    grad_clip: float = 0.0              # max grad norm; 0 disables
+    amp: str = "auto"                   # auto (bf16 on CUDA) | bf16 | off
+    channels_last: str = "auto"         # auto (on CUDA) | on | off
+    val_fraction: float = 0.1
+    limit: int | None = None            # cap each split (quick runs, tests)
+    num_workers: int = 0                # DataLoader workers for folder datasets
+    seed: int = 0
+    threads: int | None = None          # CPU threads (None: torch default)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha/cutmix_alpha must be >= 0"),
+            (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.amp in ("auto", "bf16", "off"), "amp must be auto, bf16 or off"),
+            (self.channels_last in ("auto", "on", "off"), "channels_last must be auto, on or off"),
+            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (isinstance(self.model_args, dict), "model_args must be a mapping"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise RecipeError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """YAML types loosely checked against the field's default (ints accepted for floats)."""
+    if value is None or default is None or isinstance(default, dict):
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise RecipeError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool):
+        pass
+    elif isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    elif isinstance(default, int) and isinstance(value, int):
+        return value
+    if isinstance(default, str) and isinstance(value, str):
+        return value
+    raise RecipeError(f"{name} must be a {type(default).__name__}, got {value!r}")
+
+
+def make_recipe(values: dict[str, Any], source: str = "recipe") -> Recipe:
+    known = {f.name: f for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise RecipeError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
+    defaults = Recipe()
+    kwargs = {k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()}
+    try:
+        return Recipe(**kwargs)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+
+
+def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """A recipe by name (training/recipes/<name>.yaml) or path, with CLI overrides applied on top."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise RecipeError(f"recipe not found: {name_or_path} (known recipes: {known})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys to values")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return make_recipe(values, source=str(path))

@@ -1,0 +1,231 @@
+"""The training loop: one recipe in, one self-describing checkpoint out (see training/checkpoint.py)."""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data import load_dataset, make_loaders
+from training.models import get_model
+from training.presets import eval_batch, imagefolder_train_transform, make_preprocess, normalize, train_batch
+from training.recipe import Recipe
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norm weights, tokens and position embeddings (all 1-D or tiny params)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or p.shape[0] == 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_mixer(recipe: Recipe, num_classes: int) -> T.Transform | None:
+    mixers = []
+    if recipe.mixup_alpha > 0:
+        mixers.append(T.MixUp(alpha=recipe.mixup_alpha, num_classes=num_classes))
+    if recipe.cutmix_alpha > 0:
+        mixers.append(T.CutMix(alpha=recipe.cutmix_alpha, num_classes=num_classes))
+    return T.RandomChoice(mixers) if mixers else None
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, preprocess: dict[str, Any], device: torch.device,
+             autocast: bool = False, channels_last: bool = False) -> tuple[float, float, torch.Tensor]:
+    """(loss, accuracy, predictions) over a loader of uint8 batches."""
+    model.eval()
+    total, correct, loss_sum, preds = 0, 0, 0.0, []
+    for x, y in loader:
+        y = y.to(device)
+        x = eval_batch(x, preprocess, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(1)
+        correct += (pred == y).sum().item()
+        total += y.numel()
+        preds.append(pred.cpu())
+    return loss_sum / max(1, total), correct / max(1, total), torch.cat(preds) if preds else torch.empty(0)
+
+
+def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
+          resume: str | Path | None = None, progress: bool = True, stop_after_epoch: int | None = None
+          ) -> dict[str, Any]:
+    """Train per recipe; write the checkpoint to `out` after every epoch (atomically). Returns the checkpoint.
+    `stop_after_epoch` ends this run early (the schedule still spans recipe.epochs; `resume` continues it)."""
+    torch.manual_seed(recipe.seed)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    device = pick_device()
+    on_cuda = device.type == "cuda"
+    autocast = recipe.amp == "bf16" or (recipe.amp == "auto" and on_cuda)
+    channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and on_cuda)
+
+    splits = load_dataset(recipe.dataset, recipe.data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
+                          image_size=recipe.img_size, limit=recipe.limit)
+    info = splits.info
+    size = recipe.img_size or info.size
+    preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size)
+    transform = None if info.in_memory else imagefolder_train_transform(preprocess)
+    train_loader, val_loader, test_loader = make_loaders(splits, recipe.batch_size, device, recipe.seed,
+                                                         num_workers=recipe.num_workers, train_transform=transform)
+    model_args = {"num_classes": len(info.classes), "in_channels": info.channels, "img_size": size,
+                  **recipe.model_args}
+    model = get_model(recipe.arch, **model_args).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if recipe.optimizer == "sgd":
+        opt = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
+                              nesterov=True)
+    else:
+        opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    steps_per_epoch = len(train_loader)
+    total_steps = recipe.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(total_steps, max(1, int(recipe.warmup_epochs * steps_per_epoch))))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True) \
+        if recipe.ema_decay > 0 else None
+    mixer = make_mixer(recipe, len(info.classes))
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+    start_epoch, history, train_time = 0, [], 0.0
+    if resume:
+        state = load_checkpoint(resume, map_location=device)
+        if state["arch"] != recipe.arch:
+            raise ValueError(f"cannot resume: {resume} holds {state['arch']}, the recipe trains {recipe.arch}")
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema_state_dict"):
+            ema.module.load_state_dict(state["ema_state_dict"])
+        start_epoch = int(state["epoch"])
+        history = list(state["metrics"].get("history", []))
+        train_time = float(state["metrics"].get("train_time_s", 0.0))
+
+    writer = None
+    if log_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(log_dir))
+    gen = torch.Generator(device=device)
+    ckpt: dict[str, Any] = {}
+    for epoch in range(start_epoch, recipe.epochs):
+        # Per-epoch seeds: a resumed run draws the same augmentations as an uninterrupted one.
+        torch.manual_seed(recipe.seed * 1000 + epoch)
+        gen.manual_seed(recipe.seed * 1000 + epoch)
+        model.train()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)  # the same shuffle order whether resumed or not
+        t0 = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
+                   disable=not (progress and sys.stderr.isatty()))
+        for x, y in bar:
+            y = y.to(device, non_blocking=True)
+            if info.in_memory:
+                x = train_batch(x.to(device, non_blocking=True), preprocess, pad=recipe.crop_padding,
+                                flip=recipe.hflip, generator=gen)
+            else:
+                x = normalize(x.to(device, non_blocking=True), preprocess)
+            target = y
+            if mixer is not None and torch.rand(1).item() < recipe.mix_prob:
+                x, target = mixer(x, y)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = criterion(model(x).float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.item() * y.numel()
+            seen += y.numel()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if on_cuda:
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - t0
+        eval_model = ema.module if ema is not None else model
+        val_loss, val_acc, _ = evaluate(eval_model, val_loader, preprocess, device, autocast, channels_last)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_loss": val_loss, "val_acc": val_acc,
+               "lr": sched.get_last_lr()[0], "train_time_s": train_time}
+        history.append(row)
+        if progress:
+            print(f"epoch {epoch + 1}/{recipe.epochs}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}"
+                  f"  val_acc {val_acc:.4f}  time {train_time:.1f}s", flush=True)
+        if writer is not None:
+            for key in ("train_loss", "val_loss", "val_acc", "lr"):
+                writer.add_scalar(key, row[key], epoch + 1)
+        final = epoch + 1 == recipe.epochs
+        metrics = {"history": history, "val_acc": val_acc, "train_time_s": train_time,
+                   "hardware": hardware_name(device), "epochs": epoch + 1}
+        if final:
+            test_loss, test_acc, _ = evaluate(eval_model, test_loader, preprocess, device, autocast, channels_last)
+            metrics.update(test_acc=test_acc, test_loss=test_loss)
+            if progress:
+                print(f"test_acc {test_acc:.4f}  test_loss {test_loss:.4f}  train time {train_time:.1f}s", flush=True)
+            if writer is not None:
+                writer.add_scalar("test_acc", test_acc, epoch + 1)
+                _log_sample_predictions(writer, eval_model, test_loader, preprocess, info.classes, device, epoch + 1)
+        ckpt = {
+            "arch": recipe.arch, "model_args": model_args, "classes": list(info.classes), "preprocess": preprocess,
+            "state_dict": _cpu_state(model), "ema_state_dict": _cpu_state(ema.module) if ema is not None else None,
+            "metrics": metrics, "recipe": recipe.to_dict(), "dataset": info.name, "epoch": epoch + 1,
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        }
+        save_checkpoint(ckpt, out)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+    if writer is not None:
+        writer.close()
+    if not ckpt:  # resumed a finished run: nothing to do
+        ckpt = load_checkpoint(resume)
+    return ckpt
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
+            for k, v in model.state_dict().items()}
+
+
+def _log_sample_predictions(writer, model, loader, preprocess, classes, device, step) -> None:
+    from training.evaluate import sample_grid_figure
+
+    x, y = next(iter(loader))
+    fig = sample_grid_figure(model, x[:16], y[:16], preprocess, classes, device)
+    writer.add_figure("sample_predictions", fig, step)
