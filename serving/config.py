@@ -1,0 +1,160 @@
+"""Archive configs: archive_configs/<model>/<version>.yaml, one file per served model version.
+
+Validated strictly (an unknown key is an error naming the file and the key), so a typo such as
+`maxBatchDelays` never silently falls back to a TorchServe default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "archive_configs"
+RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8")
+DEVICE_TYPES = ("cpu", "gpu")
+DEFAULT_HANDLER = "handlers/classifier.py"
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # plain TorchServe model names, usable in URLs and file names
+VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# key -> (required, type check, description of the allowed values)
+TOP_KEYS = {"name", "version", "checkpoint", "handler", "runtime", "description", "torchserve"}
+TOP_REQUIRED = ("name", "version", "checkpoint", "runtime", "torchserve")
+# TorchServe model-config keys we allow; the first six are required so every archive states its batching.
+TS_INT_KEYS = {"batchSize": 1, "maxBatchDelay": 0, "minWorkers": 0, "maxWorkers": 1, "responseTimeout": 1,
+               "startupTimeout": 1}
+TS_REQUIRED = ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout", "deviceType")
+
+
+class ConfigError(ValueError):
+    """An archive config that is missing, malformed or has unknown/invalid keys."""
+
+
+@dataclass
+class ArchiveConfig:
+    name: str
+    version: str
+    checkpoint: Path  # absolute
+    handler: Path  # absolute
+    runtime: str
+    description: str
+    torchserve: dict[str, Any]  # TorchServe model-config keys (without `handler`)
+    handler_options: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+    @property
+    def mar_name(self) -> str:
+        return f"{self.name}-{self.version}.mar"
+
+    def model_config(self) -> dict[str, Any]:
+        """The model-config yaml packed into the .mar (torch-model-archiver --config-file)."""
+        return {**self.torchserve, "handler": {**self.handler_options, "runtime": self.runtime}}
+
+
+def _int(src: str, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{src}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _resolve(path: str, root: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else (root / p)
+
+
+def _handler_options(source: str, opts: Any) -> dict[str, Any]:
+    """The model-config `handler:` block, checked against the options the handler itself accepts
+    (handlers.pipeline.OPTIONS, one list for both). `runtime` comes from the top-level key."""
+    from handlers.pipeline import OPTIONS, pipeline_options
+
+    if not isinstance(opts, dict):
+        raise ConfigError(f"{source}: torchserve.handler must be a mapping of handler options")
+    if "runtime" in opts:
+        raise ConfigError(f"{source}: key 'torchserve.handler.runtime' is not allowed; set the top-level runtime")
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key 'torchserve.handler.{unknown[0]}' "
+                          f"(allowed: {', '.join(sorted(set(OPTIONS) - {'runtime'}))})")
+    try:
+        pipeline_options(opts)
+    except ValueError as e:
+        raise ConfigError(f"{source}: torchserve.handler: {e}") from None
+    for key, value in opts.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"{source}: torchserve.handler.{key} must be >= 1, got {value}")
+    return dict(opts)
+
+
+def parse_config(data: Any, source: str = "<config>", root: Path = ROOT) -> ArchiveConfig:
+    """Validate a loaded YAML mapping and return an ArchiveConfig (paths resolved against `root`)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(TOP_KEYS))})")
+    for key in TOP_REQUIRED:
+        if key not in data:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    name, version = data["name"], data["version"]
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{source}: name must match {NAME_RE.pattern}, got {name!r}")
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise ConfigError(f"{source}: version must be a quoted string like \"1.0\", got {version!r}")
+    if data["runtime"] not in RUNTIMES:
+        raise ConfigError(f"{source}: runtime must be one of {', '.join(RUNTIMES)}, got {data['runtime']!r}")
+    for key in ("checkpoint", "handler", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{source}: {key} must be a string")
+
+    ts = data["torchserve"]
+    if not isinstance(ts, dict):
+        raise ConfigError(f"{source}: torchserve must be a mapping")
+    allowed = set(TS_INT_KEYS) | {"deviceType", "handler"}
+    unknown = sorted(set(ts) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key 'torchserve.{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+    for key in TS_REQUIRED:
+        if key not in ts:
+            raise ConfigError(f"{source}: missing required key 'torchserve.{key}'")
+    block = {k: _int(source, f"torchserve.{k}", v, TS_INT_KEYS[k]) for k, v in ts.items() if k in TS_INT_KEYS}
+    if block["maxWorkers"] < block["minWorkers"]:
+        raise ConfigError(f"{source}: torchserve.maxWorkers must be >= torchserve.minWorkers")
+    if ts["deviceType"] not in DEVICE_TYPES:
+        raise ConfigError(f"{source}: torchserve.deviceType must be one of {', '.join(DEVICE_TYPES)}")
+    block["deviceType"] = ts["deviceType"]
+
+    opts = _handler_options(source, ts.get("handler") or {})
+
+    return ArchiveConfig(name=name, version=version, checkpoint=_resolve(data["checkpoint"], root),
+                         handler=_resolve(data.get("handler", DEFAULT_HANDLER), root), runtime=data["runtime"],
+                         description=data.get("description", ""), torchserve=block, handler_options=opts)
+
+
+def load_config(path: str | Path, root: Path = ROOT) -> ArchiveConfig:
+    """Load archive_configs/<name>/<version>.yaml; the folder and file names must agree with name/version."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"archive config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    cfg = parse_config(data, source=str(path), root=root)
+    if (path.parent.name, path.stem) != (cfg.name, cfg.version):
+        raise ConfigError(f"{path}: expected at <configs>/{cfg.name}/{cfg.version}.yaml (name/version mismatch)")
+    cfg.source = path
+    return cfg
+
+
+def find_configs(config_dir: Path = CONFIG_DIR) -> list[Path]:
+    """Every <model>/<version>.yaml under config_dir, sorted."""
+    return sorted(p for p in config_dir.glob("*/*.yaml") if p.is_file())
+
+
+def version_key(version: str) -> tuple:
+    """Sort key for versions: numeric parts compare as numbers ("1.10" > "1.9"), others as text."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in str(version).split("."))
