@@ -12,10 +12,11 @@ RECIPE ?= default
 CKPT ?= checkpoints/$(ARCH)-$(DATASET).pt
 IMAGES ?= reports/samples
 WORKERS ?= 1
+SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup demo train eval zoo samples experiment-depth archive serve stop predict models describe register \
-        scale set-default unregister rollout rollback test lint load-test bench reliability clean
+        scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean
 
 setup:
 	@bash scripts/setup.sh
@@ -40,7 +41,7 @@ archive: setup
 	$(PY) -m serving archive --all
 
 serve: setup
-	$(PY) -m serving serve
+	$(PY) -m serving serve --models $(SERVE_MODELS)
 
 stop:
 	@if [ -x $(PY) ]; then $(PY) -m serving stop; else echo "nothing to stop"; fi
@@ -50,6 +51,9 @@ predict: setup
 
 models:
 	$(PY) -m serving models
+
+metrics:
+	$(PY) -m serving metrics --grep ts_inference
 
 describe:
 	$(PY) -m serving describe $(MODEL) $(VERSION)
