@@ -91,5 +91,20 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
+load-test: LOAD_USERS ?= 16
+load-test: LOAD_TIME ?= 30s
+load-test: LOAD_SHAPE ?= steady
+load-test: HOST ?= http://127.0.0.1:8080
+load-test: TOKEN_FILE ?= .runtime/key_file.json
+load-test: setup
+	@mkdir -p reports/load
+	$(PY) -m locust -f load_tests/locustfile.py --headless -u $(LOAD_USERS) -r $(LOAD_USERS) -t $(LOAD_TIME) \
+	  --shape $(LOAD_SHAPE) --host $(HOST) --model $(MODEL) $(if $(MODEL_VERSION),--model-version $(MODEL_VERSION)) \
+	  --images '$(IMAGES)' --token-file $(TOKEN_FILE) \
+	  --csv reports/load/$(MODEL)-$(LOAD_SHAPE) --html reports/load/$(MODEL)-$(LOAD_SHAPE).html
+
+bench: setup
+	$(PY) -m load_tests.bench $(BENCH_ARGS)
+
 clean:
 	rm -rf reports runs .pytest_cache .ruff_cache
