@@ -137,3 +137,10 @@ def test_cli_refuses_a_checkpoint_with_pickled_code(tmp_path):
     torch.save({"arch": "lenet5", "payload": Recipe()}, evil)  # a pickled class, not plain data
     p = _cli("eval", "--checkpoint", str(evil))
     assert p.returncode == 2 and "not a weights-only checkpoint" in p.stderr
+
+
+@needs_fmnist
+def test_in_memory_data_trains_at_a_larger_input_size(tmp_path):
+    ckpt = train(_tiny(epochs=1, img_size=36, limit=256), tmp_path / "big.pt", progress=False)
+    assert ckpt["preprocess"]["size"] == 36 and ckpt["model_args"]["img_size"] == 36
+    assert build_model(ckpt)(torch.randn(1, 1, 36, 36)).shape == (1, 10)

@@ -19,7 +19,14 @@ from tqdm import tqdm
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import load_dataset, make_loaders
 from training.models import get_model
-from training.presets import eval_batch, imagefolder_train_transform, make_preprocess, normalize, train_batch
+from training.presets import (
+    eval_batch,
+    imagefolder_train_transform,
+    make_preprocess,
+    normalize,
+    resize_crop,
+    train_batch,
+)
 from training.recipe import Recipe
 
 
@@ -155,7 +162,10 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         for x, y in bar:
             y = y.to(device, non_blocking=True)
             if info.in_memory:
-                x = train_batch(x.to(device, non_blocking=True), preprocess, pad=recipe.crop_padding,
+                x = x.to(device, non_blocking=True)
+                if x.shape[-1] != size or x.shape[-2] != size:  # e.g. 28 px Fashion-MNIST trained at 64 px
+                    x = resize_crop(x, preprocess)
+                x = train_batch(x, preprocess, pad=recipe.crop_padding,
                                 flip=recipe.hflip, generator=gen)
             else:
                 x = normalize(x.to(device, non_blocking=True), preprocess)
