@@ -123,7 +123,7 @@ def _payload(item: Any) -> tuple[Any, Any]:
 def _json(text: str | bytes) -> Any:
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: e.g. 100000 nested "["
         raise BadInput(400, "InvalidJSON", f"the body looks like JSON but does not parse ({e})") from None
 
 
