@@ -20,6 +20,16 @@ from handlers.pipeline import ImagePipeline, pipeline_options
 log = logging.getLogger(__name__)
 
 
+def reason_phrase(message: str, limit: int = 200) -> str:
+    """An HTTP reason phrase that cannot break the worker protocol: TorchServe 0.12 frames the phrase with its
+    length in characters but writes UTF-8 bytes, so one non-ASCII character (say, from an echoed form field
+    name) desynchronises the socket and kills the worker. ASCII only, one line, bounded; the full message
+    stays in the JSON body."""
+    text = " ".join(message.split())
+    text = text.encode("ascii", "replace").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _cpu_threads(option: int | None, yaml_config: dict[str, Any]) -> int:
     """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the cores shared among maxWorkers
     (or minWorkers), so several CPU workers do not oversubscribe the machine."""
@@ -76,7 +86,7 @@ class ImageClassifier(BaseHandler):
         bodies = []
         for idx, (status, body) in enumerate(answers):
             if status != 200:
-                context.set_response_status(status, body["message"], idx)
+                context.set_response_status(status, reason_phrase(body["message"]), idx)
             if has_processor:
                 context.set_response_content_type(idx, "application/json")
             bodies.append(body)

@@ -176,6 +176,35 @@ def test_through_the_worker_loader_and_service(model_dir, monkeypatch):
     assert answers[1][2]["type"] == "InvalidBase64" and answers[3][2]["type"] == "InvalidImage"
 
 
+def test_non_ascii_error_text_keeps_the_wire_protocol_in_step(model_dir, monkeypatch):
+    # TorchServe frames the reason phrase by character count but writes UTF-8: a non-ASCII phrase would shift
+    # every later byte and kill the worker. A form-encoded image (curl --data-binary's default) arrives as
+    # fields whose names are binary garbage; the error names them.
+    shutil.copy(ROOT / "handlers" / "classifier.py", model_dir / "classifier.py")
+    (model_dir / "MAR-INF").mkdir()
+    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(MANIFEST))
+    (model_dir / "model-config.yaml").write_text("batchSize: 4\n")
+    monkeypatch.syspath_prepend(str(model_dir))
+    monkeypatch.delitem(sys.modules, "classifier", raising=False)
+    service = TsModelLoader().load("tiny", str(model_dir), "classifier.py", None, 4, metrics_cache=metrics_cache())
+    service.set_cl_socket(None)
+    png = encode(photo(), "PNG")
+    garbage = [{"name": "\u00fc\ufffdPNG\u00e9", "contentType": None, "value": b"\xff"},
+               {"name": "\u2014x", "contentType": None, "value": b"\xfe"}]
+    batch = [{"requestId": b"r0", "parameters": garbage},
+             {"requestId": b"r1", "parameters": [{"name": "body", "contentType": "image/png", "value": png}]}]
+    code, answers = parse_predict_response(service.predict(batch))
+    assert [(r, s) for r, s, _ in answers] == [("r0", 400), ("r1", 200)]
+    assert "predictions" in answers[1][2]
+
+
+def test_reason_phrase_is_ascii_single_line_and_bounded():
+    from handlers.classifier import reason_phrase
+
+    phrase = reason_phrase("width \u00d7 height\nover \u2014 limit " + "x" * 500)
+    assert phrase.isascii() and "\n" not in phrase and len(phrase) <= 200
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_device_from_context(model_dir):
     handler, ctx = ImageClassifier(), make_context(model_dir, gpu=0)
