@@ -117,7 +117,10 @@ def _payload(item: Any) -> tuple[Any, Any]:
     if not rest:
         raise BadInput(400, "EmptyBody", "the request body is empty; send image bytes or JSON "
                        '{"image": "<base64>"}')
-    raise BadInput(400, "MissingImage", f"send the image in a field named 'data' (got fields {sorted(item)})")
+    names = ", ".join(repr(k)[:20] for k in sorted(item)[:3])
+    raise BadInput(400, "MissingImage", f"the body arrived as a form with {len(item)} fields ({names}, ...): "
+                   "send image bytes with Content-Type image/* or application/octet-stream (curl --data-binary "
+                   "sends form encoding unless told otherwise), or a multipart field named 'data'")
 
 
 def _json(text: str | bytes) -> Any:
