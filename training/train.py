@@ -80,12 +80,13 @@ def evaluate(model: nn.Module, loader, preprocess: dict[str, Any], device: torch
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
-        correct += (pred == y).sum().item()
+        correct += (pred == y).sum()
         total += y.numel()
-        preds.append(pred.cpu())
-    return loss_sum / max(1, total), correct / max(1, total), torch.cat(preds) if preds else torch.empty(0)
+        preds.append(pred)
+    loss, acc = float(loss_sum) / max(1, total), int(correct) / max(1, total)
+    return loss, acc, torch.cat(preds).cpu() if preds else torch.empty(0)
 
 
 def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
@@ -156,7 +157,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)  # the same shuffle order whether resumed or not
         t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
                    disable=not (progress and sys.stderr.isatty()))
         for x, y in bar:
@@ -184,16 +185,17 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
-            loss_sum += loss.item() * y.numel()
+            loss_sum += loss.detach() * y.numel()
             seen += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if not bar.disable and bar.n % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if on_cuda:
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
         eval_model = ema.module if ema is not None else model
         val_loss, val_acc, _ = evaluate(eval_model, val_loader, preprocess, device, autocast, channels_last)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_loss": val_loss, "val_acc": val_acc,
-               "lr": sched.get_last_lr()[0], "train_time_s": train_time}
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen), "val_loss": val_loss,
+               "val_acc": val_acc, "lr": sched.get_last_lr()[0], "train_time_s": train_time}
         history.append(row)
         if progress:
             print(f"epoch {epoch + 1}/{recipe.epochs}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}"
