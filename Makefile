@@ -106,5 +106,12 @@ load-test: setup
 bench: setup
 	$(PY) -m load_tests.bench $(BENCH_ARGS)
 
+# Faults under load (worker kill, rollout/rollback, snapshot restart) + a soak; figures go to reports/reliability/
+# and docs/reliability.md. Shorter: make reliability SOAK_S=60 FAULT_S=20 (SOAK_S=0: no soak).
+reliability: SOAK_S ?= 600
+reliability: FAULT_S ?= 30
+reliability: setup
+	$(PY) -m load_tests.reliability --soak-duration $(SOAK_S) --fault-seconds $(FAULT_S) $(RELIABILITY_ARGS)
+
 clean:
 	rm -rf reports runs .pytest_cache .ruff_cache
