@@ -126,16 +126,20 @@ class Client:
 
     def register(self, name: str, version: str, min_workers: int | None = None, max_workers: int | None = None,
                  batch_size: int | None = None, max_batch_delay: int | None = None,
-                 response_timeout: int | None = None, set_default: bool = False) -> str:
+                 response_timeout: int | None = None, set_default: bool = False, synchronous: bool = True) -> str:
         """Register <name>-<version>.mar from the store by file name (synchronous: returns with workers up).
-        Options left out keep the archive's model-config values."""
+        Options left out keep the archive's model-config values. synchronous=False returns once TorchServe has
+        accepted the archive (HTTP 202, workers still starting; follow with wait_ready): a synchronous register
+        holds one of the frontend's Netty event-loop threads until the workers are up, and inference requests on
+        the connections that thread serves stall for that long (measured ~5 s under load; docs/reliability.md)."""
         mar = self.verify_archive(name, version)
         if self.is_registered(name, version):
             raise ServingError(f"{name} {version} is already registered")
-        params = {"url": mar, "model_name": name, "synchronous": "true", "initial_workers": min_workers,
-                  "batch_size": batch_size, "max_batch_delay": max_batch_delay, "response_timeout": response_timeout}
+        params = {"url": mar, "model_name": name, "synchronous": str(synchronous).lower(),
+                  "initial_workers": min_workers, "batch_size": batch_size, "max_batch_delay": max_batch_delay,
+                  "response_timeout": response_timeout}
         params = {k: v for k, v in params.items() if v is not None}
-        status = self._mgmt("POST", "/models", params=params).get("status", "registered")
+        status = self._mgmt("POST", "/models", ok=(200, 202), params=params).get("status", "registered")
         if max_workers is not None:  # the register API has no max_worker parameter
             current_min = self.describe(name, version)[0].get("minWorkers", 1)
             self.scale(name, version, min_workers if min_workers is not None else current_min, max_workers)

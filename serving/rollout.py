@@ -14,8 +14,8 @@ def rollout(client: Client, name: str, version: str, retire_old: bool = False, i
     its smoke test is unregistered again, so a failed rollout leaves the server as it was."""
     previous = client.default_version(name) if name in client.model_names() else None
     registered_here = not client.is_registered(name, version)
-    if registered_here:
-        client.register(name, version)
+    if registered_here:  # asynchronous: a synchronous register stalls some in-flight requests (Client.register)
+        client.register(name, version, synchronous=False)
     try:
         wait_ready(client, name, version, timeout=ready_timeout)
         r = client.predict(name, image or smoke_image(), version=version)
