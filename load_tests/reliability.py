@@ -213,16 +213,19 @@ def summary_md(results: dict[str, Any]) -> str:
     lines = [f"Measured {results['date']} on {m}, 1-min load average {results['loadavg_start']} at the start and "
              f"{results.get('loadavg_end')} at the end (TorchServe {results['torchserve']}, tiny LeNet-5, batch 8 / "
              "5 ms, locust closed loop, no think time).", "",
-             "| fault | users | requests | req/s | failed | in-flight bound | replacement READY | throughput back |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| fault | users | requests (req/s) | failed (in-flight bound) | p99 / max latency | seconds without "
+             "an answer | replacement READY | ≥ 90 % throughput again |", "|" + " --- |" * 8]
+
+    def common(r: dict[str, Any]) -> str:
+        return (f"| {r['scenario']} | {r['users']} | {r['requests']} ({r['rps']}) | {r['failed']} "
+                f"({r.get('max_in_flight', '—')}) | {r['p99_ms']:.0f} / {r['max_ms']:.0f} ms | {r['zero_answer_s']} |")
     for r in results.get("kill", []):
-        lines.append(f"| {r['scenario']} | {r['users']} | {r['requests']} | {r['rps']} | {r['failed']} | "
-                     f"{r['max_in_flight']} | {r['worker_ready_s']} s | {r['throughput_back_s']} s |")
+        lines.append(common(r) + f" {r['worker_ready_s']} s | {r['throughput_back_s']} s |")
     if "rollout" in results:
         r = results["rollout"]
-        lines.append(f"| {r['scenario']} | {r['users']} | {r['requests']} | {r['rps']} | {r['failed']} "
-                     f"(probe {r['probe_failed']}/{r['probe_requests']}) | — | rollout {r['rollout_s']} s, "
-                     f"rollback {r['rollback_s']} s | defaults seen: {' → '.join(r['default_sequence'])} |")
+        lines.append(common(r) + f" rollout {r['rollout_s']} s, rollback {r['rollback_s']} s; probe: "
+                     f"{r['probe_failed']}/{r['probe_requests']} failed, defaults seen "
+                     f"{' → '.join(r['default_sequence'])} | — |")
     runs = [*results.get("kill", []), results.get("rollout", {})]
     fails = [f"{v} × `{k}` ({r['scenario']})" for r in runs for k, v in r.get("failures", {}).items()]
     if fails:
