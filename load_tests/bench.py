@@ -5,7 +5,7 @@
   (c) TorchServe + our handler, REST      (concurrency sweep, locust closed loop)
   (d) TorchServe + stock image_classifier (same weights, same preprocessing, same batch settings)
 
-    python -m load_tests.bench                 # `make bench`: ~4 min on 2 cores; writes docs/benchmarks.md
+    python -m load_tests.bench                 # `make bench`: ~3-4 min on 2 cores; writes docs/benchmarks.md
     python -m load_tests.bench --quick --skip-rest --docs-dir ''   # seconds, in-process only, JSON only
 
 The runtime (--runtime) goes into the archive config (`runtime:` -> the handler's options) and into
@@ -15,6 +15,7 @@ ImagePipeline(runtime=...), so runs with different runtimes compare like with li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata as md
 import os
 import platform
@@ -122,7 +123,8 @@ def run_rest(a: argparse.Namespace, ckpt: dict[str, Any], ckpt_path: Path, image
     runtime_dir = a.build_dir / "ts-runtime"
     image = next(iter(sorted(image_dir.glob("*.jpg")))).read_bytes()
     results: dict[str, list[dict[str, Any]]] = {"ours": [], "stock": []}
-    ep = server.start(store, runtime_dir, server.Ports(*free_ports(3)), timeout=180)
+    ports = server.Ports(*free_ports(len(dataclasses.fields(server.Ports))))  # HTTP and gRPC: none on defaults
+    ep = server.start(store, runtime_dir, ports, timeout=180)
     try:
         for name, mar in ((ours, our_mar), (stock, stock_mar)):
             register(ep, mar, name, settings)
@@ -169,13 +171,19 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     pipeline = measure_pipeline(pipe, images, a.batch_sizes, a.inproc_seconds)
     del pipe  # free its memory and threads before the server's workers start
     stamp = started.strftime("%Y%m%d-%H%M%S")
-    rest = {} if a.skip_rest else run_rest(a, ckpt, ckpt_path, image_dir, a.out_dir / f"run-{stamp}")
+    rest, rest_error = {}, None
+    if not a.skip_rest:
+        try:
+            rest = run_rest(a, ckpt, ckpt_path, image_dir, a.out_dir / f"run-{stamp}")
+        except Exception as e:  # keep (a) and (b): write the report, say what failed, exit non-zero
+            rest_error = f"{type(e).__name__}: {e}"
+            print(f"bench: the TorchServe part failed: {rest_error}", file=sys.stderr)
 
     json_path = a.out_dir / f"bench-{stamp}.json"
     meta = {**info, "date": started.strftime("%Y-%m-%d %H:%M UTC"), "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()], "wall_s": round(time.time() - started.timestamp()),
             "model": f"{a.arch} at {a.img_size} px, 3 channels, 10 classes, random weights (seed {a.seed})",
-            "runtime": a.runtime, "quick": a.quick,
+            "runtime": a.runtime, "quick": a.quick, "rest_error": rest_error,
             "images": f"{len(images)} Fashion-MNIST test pictures upscaled to {SIZE[0]}x{SIZE[1]} RGB JPEG "
                       f"(quality {QUALITY}, mean {sum(map(len, images)) / len(images) / 1024:.1f} KiB); preprocess "
                       "resize 256, centre crop 224, ImageNet mean/std for both handlers",
@@ -199,8 +207,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
-    return 0
+    result = run(parse_args(argv))
+    return 1 if result["meta"]["rest_error"] else 0
 
 
 if __name__ == "__main__":

@@ -93,7 +93,9 @@ def summary_lines(result: dict[str, Any], target: float = 2.5) -> list[str]:
     ratios = compute_ratios(result)
     both = [r for r in ratios if r["c_over_d_rps"] is not None]
     if not both:
-        return ["- No side-by-side REST figures in this run (TorchServe part skipped or failed)."]
+        error = result.get("meta", {}).get("rest_error")
+        return [f"- The TorchServe part failed: {error.splitlines()[0][:300]}" if error else
+                "- No side-by-side REST figures in this run (TorchServe part skipped)."]
     top = both[-1]
     users = top["users"]
     c = next(p for p in result["rest"]["ours"] if p["users"] == users)
@@ -188,8 +190,12 @@ def plot_concurrency(result: dict[str, Any], path: str | Path) -> Path:
     pipe = _at_batch(result.get("pipeline", []), result.get("meta", {}).get("torchserve", {}).get("batchSize", 8))
     if pipe:
         ax1.axhline(pipe["img_s"], color="grey", lw=1, ls=":", label=f"(b) in-process, batch {pipe['batch']}")
+    ticks = sorted({p["users"] for pts in result.get("rest", {}).values() for p in pts})
     for ax, title in ((ax1, "throughput (req/s)"), (ax2, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
+        if ticks:
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
         ax.set_xlabel("concurrent users")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

@@ -78,6 +78,8 @@ def test_markdown_states_settings_tables_and_the_verdict(result):
     assert "**3.00x** (meets the 2.5x target)" in report.render_markdown(result)
     result["rest"] = {}
     assert "No side-by-side REST figures" in report.render_markdown(result, None)
+    result["meta"]["rest_error"] = "ServingError: port in use\nmore"
+    assert "- The TorchServe part failed: ServingError: port in use\n" in report.render_markdown(result, None)
 
 
 def test_page_rewrite_keeps_hand_written_notes(result, tmp_path):
