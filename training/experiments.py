@@ -60,6 +60,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax1.set(xlabel="epoch", ylabel="training loss", title="training loss (dashed: no skips)")
     ax2.set(xlabel="epoch", ylabel="validation error (%)", title="validation error")
     for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
