@@ -154,16 +154,22 @@ def parse_predict_response(msg: bytes):
     return code, answers
 
 
-def test_through_the_worker_loader_and_service(model_dir, monkeypatch):
-    # The .mar layout: classifier.py at the root, MAR-INF/MANIFEST.json, the model-config YAML.
+def worker_service(model_dir, monkeypatch, model_config: str):
+    """The handler loaded the way a worker loads it, from the .mar layout: classifier.py at the root,
+    MAR-INF/MANIFEST.json, the model-config YAML."""
     shutil.copy(ROOT / "handlers" / "classifier.py", model_dir / "classifier.py")
     (model_dir / "MAR-INF").mkdir()
     (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(MANIFEST))
-    (model_dir / "model-config.yaml").write_text("batchSize: 4\nhandler:\n  topk: 2\n")
+    (model_dir / "model-config.yaml").write_text(model_config)
     monkeypatch.syspath_prepend(str(model_dir))
     monkeypatch.delitem(sys.modules, "classifier", raising=False)
     service = TsModelLoader().load("tiny", str(model_dir), "classifier.py", None, 4, metrics_cache=metrics_cache())
     service.set_cl_socket(None)
+    return service
+
+
+def test_through_the_worker_loader_and_service(model_dir, monkeypatch):
+    service = worker_service(model_dir, monkeypatch, "batchSize: 4\nhandler:\n  topk: 2\n")
     png = encode(photo(), "PNG")
     batch = [{"requestId": f"r{i}".encode(), "parameters": [{"name": "body", "contentType": ct, "value": v}]}
              for i, (ct, v) in enumerate([("image/png", png), ("application/json", {"image": "??"}),
@@ -180,14 +186,7 @@ def test_non_ascii_error_text_keeps_the_wire_protocol_in_step(model_dir, monkeyp
     # TorchServe frames the reason phrase by character count but writes UTF-8: a non-ASCII phrase would shift
     # every later byte and kill the worker. A form-encoded image (curl --data-binary's default) arrives as
     # fields whose names are binary garbage; the error names them.
-    shutil.copy(ROOT / "handlers" / "classifier.py", model_dir / "classifier.py")
-    (model_dir / "MAR-INF").mkdir()
-    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(MANIFEST))
-    (model_dir / "model-config.yaml").write_text("batchSize: 4\n")
-    monkeypatch.syspath_prepend(str(model_dir))
-    monkeypatch.delitem(sys.modules, "classifier", raising=False)
-    service = TsModelLoader().load("tiny", str(model_dir), "classifier.py", None, 4, metrics_cache=metrics_cache())
-    service.set_cl_socket(None)
+    service = worker_service(model_dir, monkeypatch, "batchSize: 4\n")
     png = encode(photo(), "PNG")
     garbage = [{"name": "\u00fc\ufffdPNG\u00e9", "contentType": None, "value": b"\xff"},
                {"name": "\u2014x", "contentType": None, "value": b"\xfe"}]
