@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from serving.config import ROOT, ArchiveConfig, ConfigError, version_key
+from serving.config import ROOT, ArchiveConfig, ConfigError, venv_tool, version_key
 
 DEFAULT_STORE = ROOT / "model_store"
 INDEX_NAME = "index.json"
@@ -121,8 +120,7 @@ def stage_sources(dest: Path, root: Path = ROOT) -> Path:
 
 
 def _archiver() -> str:
-    exe = Path(sys.executable).parent / "torch-model-archiver"
-    found = str(exe) if exe.is_file() else shutil.which("torch-model-archiver")
+    found = venv_tool("torch-model-archiver")
     if not found:
         raise ArchiveError("torch-model-archiver not found; run `make setup`")
     return found

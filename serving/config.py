@@ -7,6 +7,8 @@ Validated strictly (an unknown key is an error naming the file and the key), so 
 from __future__ import annotations
 
 import re
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,3 +160,9 @@ def find_configs(config_dir: Path = CONFIG_DIR) -> list[Path]:
 def version_key(version: str) -> tuple:
     """Sort key for versions: numeric parts compare as numbers ("1.10" > "1.9"), others as text."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in str(version).split("."))
+
+
+def venv_tool(name: str) -> str | None:
+    """A console script of this environment (torchserve, torch-model-archiver), else one on PATH."""
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.is_file() else shutil.which(name)

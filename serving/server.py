@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 import psutil
 import requests
 
-from serving.config import CONFIG_DIR, ROOT
+from serving.config import CONFIG_DIR, ROOT, venv_tool
 
 DEFAULT_RUNTIME = ROOT / ".runtime"
 DEFAULT_STORE = ROOT / "model_store"
@@ -143,8 +141,7 @@ def server_env(runtime_dir: Path) -> dict[str, str]:
 
 
 def _torchserve() -> str:
-    exe = Path(sys.executable).parent / "torchserve"
-    found = str(exe) if exe.is_file() else shutil.which("torchserve")
+    found = venv_tool("torchserve")
     if not found:
         raise ServingError("torchserve not found; run `make setup`")
     return found
