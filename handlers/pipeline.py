@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from handlers.decode import BadInput, DecodeLimits, decode_image, decode_jpegs
+from handlers.runtimes import RUNTIMES, content_sha256, file_sha256, prepare_runtime
 from training.checkpoint import build_model, load_checkpoint
 from training.presets import eval_batch
 
@@ -26,12 +27,10 @@ __all__ = ["BadInput", "ImagePipeline", "ParsedRequest", "parse_request", "pipel
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("eager",)  # later: "compile", "onnx", "int8" -- each one a branch in ImagePipeline.prepare_model
 # Handler options (model-config.yaml `handler:` block) -> expected type. Unknown keys are an error.
 OPTIONS: dict[str, type] = {"topk": int, "max_image_pixels": int, "max_image_bytes": int,
                             "max_images_per_request": int, "runtime": str, "jpeg_decoder": str,
-                            "jpeg_draft": bool, "max_batch": int,
-                            "cpu_threads": int}  # cpu_threads: read by the TorchServe adapter, not the pipeline
+                            "jpeg_draft": bool, "max_batch": int, "cpu_threads": int, "runtime_cache": str}
 
 
 def pipeline_options(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -165,14 +164,17 @@ class ImagePipeline:
 
     def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "cpu", *, topk: int = 5,
                  max_image_pixels: int = 40_000_000, max_image_bytes: int = 20 * 1024 * 1024,
-                 max_images_per_request: int = 64, runtime: str = "eager", jpeg_decoder: str = "auto",
+                 max_images_per_request: int = 64, runtime: str | None = None, jpeg_decoder: str = "auto",
                  jpeg_draft: bool = True, max_batch: int = 256, model_name: str | None = None,
-                 model_version: str | None = None):
+                 model_version: str | None = None, cpu_threads: int | None = None, runtime_cache: str | None = None,
+                 checkpoint_sha256: str | None = None):
+        self.device = torch.device(device)
+        # None: the device's default -- fp32 eager on CPU, bf16 autocast + channels_last on CUDA
+        runtime = runtime or ("bf16" if self.device.type == "cuda" else "eager")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime {runtime!r} is not supported; choose one of {list(RUNTIMES)}")
         if jpeg_decoder not in ("auto", "pil", "torchvision"):
             raise ValueError("jpeg_decoder must be 'auto', 'pil' or 'torchvision'")
-        self.device = torch.device(device)
         self.preprocess: dict[str, Any] = dict(ckpt["preprocess"])
         self.classes = [str(c) for c in ckpt["classes"]]
         self.topk = max(1, min(int(topk), len(self.classes)))  # a default above the class count is clamped
@@ -180,30 +182,35 @@ class ImagePipeline:
         self.max_images_per_request, self.max_batch, self.runtime = max_images_per_request, max_batch, runtime
         cuda = self.device.type == "cuda"
         self.jpeg_decoder = ("torchvision" if cuda else "pil") if jpeg_decoder == "auto" else jpeg_decoder
-        self.autocast_dtype = torch.bfloat16 if cuda else None  # the hook for a later `dtype` option
         self.model_name = model_name or str(ckpt["arch"])
         self.model_version = str(model_version or "1.0")
+        if cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads)  # torch and ONNX Runtime both follow it (see prepare_model)
+        self.runtime_cache, self.recipe = runtime_cache, dict(ckpt.get("recipe") or {})
+        # onnx/int8 files are cached per checkpoint: the file's sha256 when loaded from a file, else a content hash
+        self.checkpoint_sha256 = checkpoint_sha256 or (content_sha256(ckpt) if runtime in ("onnx", "int8") else None)
+        self.runtime_info: dict[str, Any] = {}
         self.model = self.prepare_model(build_model(ckpt))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **options: Any) -> ImagePipeline:
         """Load a checkpoint (weights_only) and build the pipeline; `options` are the keyword arguments above."""
-        return cls(load_checkpoint(path, map_location="cpu"), device, **options)
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if options.get("runtime") in ("onnx", "int8"):  # their exports are cached under the file's sha256
+            options.setdefault("checkpoint_sha256", file_sha256(path))
+        return cls(ckpt, device, **options)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Turn the eager model into what `forward` runs. Other runtimes (compile, ONNX, int8) go here."""
-        model = model.eval().to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        return model
+        """The eager model -> the module `forward` runs for `self.runtime` (handlers/runtimes.py). ONNX Runtime uses
+        torch's thread count, which the TorchServe adapter sets from cpu_threads (cores / workers by default)."""
+        module, self.runtime_info = prepare_runtime(
+            self.runtime, model, self.preprocess, self.device, threads=torch.get_num_threads(),
+            cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe)
+        log.info("runtime %s ready: %s", self.runtime, self.runtime_info)
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A normalized float batch -> float32 logits."""
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.autocast_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                return self.model(x).float()
+        """A normalized float32 batch -> float32 logits (layout and precision are the runtime's business)."""
         return self.model(x).float()
 
     def decode(self, datas: Sequence[bytes]) -> list[torch.Tensor | BadInput]:
@@ -299,5 +306,6 @@ class ImagePipeline:
         """What a client needs to know to call the model."""
         return {"model": self.model_name, "version": self.model_version, "classes": self.classes,
                 "preprocess": self.preprocess, "topk": self.topk, "device": str(self.device),
-                "runtime": self.runtime, "max_image_pixels": self.limits.max_pixels,
+                "runtime": self.runtime, "runtime_info": {k: v for k, v in self.runtime_info.items() if k != "file"},
+                "max_image_pixels": self.limits.max_pixels,
                 "max_image_bytes": self.limits.max_bytes, "max_images_per_request": self.max_images_per_request}
