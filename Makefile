@@ -80,7 +80,7 @@ demo: setup
 	$(PY) -m training train --recipe default --out checkpoints/lenet5-fashion_mnist.pt
 	$(PY) -m training eval --checkpoint checkpoints/lenet5-fashion_mnist.pt
 	$(PY) -m training samples --out-dir $(IMAGES)
-	$(PY) -m serving archive --config archive_configs/fmnist-lenet5/1.0.yaml
+	$(PY) -m serving archive --config archive_configs/fmnist-lenet5/1.0.yaml --config archive_configs/fmnist-lenet5/2.0.yaml
 	$(PY) -m serving serve --models fmnist-lenet5:1.0
 	$(PY) -m serving predict --model fmnist-lenet5 $(IMAGES)/*.png
 	@$(PY) -m serving howto --model fmnist-lenet5

@@ -126,12 +126,12 @@ def test_mar_is_self_contained(built):
         model_config = yaml.safe_load(z.read("model-config.yaml"))
     for required in ("classifier.py", "tiny.pt", "model-config.yaml", "handlers/__init__.py", "handlers/pipeline.py",
                      "handlers/decode.py", "training/__init__.py", "training/checkpoint.py", "training/presets.py",
-                     "training/evaluate.py", "training/models/__init__.py", "training/models/_registry.py",
-                     "training/models/cnn.py"):
+                     "training/evaluate.py", "training/data.py", "training/models/__init__.py",
+                     "training/models/_registry.py", "training/models/cnn.py"):
         assert required in names, required
     assert any(n.startswith("training/models/layers/") for n in names)
     # Training-only code and the handler's second copy stay out of the archive.
-    assert not names & {"training/train.py", "training/data.py", "handlers/classifier.py"}
+    assert not names & {"training/train.py", "training/recipe.py", "handlers/classifier.py"}
     assert not any("recipes/" in n or "__pycache__" in n for n in names)
     assert manifest["model"] == {**manifest["model"], "modelName": "tiny", "modelVersion": "1.0",
                                  "handler": "classifier.py", "serializedFile": "tiny.pt"}
