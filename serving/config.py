@@ -91,16 +91,21 @@ def _handler_options(source: str, opts: Any) -> dict[str, Any]:
     return dict(opts)
 
 
+def _check_keys(source: str, data: dict[str, Any], allowed: Any, required: Any, prefix: str = "") -> None:
+    """An unknown key or a missing required one is an error naming the file and the key."""
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+    for key in required:
+        if key not in data:
+            raise ConfigError(f"{source}: missing required key '{prefix}{key}'")
+
+
 def parse_config(data: Any, source: str = "<config>", root: Path = ROOT) -> ArchiveConfig:
     """Validate a loaded YAML mapping and return an ArchiveConfig (paths resolved against `root`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    unknown = sorted(set(data) - TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(TOP_KEYS))})")
-    for key in TOP_REQUIRED:
-        if key not in data:
-            raise ConfigError(f"{source}: missing required key {key!r}")
+    _check_keys(source, data, TOP_KEYS, TOP_REQUIRED)
     name, version = data["name"], data["version"]
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(f"{source}: name must match {NAME_RE.pattern}, got {name!r}")
@@ -115,13 +120,7 @@ def parse_config(data: Any, source: str = "<config>", root: Path = ROOT) -> Arch
     ts = data["torchserve"]
     if not isinstance(ts, dict):
         raise ConfigError(f"{source}: torchserve must be a mapping")
-    allowed = set(TS_INT_KEYS) | {"deviceType", "handler"}
-    unknown = sorted(set(ts) - allowed)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key 'torchserve.{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
-    for key in TS_REQUIRED:
-        if key not in ts:
-            raise ConfigError(f"{source}: missing required key 'torchserve.{key}'")
+    _check_keys(source, ts, set(TS_INT_KEYS) | {"deviceType", "handler"}, TS_REQUIRED, prefix="torchserve.")
     block = {k: _int(source, f"torchserve.{k}", v, TS_INT_KEYS[k]) for k, v in ts.items() if k in TS_INT_KEYS}
     if block["maxWorkers"] < block["minWorkers"]:
         raise ConfigError(f"{source}: torchserve.maxWorkers must be >= torchserve.minWorkers")
