@@ -18,9 +18,12 @@ apt_install() {
   fi
 }
 
-# 1. Debian packages: the embedded dataset and Java 17 for TorchServe's frontend.
+# 1. Debian packages: the embedded dataset, Java 17 for TorchServe's frontend, FFmpeg's libraries (torchcodec
+#    links them at run time; PyAV carries its own) and HAProxy for the local fleet.
 [ -f "$FMNIST" ] || apt_install dataset-fashion-mnist
 command -v java >/dev/null 2>&1 || apt_install openjdk-17-jre-headless
+command -v ffmpeg >/dev/null 2>&1 || apt_install ffmpeg
+command -v haproxy >/dev/null 2>&1 || apt_install haproxy
 
 # 2. The virtual environment, reinstalled only when requirements.txt changes.
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
@@ -36,7 +39,7 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 echo "setup: installing Python packages into .venv (first run: a few minutes)"
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, torchvision, ts, model_archiver, yaml" || {
+.venv/bin/python -c "import torch, torchvision, ts, model_archiver, yaml, av, torchmetrics" || {
   echo "setup: the package install failed; see the pip output above." >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "setup: done"
