@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from handlers.decode import BadInput, DecodeLimits, decode_image, decode_jpegs, orient, to_tensor
-from handlers.pipeline import ImagePipeline, pipeline_options
+from handlers.image import ImagePipeline, pipeline_options
 from tests.images import (
     animated_gif,
     b64,
