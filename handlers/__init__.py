@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-PIPELINES = {"classifier.py": "handlers.image:ImagePipeline"}
+PIPELINES = {"classifier.py": "handlers.image:ImagePipeline", "segmenter.py": "handlers.segment:SegmentPipeline"}
 
 
 def pipeline_class(handler_file: str) -> Any:

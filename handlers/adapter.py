@@ -8,17 +8,24 @@ model-config YAML `handler:` block (see docs/serving.md, "## Handler").
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from typing import Any, ClassVar
 
 import torch
+from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.errors import BadInput
 from handlers.pipeline import Pipeline, check_options
 
 log = logging.getLogger(__name__)
+NDJSON = "application/x-ndjson"
+# TorchServe's own default max_response_size: a worker answer over the frontend's limit kills the worker. The archive
+# step passes the configured limit (archive_configs/config.properties.template) as the max_answer_bytes option.
+MAX_ANSWER_BYTES = 6_553_500
 
 
 def reason_phrase(message: str, limit: int = 200) -> str:
@@ -56,6 +63,7 @@ class PipelineHandler(BaseHandler):
         yaml_config = dict(getattr(context, "model_yaml_config", None) or {})
         options = check_options(yaml_config.get("handler"), self.pipeline_class.OPTIONS)
         threads = cpu_threads(options.pop("cpu_threads", None), yaml_config)
+        self.max_answer_bytes = int(options.pop("max_answer_bytes", MAX_ANSWER_BYTES))
 
         serialized = model_meta.get("serializedFile")
         if not serialized:
@@ -79,23 +87,54 @@ class PipelineHandler(BaseHandler):
                  self.pipeline.model_version, self.device, self.pipeline.runtime, torch.get_num_threads())
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
-        """One body per request item; a failed item gets its HTTP status via set_response_status(code, msg, idx)."""
+        """One body per request item; a failed item gets its HTTP status via set_response_status(code, msg, idx).
+        A streamed answer (a list of JSON lines) leaves in parts as TorchServe intermediate responses: HTTP
+        chunks of NDJSON, the rest with the final response."""
         start = time.time()
         self.context = context
         if self._is_describe():
             return [self.describe_handle() for _ in data]
-        answers = self.pipeline.handle_requests(data)
         has_processor = getattr(context, "request_processor", None) is not None
+        streamed: set[int] = set()
+
+        def emit(idx: int, lines: list[Any]) -> None:
+            text = self._text(lines)
+            if has_processor:
+                context.set_response_content_type(idx, NDJSON)
+            send_intermediate_predict_response({idx: text}, {idx: context.request_ids[idx]},
+                                               "Intermediate prediction", 200, context)
+            streamed.add(idx)
+
+        answers = self.pipeline.handle_requests(data, emit if has_processor else None)
         bodies = []
         for idx, (status, body) in enumerate(answers):
-            if status != 200:
+            lines = isinstance(body, list) or idx in streamed
+            if lines or self.pipeline.COMPACT_JSON:
+                try:
+                    text = self._text(body if isinstance(body, list) or not lines else [body])
+                except BadInput as e:
+                    status, body = e.status, e.body()
+                    text = self._text([body] if lines else body)
+            if status != 200 and idx not in streamed:  # a stream already answered 200: its last line says why
                 context.set_response_status(status, reason_phrase(body["message"]), idx)
             if has_processor:
-                context.set_response_content_type(idx, "application/json")
-            bodies.append(body)
+                context.set_response_content_type(idx, NDJSON if lines else "application/json")
+            bodies.append(text if lines or self.pipeline.COMPACT_JSON else body)
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return bodies
+
+    def _text(self, body: Any) -> str:
+        """Compact JSON for a body, NDJSON for a list of lines. TorchServe drops the worker (every request of its
+        batch fails) on a response over the frontend's max_response_size, so a larger one is a 413 instead."""
+        if isinstance(body, list):
+            text = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in body)
+        else:
+            text = json.dumps(body, separators=(",", ":"))
+        if len(text) > self.max_answer_bytes and len(text.encode()) > self.max_answer_bytes:
+            raise BadInput(413, "AnswerTooLarge", f"the answer would be {len(text.encode())} bytes; the server "
+                           f"sends at most {self.max_answer_bytes}: ask for fewer frames or masks, or stream it")
+        return text
 
     def _is_describe(self) -> bool:
         # BaseHandler's version indexes the request processors unguarded; a bare context has none.

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from handlers.errors import BadInput
-from handlers.pipeline import Job, Pipeline, check_options
+from handlers.pipeline import Job, Pipeline, Unit, check_options
 from handlers.request import parse_request
 from training.presets import eval_batch
 
@@ -32,13 +32,13 @@ class ImagePipeline(Pipeline):
         where = f"images[{index}]: " if job.options["multi"] else ""
         return BadInput(error.status, error.type, where + error.message)
 
-    def postprocess(self, logits: torch.Tensor, units: Sequence[tuple[Job, torch.Tensor]]) -> list[Any]:
-        k = max(job.options["topk"] for job, _ in units)
+    def postprocess(self, logits: torch.Tensor, units: Sequence[Unit]) -> list[Any]:
+        k = max(u.job.options["topk"] for u in units)
         probs, idx = torch.softmax(logits, dim=1).topk(k, dim=1)
         probs, idx = probs.cpu().tolist(), idx.cpu().tolist()
         return [[{"label": self.classes[c], "index": c, "probability": p}
-                 for p, c in zip(probs[n][:job.options["topk"]], idx[n][:job.options["topk"]])]
-                for n, (job, _) in enumerate(units)]
+                 for p, c in zip(probs[n][:u.job.options["topk"]], idx[n][:u.job.options["topk"]])]
+                for n, u in enumerate(units)]
 
     def answer(self, job: Job) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model_name, "version": self.model_version}

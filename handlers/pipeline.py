@@ -6,8 +6,10 @@
 
 `Pipeline` holds the model, its runtime and the loop that runs every request of a worker batch through those
 stages in chunks of at most `max_batch` units (an image, or a video frame), so memory stays bounded however many
-units the requests carry. A task subclass (handlers/image.py: `ImagePipeline`) supplies parse, post-process and
-answer. It runs in unit tests, benchmarks and on a GPU box with no TorchServe; handlers/adapter.py adapts it.
+units the requests carry. A task subclass (handlers/image.py: `ImagePipeline`, handlers/segment.py:
+`SegmentPipeline`) supplies parse, post-process and answer, and may stream: after each chunk, `partial` gives a
+streamed request's answer so far to the caller's `emit`. It runs in unit tests, benchmarks and on a GPU box with
+no TorchServe; handlers/adapter.py adapts it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -47,13 +49,35 @@ def check_options(cfg: Mapping[str, Any] | None, options: Mapping[str, type]) ->
 
 
 @dataclass
+class Decoded:
+    """A unit its source decoded itself (a video frame), with what the source knows about it (e.g. the frame's
+    index and time); post-processing gets `info` back as `Unit.info`."""
+
+    pixels: torch.Tensor  # uint8 (C, H, W)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Job:
     """One request on its way through the stages: the units it carries and what they produced."""
 
-    units: Iterable[bytes | torch.Tensor]  # encoded images (decoded in chunks) or frames already decoded
+    units: Iterable[bytes | torch.Tensor | Decoded]  # encoded images (decoded in chunks) or decoded frames
     options: dict[str, Any] = field(default_factory=dict)  # per-request options, validated by `parse`
-    results: list[Any] = field(default_factory=list)  # one post-processed result per unit, in order
+    results: list[Any] = field(default_factory=list)  # post-processed results of units not yet answered, in order
     count: int = 0  # units taken so far (the index of the next one)
+
+
+@dataclass
+class Unit:
+    """A decoded unit in a chunk, as post-processing sees it."""
+
+    job: Job
+    index: int  # its position among its job's units
+    pixels: torch.Tensor  # uint8 (C, H, W) on the pipeline device, as decoded (the source's size)
+    info: dict[str, Any]  # Decoded.info ({} for encoded images)
+
+
+Emit = Callable[[int, Any], None]  # (request index, part of its answer): how a streamed answer leaves the pipeline
 
 
 class Pipeline:
@@ -62,7 +86,11 @@ class Pipeline:
     # handler options (model-config `handler:` block) -> type; subclasses add their own
     OPTIONS: ClassVar[dict[str, type]] = {"runtime": str, "max_batch": int, "cpu_threads": int,
                                           "runtime_cache": str, "max_image_pixels": int, "max_image_bytes": int,
-                                          "jpeg_decoder": str, "jpeg_draft": bool}
+                                          "jpeg_decoder": str, "jpeg_draft": bool,
+                                          "max_answer_bytes": int}  # the last one: for the TorchServe adapter
+    # True: the TorchServe adapter sends answers as compact JSON text, refusing one over max_answer_bytes with a
+    # 413; False: TorchServe encodes dict answers itself (indented JSON)
+    COMPACT_JSON: ClassVar[bool] = False
 
     def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "cpu", *, runtime: str | None = None,
                  max_batch: int = 256, model_name: str | None = None, model_version: str | None = None,
@@ -118,13 +146,19 @@ class Pipeline:
         """One request item -> a Job. Raises BadInput with a message for the client."""
         raise NotImplementedError
 
-    def postprocess(self, logits: torch.Tensor, units: Sequence[tuple[Job, torch.Tensor]]) -> list[Any]:
-        """Float32 model outputs for a chunk -> one result per unit (`units`: its job and decoded image)."""
+    def postprocess(self, logits: torch.Tensor, units: Sequence[Unit]) -> list[Any]:
+        """Float32 model outputs for a chunk -> one result per unit."""
         raise NotImplementedError
 
     def answer(self, job: Job) -> Any:
-        """A job whose units all succeeded -> the JSON body of its 200 answer."""
+        """A job whose units all succeeded -> the JSON body of its 200 answer (for a streamed job: the rest of
+        it, after what `partial` returned)."""
         raise NotImplementedError
+
+    def partial(self, job: Job) -> Any | None:
+        """Called after each chunk that ran units of `job` when the caller streams: the part of its answer ready
+        now (taking its results out of the job), or None to send nothing yet. Default: answers are not streamed."""
+        return None
 
     def unit_error(self, job: Job, index: int, error: BadInput) -> BadInput:
         """The error a job answers with when its unit `index` failed to decode (default: the unit's error)."""
@@ -148,9 +182,13 @@ class Pipeline:
         """A normalized float32 batch -> float32 outputs (layout and precision are the runtime's business)."""
         return self.model(x).float()
 
-    def handle_requests(self, requests: Sequence[Any]) -> list[tuple[int, Any]]:
+    def handle_requests(self, requests: Sequence[Any], emit: Emit | None = None) -> list[tuple[int, Any]]:
         """Answer every request item: (200, body) or (4xx/5xx, error JSON). Never raises. A bad request, or a
-        bad unit inside one, fails only that request; the others of the batch are answered normally."""
+        bad unit inside one, fails only that request; the others of the batch are answered normally.
+
+        `emit(request index, part)`, when given, receives the parts of streamed answers as chunks finish (see
+        `partial`); the final (status, body) then holds only what was not emitted. A BadInput raised by `emit`
+        (e.g. a part too large to send) fails that request."""
         self.timings = dict.fromkeys(STAGES, 0.0)
         answers: list[tuple[int, Any] | None] = [None] * len(requests)
         jobs: dict[int, Job] = {}
@@ -165,7 +203,9 @@ class Pipeline:
         try:
             with torch.inference_mode():
                 for chunk in self._chunks(jobs, answers):
-                    self._run(chunk, jobs)
+                    self._run(chunk)
+                    if emit is not None:
+                        self._emit(chunk, answers, emit)
             start = time.perf_counter()
             for r, job in jobs.items():
                 if answers[r] is None:
@@ -175,48 +215,72 @@ class Pipeline:
             return self._fail_all(answers, e)
         return answers  # type: ignore[return-value]
 
-    def _run(self, chunk: list[tuple[int, torch.Tensor]], jobs: dict[int, Job]) -> None:
+    def _run(self, chunk: list[tuple[int, Unit]]) -> None:
         """preprocess -> infer -> post-process one chunk of decoded units; results go to their jobs."""
         t0 = time.perf_counter()
-        x = eval_batch([u for _, u in chunk], self.preprocess, device=self.device)
+        x = eval_batch([u.pixels for _, u in chunk], self.preprocess, device=self.device)
         t1 = time.perf_counter()
         logits = self.forward(x)
         t2 = time.perf_counter()
-        results = self.postprocess(logits, [(jobs[r], u) for r, u in chunk])
-        for (r, _), result in zip(chunk, results):
-            jobs[r].results.append(result)
+        results = self.postprocess(logits, [u for _, u in chunk])
+        for (_, unit), result in zip(chunk, results):
+            unit.job.results.append(result)
         t3 = time.perf_counter()
         for stage, seconds in zip(("preprocess", "inference", "postprocess"), (t1 - t0, t2 - t1, t3 - t2)):
             self.timings[stage] += seconds
 
-    def _chunks(self, jobs: dict[int, Job], answers: list[Any]) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    def _emit(self, chunk: list[tuple[int, Unit]], answers: list[Any], emit: Emit) -> None:
+        """Hand the parts of streamed answers that the chunk completed to `emit` (answer encoding time)."""
+        start = time.perf_counter()
+        for r, unit in {r: u for r, u in chunk}.items():
+            if answers[r] is None:
+                part = self.partial(unit.job)
+                if part is not None:
+                    try:
+                        emit(r, part)
+                    except BadInput as e:
+                        answers[r] = (e.status, e.body())
+        self.timings["answer"] += time.perf_counter() - start
+
+    def _chunks(self, jobs: dict[int, Job], answers: list[Any]) -> Iterator[list[tuple[int, Unit]]]:
         """Decoded units of all live jobs, in request order, `max_batch` at a time. A unit that fails fails its job
         (its later units are skipped); a job's unit source may also raise BadInput itself (a corrupt stream)."""
-        pending: list[tuple[int, int, bytes | torch.Tensor]] = []
+        pending: list[tuple[int, int, bytes | torch.Tensor | Decoded]] = []
         for r, job in jobs.items():
-            try:
-                for unit in job.units:
-                    if answers[r] is not None:
-                        break
-                    pending.append((r, job.count, unit))
-                    job.count += 1
-                    if len(pending) >= self.max_batch:
-                        chunk, pending = self._decode_chunk(pending, jobs, answers), []
-                        if chunk:
-                            yield chunk
-            except BadInput as e:
-                if answers[r] is None:
-                    answers[r] = (e.status, e.body())
+            for unit in self._take(r, job, answers):
+                pending.append((r, job.count, unit))
+                job.count += 1
+                if len(pending) >= self.max_batch:
+                    chunk, pending = self._decode_chunk(pending, jobs, answers), []
+                    if chunk:
+                        yield chunk
         if pending:
             chunk = self._decode_chunk(pending, jobs, answers)
             if chunk:
                 yield chunk
 
-    def _decode_chunk(self, pending: list[tuple[int, int, bytes | torch.Tensor]], jobs: dict[int, Job],
-                      answers: list[Any]) -> list[tuple[int, torch.Tensor]]:
+    def _take(self, r: int, job: Job, answers: list[Any]) -> Iterator[bytes | torch.Tensor | Decoded]:
+        """A job's units while it is live. Time spent in its source counts as decoding (a video source decodes
+        frames as they are taken); a BadInput from the source answers the job."""
+        units = iter(job.units)
+        while answers[r] is None:
+            start = time.perf_counter()
+            try:
+                unit = next(units)
+            except StopIteration:
+                return
+            except BadInput as e:
+                answers[r] = (e.status, e.body())
+                return
+            finally:
+                self.timings["decode"] += time.perf_counter() - start
+            yield unit
+
+    def _decode_chunk(self, pending: list[tuple[int, int, bytes | torch.Tensor | Decoded]], jobs: dict[int, Job],
+                      answers: list[Any]) -> list[tuple[int, Unit]]:
         start = time.perf_counter()
         live = [(r, j, u) for r, j, u in pending if answers[r] is None]
-        encoded = [i for i, (_, _, u) in enumerate(live) if not isinstance(u, torch.Tensor)]
+        encoded = [i for i, (_, _, u) in enumerate(live) if not isinstance(u, (torch.Tensor, Decoded))]
         units: list[Any] = [u for _, _, u in live]
         for i, x in zip(encoded, self.decode([live[i][2] for i in encoded]) if encoded else []):
             units[i] = x
@@ -225,7 +289,8 @@ class Pipeline:
                 e = self.unit_error(jobs[r], j, x)
                 answers[r] = (e.status, e.body())
         self.timings["decode"] += time.perf_counter() - start
-        return [(r, x) for (r, _, _), x in zip(live, units) if answers[r] is None]
+        return [(r, Unit(jobs[r], j, x.pixels, x.info) if isinstance(x, Decoded) else Unit(jobs[r], j, x, {}))
+                for (r, j, _), x in zip(live, units) if answers[r] is None]
 
     def _fail_all(self, answers: list[tuple[int, Any] | None], exc: Exception) -> list[tuple[int, Any]]:
         """A failure of the shared batch (OOM, a model error): every request not already answered gets 5xx."""

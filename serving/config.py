@@ -53,8 +53,24 @@ class ArchiveConfig:
         return f"{self.name}-{self.version}.mar"
 
     def model_config(self) -> dict[str, Any]:
-        """The model-config yaml packed into the .mar (torch-model-archiver --config-file)."""
-        return {**self.torchserve, "handler": {**self.handler_options, "runtime": self.runtime}}
+        """The model-config yaml packed into the .mar (torch-model-archiver --config-file). The worker learns the
+        frontend's response limit from it (max_answer_bytes): TorchServe drops a worker whose answer is larger."""
+        answer = {"max_answer_bytes": frontend_limits()["max_response_size"]}
+        return {**self.torchserve, "handler": {**answer, **self.handler_options, "runtime": self.runtime}}
+
+
+def frontend_limits(template: Path | None = None) -> dict[str, int]:
+    """max_request_size and max_response_size (bytes) of the TorchServe frontend, from the config template."""
+    path = template or CONFIG_DIR / "config.properties.template"
+    props = dict(line.split("=", 1) for line in path.read_text().splitlines()
+                 if "=" in line and not line.lstrip().startswith("#"))
+    return {key: int(props[key].strip()) for key in ("max_request_size", "max_response_size")}
+
+
+# handler options bounded by the frontend: a body over max_request_size gets an empty 413 from the frontend
+# before the handler's own limit could answer, and an answer over max_response_size kills the worker
+_FRONTEND_BOUNDS = {"max_image_bytes": "max_request_size", "max_video_bytes": "max_request_size",
+                    "max_answer_bytes": "max_response_size"}
 
 
 def _int(src: str, key: str, value: Any, minimum: int) -> int:
@@ -90,9 +106,14 @@ def _handler_options(source: str, opts: Any, handler: Path) -> dict[str, Any]:
         check_options(opts, options)
     except ValueError as e:
         raise ConfigError(f"{source}: torchserve.handler: {e}") from None
+    limits = frontend_limits()
     for key, value in opts.items():
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ConfigError(f"{source}: torchserve.handler.{key} must be >= 1, got {value}")
+        bound = _FRONTEND_BOUNDS.get(key)
+        if bound and value > limits[bound]:
+            raise ConfigError(f"{source}: torchserve.handler.{key} ({value}) is over the frontend's {bound} "
+                              f"({limits[bound]}, archive_configs/config.properties.template)")
     return dict(opts)
 
 

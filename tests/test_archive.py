@@ -45,7 +45,16 @@ def test_valid_config_builds_model_config():
     assert cfg.checkpoint == ROOT / "checkpoints" / "x.pt"
     assert cfg.model_config() == {"batchSize": 4, "maxBatchDelay": 10, "minWorkers": 1, "maxWorkers": 2,
                                   "responseTimeout": 30, "deviceType": "cpu",
-                                  "handler": {"topk": 3, "runtime": "eager"}}
+                                  "handler": {"max_answer_bytes": 16777216, "topk": 3, "runtime": "eager"}}
+
+
+def test_handler_byte_limits_stay_within_the_frontend_limits():
+    """A handler limit above the frontend's would never answer (the frontend's empty 413 comes first), and an
+    answer above max_response_size would kill the worker: both are config errors."""
+    with pytest.raises(ConfigError, match="max_image_bytes .* over the frontend's max_request_size"):
+        parse_config(_with(torchserve__handler__max_image_bytes=32 * 1024 * 1024), "m/1.0.yaml")
+    with pytest.raises(ConfigError, match="max_answer_bytes .* max_response_size"):
+        parse_config(_with(torchserve__handler__max_answer_bytes=1 << 30), "m/1.0.yaml")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -132,11 +141,11 @@ def test_mar_is_self_contained(built):
         assert required in names, required
     assert any(n.startswith("training/models/layers/") for n in names)
     # Training-only code and the handler's second copy stay out of the archive.
-    assert not names & {"training/train.py", "training/recipe.py", "handlers/classifier.py"}
+    assert not names & {"training/train.py", "training/recipe.py", "handlers/classifier.py", "handlers/segmenter.py"}
     assert not any("recipes/" in n or "__pycache__" in n for n in names)
     assert manifest["model"] == {**manifest["model"], "modelName": "tiny", "modelVersion": "1.0",
                                  "handler": "classifier.py", "serializedFile": "tiny.pt"}
-    assert model_config["batchSize"] == 8 and model_config["handler"] == {"topk": 3, "runtime": "eager"}
+    assert model_config["batchSize"] == 8 and model_config["handler"] == {"max_answer_bytes": 16777216, "topk": 3, "runtime": "eager"}
 
 
 def test_rearchive_replaces_the_index_entry(built):
