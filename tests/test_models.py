@@ -29,7 +29,7 @@ def first_layer(model: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize("in_channels,img_size", [(1, 28), (3, 32)])
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))  # segmentation: tests/test_seg_models.py
 def test_every_model_trains_a_step(name: str, in_channels: int, img_size: int) -> None:
     torch.manual_seed(0)
     model = get_model(name, num_classes=7, in_channels=in_channels, img_size=img_size, **small_kwargs(name))

@@ -1,7 +1,9 @@
 """The checkpoint contract: a plain dict that `torch.load(path, weights_only=True)` can read.
 
 Keys: arch, model_args, state_dict, classes, preprocess, metrics, recipe (and optionally ema_state_dict,
-optimizer, scheduler, epoch for resuming). A checkpoint rebuilds its model exactly through the registry.
+optimizer, scheduler, epoch for resuming, and `task`: "classification" when absent, or "segmentation", whose
+classes start with "background" and whose preprocess resizes whole frames, `crop: false`). A checkpoint
+rebuilds its model exactly through the registry.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from training.models._registry import TASKS
 
 REQUIRED_KEYS = ("arch", "model_args", "state_dict", "classes", "preprocess", "metrics", "recipe")
 PREPROCESS_KEYS = ("size", "resize", "channels", "mean", "std", "interpolation")
@@ -69,6 +73,14 @@ def validate_checkpoint(ckpt: Any, source: str = "checkpoint") -> None:
         raise CheckpointError(f"{source}: preprocess mean/std must have one value per channel")
     if not ckpt["classes"]:
         raise CheckpointError(f"{source}: empty class list")
+    task = ckpt.get("task", "classification")
+    if task not in TASKS:
+        raise CheckpointError(f"{source}: task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "segmentation":
+        if ckpt["classes"][0] != "background" or len(ckpt["classes"]) < 2:
+            raise CheckpointError(f"{source}: a segmentation checkpoint's classes are background, then the objects")
+        if pre.get("crop", True):
+            raise CheckpointError(f"{source}: a segmentation checkpoint's preprocess must have crop: false")
 
 
 def build_model(ckpt: dict[str, Any], use_ema: bool = True) -> nn.Module:

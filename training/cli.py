@@ -1,4 +1,5 @@
-"""`python -m training {zoo,train,eval,experiment-depth}`. Errors end with one clear line and exit code 2."""
+"""`python -m training {zoo,train,eval,clips,samples,experiment-depth}`.
+Errors end with one clear line and exit code 2."""
 
 from __future__ import annotations
 
@@ -23,20 +24,37 @@ def _train(args: argparse.Namespace) -> None:
     log_dir = None if args.no_tensorboard else (args.log_dir or f"runs/{out.stem}")
     ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet)
     m = ckpt["metrics"]
-    print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, "test_acc": m.get("test_acc"),
-                      "val_acc": m.get("val_acc"), "train_time_s": round(m["train_time_s"], 1),
-                      "hardware": m["hardware"], "tensorboard": log_dir}))
+    scores = {k: m[k] for k in ("test_miou", "test_ap50", "val_miou") if k in m} or \
+        {"test_acc": m.get("test_acc"), "val_acc": m.get("val_acc")}
+    print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, **scores,
+                      "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"], "tensorboard": log_dir}))
 
 
 def _eval(args: argparse.Namespace) -> None:
     from training.evaluate import run_eval
 
     out_dir = args.out_dir or f"reports/eval/{Path(args.checkpoint).stem}"
-    r = run_eval(args.checkpoint, out_dir, data_root=args.data_root, limit=args.limit)
+    r = run_eval(args.checkpoint, out_dir, data_root=args.data_root, limit=args.limit, clips_dir=args.clips)
+    if r.get("task") == "segmentation":
+        from training.seg_eval import summary_lines
+
+        print("\n".join(summary_lines(r)))
+        print(f"wrote {out_dir}/metrics.json, overlays.png")
+        return
     print(f"{r['arch']}: test accuracy {r['test_acc']:.4f} on {r['n']} images")
     for name, acc in r["per_class_acc"].items():
         print(f"  {name:<14} {acc:.4f}")
     print(f"wrote {out_dir}/metrics.json, confusion.png, samples.png")
+
+
+def _clips(args: argparse.Namespace) -> None:
+    from training.clips import make_config, write_clips
+
+    size = tuple(args.size) if len(args.size) == 2 else args.size[0]
+    cfg = make_config({"noise": args.noise} if args.noise is not None else {})
+    paths = write_clips(args.out_dir, args.n, args.split, args.frames, size, args.fps, args.seed, cfg, args.data_root)
+    print(f"wrote {len(paths)} {args.split}-split clips ({args.frames} frames, {args.fps:g} fps) with ground truth "
+          f"to {args.out_dir}")
 
 
 def _zoo(args: argparse.Namespace) -> None:
@@ -64,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a recipe")
     t.add_argument("--recipe", help="recipe name in training/recipes/ or a YAML path (default: default)")
     t.add_argument("--arch")
-    t.add_argument("--dataset", choices=["fashion_mnist", "cifar10", "imagefolder"])
+    t.add_argument("--dataset", choices=["fashion_mnist", "cifar10", "imagefolder", "moving_fmnist"])
     t.add_argument("--data-root")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -83,7 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root")
     e.add_argument("--limit", type=int)
     e.add_argument("--out-dir")
+    e.add_argument("--clips", help="segmentation: score the MP4 clips (with .gt files) in this folder instead")
     e.set_defaults(fn=_eval)
+    c = sub.add_parser("clips", help="write moving Fashion-MNIST clips: H.264 MP4 + ground truth (.gt.npz/.gt.json)")
+    c.add_argument("--out-dir", default="data/clips")
+    c.add_argument("--n", type=int, default=8, help="number of clips (seeds --seed .. --seed + n - 1)")
+    c.add_argument("--split", default="test", choices=["train", "val", "test"], help="garment pool")
+    c.add_argument("--frames", type=int, default=64)
+    c.add_argument("--size", type=int, nargs="+", default=[224], metavar="PX", help="side, or height width")
+    c.add_argument("--fps", type=float, default=30.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--noise", type=float, help="pixel noise std (default: the generator's)")
+    c.add_argument("--data-root", help="Fashion-MNIST folder (default: Debian's)")
+    c.set_defaults(fn=_clips)
     z = sub.add_parser("zoo", help="table of every model: params, FLOPs, CPU latency", add_help=False)
     z.add_argument("rest", nargs=argparse.REMAINDER)
     z.set_defaults(fn=_zoo)

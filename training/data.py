@@ -136,7 +136,8 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_fashion_mnist(root, val_fraction, seed, image_size, limit) -> Splits:
+def fashion_mnist_arrays(root: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """The four IDX arrays by stem: train-images-idx3 (60000, 28, 28) uint8, train-labels-idx1, t10k-..."""
     root = Path(root or FASHION_MNIST_ROOT)
     paths = {stem: _find_idx(root, stem) for stem in _IDX_FILES}
     missing = [f"{stem}-ubyte.gz" for stem, p in paths.items() if p is None]
@@ -145,7 +146,12 @@ def _load_fashion_mnist(root, val_fraction, seed, image_size, limit) -> Splits:
             f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}). Install it with "
             "`apt-get install -y dataset-fashion-mnist` (or `make setup` as root), or pass --data-root pointing "
             "to a folder with the four IDX files (train-/t10k-images-idx3-ubyte.gz, train-/t10k-labels-idx1-ubyte.gz).")
-    arrays = {stem: read_idx(p) for stem, p in paths.items()}
+    return {stem: read_idx(p) for stem, p in paths.items()}
+
+
+def _load_fashion_mnist(root, val_fraction, seed, image_size, limit) -> Splits:
+    root = Path(root or FASHION_MNIST_ROOT)
+    arrays = fashion_mnist_arrays(root)
     full = _tensor_split(arrays["train-images-idx3"][:, None], arrays["train-labels-idx1"], 10, root / "train-*")
     test = _tensor_split(arrays["t10k-images-idx3"][:, None], arrays["t10k-labels-idx1"], 10, root / "t10k-*")
     info = DatasetInfo("fashion_mnist", list(FASHION_MNIST_CLASSES), 1, image_size or full.images.shape[-1],

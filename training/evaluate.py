@@ -91,13 +91,18 @@ def confusion_figure(cm: torch.Tensor, classes: Sequence[str]):
 
 
 def run_eval(checkpoint: str | Path, out_dir: str | Path, data_root: str | None = None,
-             limit: int | None = None, batch_size: int = 256) -> dict[str, Any]:
-    """Evaluate a checkpoint on its dataset's test split; write metrics.json, confusion.png, samples.png."""
+             limit: int | None = None, batch_size: int = 256, clips_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on its dataset's test split; write metrics.json, confusion.png, samples.png.
+    Segmentation checkpoints: training.seg_eval.run_eval (metrics.json, overlays.png; clips_dir: MP4 clips)."""
     from training.checkpoint import build_model, load_checkpoint
     from training.data import load_dataset, make_loaders
     from training.train import evaluate, pick_device
 
     ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("task") == "segmentation":
+        from training.seg_eval import run_eval as run_seg_eval
+
+        return run_seg_eval(ckpt, checkpoint, out_dir, data_root, limit, clips_dir)
     recipe = ckpt["recipe"]
     device = pick_device()
     splits = load_dataset(ckpt.get("dataset", recipe["dataset"]), data_root or recipe.get("data_root"),

@@ -19,21 +19,25 @@ _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationM
 
 
 def make_preprocess(size: int, channels: int, mean: Sequence[float], std: Sequence[float],
-                    resize: int | None = None, interpolation: str = "bilinear") -> dict[str, Any]:
-    """The `preprocess` block of a checkpoint: shorter side -> `resize`, center crop -> `size`, normalize."""
+                    resize: int | None = None, interpolation: str = "bilinear", crop: bool = True) -> dict[str, Any]:
+    """The `preprocess` block of a checkpoint: shorter side -> `resize`, center crop -> `size`, normalize.
+    `crop=False` (segmentation: a mask covers the whole frame) resizes the whole image to size x size."""
     if interpolation not in _INTERP:
         raise ValueError(f"interpolation must be one of {sorted(_INTERP)}")
     return {"size": int(size), "resize": int(resize or size), "channels": int(channels),
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "interpolation": interpolation}
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "interpolation": interpolation,
+            "crop": bool(crop)}
 
 
 def resize_crop(images: Sequence[torch.Tensor] | torch.Tensor, preprocess: dict[str, Any]) -> torch.Tensor:
-    """Resize the shorter side to preprocess["resize"] and center-crop to preprocess["size"].
+    """Resize the shorter side to preprocess["resize"] and center-crop to preprocess["size"]; with
+    preprocess["crop"] False (absent means True) resize the whole image to size x size instead.
 
     Images of equal shape are resized together in one call (a batch of same-sized photos costs one kernel
     launch, not one per image). Returns an (N, C, size, size) tensor of the input dtype.
     """
     size, resize = preprocess["size"], preprocess["resize"]
+    crop = preprocess.get("crop", True)
     interp = _INTERP[preprocess["interpolation"]]
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         groups = {tuple(images.shape[-2:]): (list(range(len(images))), images)}
@@ -44,7 +48,10 @@ def resize_crop(images: Sequence[torch.Tensor] | torch.Tensor, preprocess: dict[
         groups = {hw: (idx, torch.stack([images[i] for i in idx])) for hw, idx in by_shape.items()}
     out: torch.Tensor | None = None
     for (h, w), (idx, batch) in groups.items():
-        if min(h, w) != resize:
+        if not crop:
+            if (h, w) != (size, size):
+                batch = TF.resize(batch, [size, size], interpolation=interp, antialias=True)
+        elif min(h, w) != resize:
             batch = TF.resize(batch, [resize], interpolation=interp, antialias=True)
         if tuple(batch.shape[-2:]) != (size, size):
             batch = TF.center_crop(batch, [size, size])

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+SEGMENTATION_DATASETS = ("moving_fmnist",)
 
 
 class RecipeError(ValueError):
@@ -19,8 +20,10 @@ class RecipeError(ValueError):
 @dataclass
 class Recipe:
     arch: str = "lenet5"                # a name from `python -m training zoo`
-    dataset: str = "fashion_mnist"      # fashion_mnist | cifar10 | imagefolder
+    task: str = "classification"        # classification | segmentation (per-pixel classes, dataset moving_fmnist)
+    dataset: str = "fashion_mnist"      # fashion_mnist | cifar10 | imagefolder | moving_fmnist
     data_root: str | None = None        # None: the dataset's default location
+    data_args: dict[str, Any] = field(default_factory=dict)  # moving_fmnist knobs: training.clips.ClipConfig
     img_size: int | None = None         # None: the dataset's natural size (28 FMNIST, 32 CIFAR, 224 folders)
     resize: int | None = None           # eval: shorter side resized to this before the center crop (None = img_size)
     model_args: dict[str, Any] = field(default_factory=dict)  # extra builder kwargs, e.g. {dropout: 0.1}
@@ -32,6 +35,7 @@ class Recipe:
     weight_decay: float = 5e-4          # not applied to norm layers and biases
     warmup_epochs: float = 1.0          # linear warm-up, then cosine decay to zero
     label_smoothing: float = 0.0
+    dice_weight: float = 0.0            # segmentation: weight of a soft Dice term next to the per-pixel cross-entropy
     mixup_alpha: float = 0.0            # 0 disables MixUp
     cutmix_alpha: float = 0.0           # 0 disables CutMix
     mix_prob: float = 1.0               # share of batches that get MixUp/CutMix
@@ -61,10 +65,27 @@ class Recipe:
             (self.channels_last in ("auto", "on", "off"), "channels_last must be auto, on or off"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (isinstance(self.model_args, dict), "model_args must be a mapping"),
+            (isinstance(self.data_args, dict), "data_args must be a mapping"),
+            (self.task in ("classification", "segmentation"), "task must be classification or segmentation"),
+            ((self.task == "segmentation") == (self.dataset in SEGMENTATION_DATASETS),
+             f"task segmentation goes with dataset {' or '.join(SEGMENTATION_DATASETS)}, and only it"),
+            (self.dice_weight >= 0, "dice_weight must be >= 0"),
         ]
+        if self.task == "segmentation":
+            checks += [(self.mixup_alpha == 0 and self.cutmix_alpha == 0, "MixUp/CutMix are for classification")]
+        else:
+            checks += [(not self.data_args, "data_args are moving_fmnist's knobs"),
+                       (self.dice_weight == 0, "dice_weight is for segmentation")]
         for ok, msg in checks:
             if not ok:
                 raise RecipeError(msg)
+        if self.task == "segmentation":
+            from training.clips import ClipError, make_config
+
+            try:
+                make_config(self.data_args)
+            except ClipError as e:
+                raise RecipeError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

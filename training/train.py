@@ -17,8 +17,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.data import load_dataset, make_loaders
-from training.models import get_model
+from training.data import DatasetInfo, load_dataset, make_loaders
+from training.models import get_model, model_task
 from training.presets import (
     eval_batch,
     imagefolder_train_transform,
@@ -27,7 +27,9 @@ from training.presets import (
     resize_crop,
     train_batch,
 )
-from training.recipe import Recipe
+from training.recipe import Recipe, RecipeError
+from training.seg_eval import SegmentationLoss
+from training.seg_eval import evaluate as seg_evaluate
 
 
 def pick_device() -> torch.device:
@@ -102,14 +104,10 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     autocast = recipe.amp == "bf16" or (recipe.amp == "auto" and on_cuda)
     channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and on_cuda)
 
-    splits = load_dataset(recipe.dataset, recipe.data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
-                          image_size=recipe.img_size, limit=recipe.limit)
-    info = splits.info
-    size = recipe.img_size or info.size
-    preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size)
-    transform = None if info.in_memory else imagefolder_train_transform(preprocess)
-    train_loader, val_loader, test_loader = make_loaders(splits, recipe.batch_size, device, recipe.seed,
-                                                         num_workers=recipe.num_workers, train_transform=transform)
+    if model_task(recipe.arch) != recipe.task:
+        raise RecipeError(f"{recipe.arch} is a {model_task(recipe.arch)} model; the recipe's task is {recipe.task}")
+    info, preprocess, (train_loader, val_loader, test_loader) = make_data(recipe, device)
+    size = preprocess["size"]
     model_args = {"num_classes": len(info.classes), "in_channels": info.channels, "img_size": size,
                   **recipe.model_args}
     model = get_model(recipe.arch, **model_args).to(device)
@@ -127,7 +125,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True) \
         if recipe.ema_decay > 0 else None
     mixer = make_mixer(recipe, len(info.classes))
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    criterion = SegmentationLoss(recipe.dice_weight, recipe.label_smoothing) if recipe.task == "segmentation" \
+        else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
     start_epoch, history, train_time = 0, [], 0.0
     if resume:
@@ -193,29 +192,37 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
         eval_model = ema.module if ema is not None else model
-        val_loss, val_acc, _ = evaluate(eval_model, val_loader, preprocess, device, autocast, channels_last)
+        val_loss, val_scores = validate(recipe.task, eval_model, val_loader, preprocess, info.classes, device,
+                                        autocast, channels_last)
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen), "val_loss": val_loss,
-               "val_acc": val_acc, "lr": sched.get_last_lr()[0], "train_time_s": train_time}
+               **val_scores, "lr": sched.get_last_lr()[0], "train_time_s": train_time}
         history.append(row)
         if progress:
+            scores = "".join(f"  {k} {v:.4f}" for k, v in val_scores.items())
             print(f"epoch {epoch + 1}/{recipe.epochs}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}"
-                  f"  val_acc {val_acc:.4f}  time {train_time:.1f}s", flush=True)
+                  f"{scores}  time {train_time:.1f}s", flush=True)
         if writer is not None:
-            for key in ("train_loss", "val_loss", "val_acc", "lr"):
+            for key in ("train_loss", "val_loss", *val_scores, "lr"):
                 writer.add_scalar(key, row[key], epoch + 1)
         final = epoch + 1 == recipe.epochs
-        metrics = {"history": history, "val_acc": val_acc, "train_time_s": train_time,
+        metrics = {"history": history, **val_scores, "train_time_s": train_time,
                    "hardware": hardware_name(device), "epochs": epoch + 1}
         if final:
-            test_loss, test_acc, _ = evaluate(eval_model, test_loader, preprocess, device, autocast, channels_last)
-            metrics.update(test_acc=test_acc, test_loss=test_loss)
+            metrics.update(test_metrics(recipe.task, eval_model, test_loader, preprocess, info.classes, device,
+                                        autocast, channels_last))
+            tests = {k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
             if progress:
-                print(f"test_acc {test_acc:.4f}  test_loss {test_loss:.4f}  train time {train_time:.1f}s", flush=True)
+                print("  ".join(f"{k} {v:.4f}" for k, v in tests.items()) + f"  train time {train_time:.1f}s",
+                      flush=True)
             if writer is not None:
-                writer.add_scalar("test_acc", test_acc, epoch + 1)
-                _log_sample_predictions(writer, eval_model, test_loader, preprocess, info.classes, device, epoch + 1)
+                for key, value in tests.items():
+                    writer.add_scalar(key, value, epoch + 1)
+                if recipe.task == "classification":
+                    _log_sample_predictions(writer, eval_model, test_loader, preprocess, info.classes, device,
+                                            epoch + 1)
         ckpt = {
-            "arch": recipe.arch, "model_args": model_args, "classes": list(info.classes), "preprocess": preprocess,
+            "arch": recipe.arch, "task": recipe.task,
+            "model_args": model_args, "classes": list(info.classes), "preprocess": preprocess,
             "state_dict": _cpu_state(model), "ema_state_dict": _cpu_state(ema.module) if ema is not None else None,
             "metrics": metrics, "recipe": recipe.to_dict(), "dataset": info.name, "epoch": epoch + 1,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -228,6 +235,50 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     if not ckpt:  # resumed a finished run: nothing to do
         ckpt = load_checkpoint(resume)
     return ckpt
+
+
+def make_data(recipe: Recipe, device: torch.device) -> tuple[DatasetInfo, dict[str, Any], tuple]:
+    """(dataset info, preprocess, (train, val, test) loaders) for the recipe's dataset."""
+    if recipe.task == "segmentation":
+        from training import seg_data
+        from training.clips import make_config
+
+        info = seg_data.dataset_info(recipe.img_size)
+        preprocess = make_preprocess(info.size, info.channels, info.mean, info.std, crop=False)
+        cfg = seg_data.limited(make_config(recipe.data_args), recipe.limit)
+        return info, preprocess, seg_data.make_loaders(cfg, info.size, recipe.batch_size, recipe.seed,
+                                                       recipe.data_root, device)
+    splits = load_dataset(recipe.dataset, recipe.data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
+                          image_size=recipe.img_size, limit=recipe.limit)
+    info = splits.info
+    size = recipe.img_size or info.size
+    preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size)
+    transform = None if info.in_memory else imagefolder_train_transform(preprocess)
+    return info, preprocess, make_loaders(splits, recipe.batch_size, device, recipe.seed,
+                                          num_workers=recipe.num_workers, train_transform=transform)
+
+
+def validate(task: str, model: nn.Module, loader, preprocess: dict[str, Any], classes: list[str],
+             device: torch.device, autocast: bool, channels_last: bool) -> tuple[float, dict[str, float]]:
+    """(val loss, scores): {"val_acc"} for classification, {"val_miou", "val_pixel_acc"} for segmentation."""
+    if task == "segmentation":
+        r = seg_evaluate(model, loader, preprocess, classes, device, autocast, channels_last)
+        return r["loss"], {"val_miou": r["miou"], "val_pixel_acc": r["pixel_acc"]}
+    loss, acc, _ = evaluate(model, loader, preprocess, device, autocast, channels_last)
+    return loss, {"val_acc": acc}
+
+
+def test_metrics(task: str, model: nn.Module, loader, preprocess: dict[str, Any], classes: list[str],
+                 device: torch.device, autocast: bool, channels_last: bool) -> dict[str, Any]:
+    """Held-out scores for the checkpoint: test_acc/test_loss, or for segmentation test_miou, test_ap50 (AP@0.5
+    of the masks' connected components), test_pixel_acc, test_loss and per-class IoU / AP."""
+    if task == "segmentation":
+        r = seg_evaluate(model, loader, preprocess, classes, device, autocast, channels_last, detections=True)
+        return {"test_miou": r["miou"], "test_ap50": r["ap50"], "test_pixel_acc": r["pixel_acc"],
+                "test_loss": r["loss"], "test_per_class_iou": r["per_class_iou"],
+                "test_ap50_per_class": r["ap50_per_class"]}
+    loss, acc, _ = evaluate(model, loader, preprocess, device, autocast, channels_last)
+    return {"test_acc": acc, "test_loss": loss}
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

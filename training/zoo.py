@@ -50,7 +50,7 @@ def zoo_table(img_size: int | None = None, threads: int = 2, in_channels: int | 
     torch.set_num_threads(threads)
     rows = []
     try:
-        for name in models or list_models():
+        for name in models or list_models("classification"):
             model = get_model(name, num_classes=num_classes, in_channels=channels, img_size=size).eval()
             x = torch.randn(1, channels, size, size)
             rows.append({"name": name, "img_size": size, "in_channels": channels,
@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for the latency runs")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per model (median is reported)")
     parser.add_argument("--models", nargs="+", choices=list_models(), metavar="NAME",
-                        help="only these models (default: all registered)")
+                        help="only these models (default: every classifier; segmentation models by name, "
+                             "e.g. --models vit_seg_tiny --img-size 224 --in-channels 3)")
     args = parser.parse_args(argv)
     rows = zoo_table(img_size=args.img_size, threads=args.threads, in_channels=args.in_channels,
                      num_classes=args.num_classes, models=args.models, reps=args.reps)

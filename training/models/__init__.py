@@ -1,6 +1,6 @@
 """Model zoo. Importing this package registers every family."""
 
-from training.models import cnn, resnet, vit  # noqa: F401  (registers the models)
-from training.models._registry import get_model, list_models, register_model
+from training.models import cnn, resnet, segmentation, vit  # noqa: F401  (registers the models)
+from training.models._registry import TASKS, get_model, list_models, model_task, register_model
 
-__all__ = ["get_model", "list_models", "register_model"]
+__all__ = ["TASKS", "get_model", "list_models", "model_task", "register_model"]

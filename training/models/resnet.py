@@ -114,11 +114,11 @@ class ResNet(nn.Module):
         if img_size <= 64:
             self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
-            size = img_size
+            size, stem_stride = img_size, 1
         else:
             self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-            size = _out_size(_out_size(img_size, 2), 2)
+            size, stem_stride = _out_size(_out_size(img_size, 2), 2), 4
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         inplanes = width
@@ -131,6 +131,7 @@ class ResNet(nn.Module):
             setattr(self, name, nn.Sequential(*blocks))
             inplanes, size = planes * block.expansion, _out_size(size, stride)
         self.num_features, self.feature_size = inplanes, size  # forward_features: (N, num_features, size, size)
+        self.feature_stride = stem_stride * 2 ** (len(layers) - 1)  # input pixels per feature-map cell
         self.non_local = NonLocalBlock(inplanes) if self_attn else None
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)

@@ -76,7 +76,8 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
     """`embed` maps images to a (N, D, h, w) grid of token features: by default a Conv2d whose kernel and
-    stride equal the patch size (one linear projection per non-overlapping patch); the hybrid passes a CNN."""
+    stride equal the patch size (one linear projection per non-overlapping patch); the hybrid passes a CNN.
+    `num_classes=0` leaves out the head (an Identity), for use as an encoder via `forward_tokens`."""
 
     def __init__(self, cfg: ViTConfig, embed: nn.Module | None = None, grid: int | None = None):
         super().__init__()
@@ -88,13 +89,13 @@ class ViT(nn.Module):
             grid = cfg.img_size // cfg.patch_size
         if grid is None:
             raise ValueError("a custom embed must come with its output grid size")
-        self.embed = embed
+        self.embed, self.grid = embed, grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, cfg.dim))  # learned, 1-D (paper D.4)
         self.emb_drop = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in [*self.blocks.modules(), self.head]:  # small-normal Linear init, as timm and the JAX code
@@ -102,12 +103,27 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, num_classes)
-        x = self.embed(x).flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, L = h*w, D)
+    def position_embedding(self, h: int, w: int) -> torch.Tensor:
+        """(1, h*w + 1, D): the learned embedding, bicubically resized when the token grid is not the training
+        grid (a frame of another size, as in the paper's fine-tuning at higher resolution, section 3.2)."""
+        if (h, w) == (self.grid, self.grid):
+            return self.pos_embed
+        cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(N, C, H, W) -> normed tokens (N, 1 + h*w, D), class token first, and the token grid (h, w)."""
+        x = self.embed(x)  # (N, D, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (N, L = h*w, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (N, 1, D)
-        x = self.emb_drop(torch.cat([cls, x], dim=1) + self.pos_embed)  # (N, L + 1, D)
-        x = self.norm(self.blocks(x))  # (N, L + 1, D)
-        return self.head(x[:, 0])  # class token -> (N, num_classes)
+        x = self.emb_drop(torch.cat([cls, x], dim=1) + self.position_embedding(h, w))  # (N, L + 1, D)
+        return self.norm(self.blocks(x)), (h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, num_classes)
+        return self.head(self.forward_tokens(x)[0][:, 0])  # class token -> (N, num_classes)
 
 
 def _vit(preset: dict, kwargs: dict) -> ViT:
