@@ -27,8 +27,9 @@ from serving.config import ROOT, ArchiveConfig, ConfigError, venv_tool, version_
 DEFAULT_STORE = ROOT / "model_store"
 INDEX_NAME = "index.json"
 # The inference-side modules of `training/` (not data loading, training loop or recipes).
-# data.py lets an int8 worker calibrate on the checkpoint's own training data (numpy/torch/PIL only).
-TRAINING_FILES = ("__init__.py", "checkpoint.py", "presets.py", "evaluate.py", "data.py")
+# data.py lets an int8 worker calibrate on the checkpoint's own training data (numpy/torch/PIL only); masks.py
+# turns segmentation masks into detections (torch/numpy/scipy).
+TRAINING_FILES = ("__init__.py", "checkpoint.py", "presets.py", "evaluate.py", "data.py", "masks.py")
 
 
 class ArchiveError(RuntimeError):
