@@ -179,7 +179,7 @@ class SegmentPipeline(Pipeline):
     # -- answers --------------------------------------------------------------------------------------------
     def _header(self, job: SegmentJob) -> dict[str, Any]:
         return {"model": self.model_name, "version": self.model_version, "kind": "clip", "video": job.clip.info,
-                "sampling": job.sampling.describe()}
+                "sampling": job.sampling.describe(), "classes": self.classes}
 
     def partial(self, job: Job) -> list[dict[str, Any]] | None:
         """A streamed clip's NDJSON lines so far: the header once, then one line per answered frame."""

@@ -15,6 +15,7 @@ from serving.config import ConfigError, version_key
 from serving.server import DEFAULT_RUNTIME, DEFAULT_STORE, ServingError
 
 DEFAULT_MODEL = "fmnist-lenet5"
+DEFAULT_VIDEO_MODEL = "fmnist-video-seg-vit-tiny"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--version", help="a specific version (default: the model's default version)")
     p.add_argument("--topk", type=int, help="number of classes to return (default: the model's topk)")
+    p = add("predict-video", "send a clip to a segmentation model; write it back with masks and boxes drawn in")
+    p.add_argument("clip", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the annotated MP4 to write")
+    p.add_argument("--model", default=DEFAULT_VIDEO_MODEL)
+    p.add_argument("--version", help="a specific version (default: the model's default version)")
+    sampling = p.add_mutually_exclusive_group()
+    sampling.add_argument("--every", type=int, help="answer every k-th frame (default: every frame)")
+    sampling.add_argument("--fps", type=float, help="answer at most this many frames per second of video")
+    p.add_argument("--max-frames", type=int, help="stop after this many answered frames")
+    p.add_argument("--masks", choices=("rle", "png"), default="rle", help="mask encoding on the wire")
     add("models", "list registered models and versions (* marks the default)")
     p = add("describe", "TorchServe's description of a model (all versions, or one)")
     p.add_argument("name")
@@ -202,6 +213,14 @@ def run(a: argparse.Namespace) -> int:
     client = Client(a.runtime_dir, a.store)
     if a.cmd == "predict":
         return cmd_predict(a, client)
+    if a.cmd == "predict-video":
+        from serving.video import predict_video
+
+        if not a.clip.is_file():
+            raise ServingError(f"clip not found: {a.clip}")
+        _print(predict_video(client, a.model, a.clip, a.out, a.version, every=a.every, fps=a.fps,
+                             max_frames=a.max_frames, masks=a.masks))
+        return 0
     if a.cmd == "models":
         return cmd_models(client)
     if a.cmd == "howto":

@@ -155,9 +155,12 @@ class Client:
     def unregister(self, name: str, version: str) -> str:
         return self._mgmt("DELETE", f"/models/{name}/{version}").get("status", "unregistered")
 
-    def predict(self, name: str, image: bytes, version: str | None = None) -> requests.Response:
+    def predict(self, name: str, image: bytes | None, version: str | None = None, **kw: Any) -> requests.Response:
+        """POST `image` as the body, or (image None) what `kw` says: files=/data= for a multipart form,
+        stream=True to read the answer as it arrives."""
         path = f"/predictions/{name}" + (f"/{version}" if version else "")
-        return self._request("POST", f"{self.ep.inference_url}{path}", "inference", data=image)
+        body = {"data": image} if image is not None else {}
+        return self._request("POST", f"{self.ep.inference_url}{path}", "inference", **body, **kw)
 
     def metrics(self) -> str:
         r = requests.get(f"{self.ep.metrics_url}/metrics", timeout=10)

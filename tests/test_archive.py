@@ -145,7 +145,8 @@ def test_mar_is_self_contained(built):
     assert not any("recipes/" in n or "__pycache__" in n for n in names)
     assert manifest["model"] == {**manifest["model"], "modelName": "tiny", "modelVersion": "1.0",
                                  "handler": "classifier.py", "serializedFile": "tiny.pt"}
-    assert model_config["batchSize"] == 8 and model_config["handler"] == {"max_answer_bytes": 16777216, "topk": 3, "runtime": "eager"}
+    assert model_config["batchSize"] == 8
+    assert model_config["handler"] == {"max_answer_bytes": 16777216, "topk": 3, "runtime": "eager"}
 
 
 def test_rearchive_replaces_the_index_entry(built):

@@ -131,9 +131,10 @@ def tiny_checkpoint(path: str | Path, seed: int = 0, favour: int | None = None, 
 
 
 def tiny_archive(store: str | Path, configs_dir: str | Path, name: str, version: str, checkpoint: str | Path,
-                 **torchserve: Any) -> dict[str, Any]:
+                 handler_file: str = "handlers/classifier.py", **torchserve: Any) -> dict[str, Any]:
     """Write <configs_dir>/<name>/<version>.yaml for `checkpoint` and build its .mar into `store` (the
-    repository's handler). `torchserve` overrides the model-config (defaults: batch 4 / 10 ms, one worker)."""
+    repository's handler entry file `handler_file`). `torchserve` overrides the model-config (defaults: batch 4
+    / 10 ms, one worker)."""
     import yaml
 
     from serving.archive import build_archive
@@ -144,7 +145,8 @@ def tiny_archive(store: str | Path, configs_dir: str | Path, name: str, version:
     path = Path(configs_dir) / name / f"{version}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"name": name, "version": version, "checkpoint": str(Path(checkpoint).resolve()),
-                                    "runtime": "eager", "description": "tiny test model", "torchserve": block}))
+                                    "handler": handler_file, "runtime": "eager", "description": "tiny test model",
+                                    "torchserve": block}))
     return build_archive(load_config(path), store)
 
 

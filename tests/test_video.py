@@ -1,0 +1,196 @@
+"""The video pipeline without TorchServe, on real H.264 MP4 files from the clip generator: telling frames from
+clips, decoding and sampling, batching with other requests, streaming, masks and every kind of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handlers.errors import BadInput
+from handlers.segment import SegmentPipeline, decode_mask, encode_mask
+from handlers.video import Sampling, VideoClip, VideoLimits, sniff
+from tests.images import b64, encode, photo
+from tests.videos import AVI_HEAD, corrupt_frames, tiny_seg_checkpoint, write_test_clip, zero_frame_mp4
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """24 frames at the model's 64 px, 12 frames at 96x64 (answers are upsampled to the frame size) and 24
+    frames at 2 fps (12 s)."""
+    tmp = tmp_path_factory.mktemp("clips")
+    return {"square": write_test_clip(tmp / "square.mp4", seed=1, frames=24), "dir": tmp,
+            "wide": write_test_clip(tmp / "wide.mp4", seed=2, frames=12, size=(64, 96)),
+            "slow": write_test_clip(tmp / "slow.mp4", seed=1, frames=24, fps=2.0)}
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return tiny_seg_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return SegmentPipeline(ckpt, max_batch=5)
+
+
+def ok(answer):
+    status, body = answer
+    assert status == 200, body
+    return body
+
+
+def err(answer, status, type_):
+    assert answer[0] == status and answer[1]["type"] == type_, answer
+    return answer[1]["message"]
+
+
+def png_frame(frame: torch.Tensor) -> bytes:
+    return encode(Image.fromarray(frame.permute(1, 2, 0).numpy()), "PNG")
+
+
+def test_the_bytes_decide_frame_or_clip(clips):
+    assert sniff(encode(photo(), "PNG")) == sniff(encode(photo(), "JPEG")) == sniff(encode(photo(), "WEBP")) == "image"
+    assert sniff(clips["square"]) == "mp4"
+    assert sniff(b"\x1a\x45\xdf\xa3" + bytes(30)) == "matroska"
+    for body, status, kind in ((b"", 400, "EmptyBody"), (AVI_HEAD, 415, "UnsupportedVideo"),
+                               (b"%PDF-1.7 ...", 415, "UnsupportedMedia"), (b"hello", 415, "UnsupportedMedia")):
+        with pytest.raises(BadInput) as e:
+            sniff(body)
+        assert (e.value.status, e.value.type) == (status, kind)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"every": "0"}, "every must be >= 1"), ({"every": "2.5"}, "every must be an integer"),
+    ({"fps": "-3"}, "fps must be from"), ({"fps": "abc"}, "fps must be a number"), ({"fps": "nan"}, "fps must be"),
+    ({"every": 2, "fps": 5}, "either every"), ({"max_frames": "0"}, "max_frames must be from 1"),
+    ({"max_frames": 10_000}, "max_frames must be from 1 to 3000")])
+def test_wrong_sampling_parameters_are_400(fields, message):
+    with pytest.raises(BadInput, match=message) as e:
+        Sampling.from_fields(fields, VideoLimits().max_frames)
+    assert (e.value.status, e.value.type) == (400, "InvalidSampling")
+
+
+def test_decoding_samples_frames_with_index_and_time(clips):
+    from training.clips import make_clip, read_clip
+
+    decoded, _, _ = read_clip(clips["dir"] / "square.mp4")  # the generator's own reader of the file
+    truth = make_clip(1, "test", 24, 64).frames
+    every = list(VideoClip(clips["square"], "mp4").frames(Sampling(every=5)))
+    assert [f.info["frame"] for f in every] == [0, 5, 10, 15, 20]
+    assert [f.info["time"] for f in every] == pytest.approx([i / 30 for i in (0, 5, 10, 15, 20)], abs=1e-4)
+    for f in every:
+        assert f.pixels.dtype == torch.uint8 and torch.equal(f.pixels, decoded[f.info["frame"]])
+        assert (f.pixels.float() - truth[f.info["frame"]].float()).abs().median() <= 8  # H.264 of what was drawn
+    clip = VideoClip(clips["square"], "mp4")
+    by_fps = list(clip.frames(Sampling(fps=7.5, max_frames=4)))  # 30 fps source: one frame in four, four of them
+    assert [f.info["frame"] for f in by_fps] == [0, 4, 8, 12] and clip.truncated
+    assert clip.info == {"container": "mp4", "codec": "h264", "width": 64, "height": 64, "fps": 30.0,
+                         "duration": 0.8, "frames": 24}
+
+
+def test_clip_frames_run_in_batches_next_to_other_requests(pipe, clips, ckpt):
+    """12 sampled frames + one frame request with max_batch 5: forwards of 5, 5, 3; every answer equals the
+    one it gets alone."""
+    seen = []
+    hook = pipe.model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    from training.clips import make_clip
+
+    frame = png_frame(make_clip(3, "test", 1, 64).frames[0])
+    try:
+        answers = pipe.handle_requests([{"data": clips["square"], "every": "2"}, {"body": frame}])
+    finally:
+        hook.remove()
+    assert seen == [5, 5, 3]
+    clip, single = ok(answers[0]), ok(answers[1])
+    assert [f["frame"] for f in clip["frames"]] == list(range(0, 24, 2)) and clip["truncated"] is False
+    assert clip["sampling"] == {"every": 2, "fps": None, "max_frames": None} and clip["kind"] == "clip"
+    alone = ok(SegmentPipeline(ckpt, max_batch=1).handle_requests([{"body": frame}])[0])
+    assert single["kind"] == "frame" and (single["width"], single["height"]) == (64, 64)
+    assert (decode_mask(single["mask"]) == decode_mask(alone["mask"])).mean() > 0.999
+    assert pipe.timings["decode"] > 0 and pipe.timings["inference"] > 0
+
+
+def test_a_streamed_clip_leaves_in_parts_with_the_same_frames(pipe, clips):
+    whole = ok(pipe.handle_requests([{"data": clips["square"], "every": "3"}])[0])
+    parts = []
+    last = ok(pipe.handle_requests([{"data": clips["square"], "every": "3", "stream": "true"}],
+                                   emit=lambda r, lines: parts.append((r, lines)))[0])
+    assert [r for r, _ in parts] == [0, 0] and [len(lines) for _, lines in parts] == [6, 3]  # header + 5, then 3
+    header, *frames = parts[0][1] + parts[1][1]
+    assert header == {k: whole[k] for k in ("model", "version", "kind", "video", "sampling", "classes")}
+    assert frames == whole["frames"] and last == [{"end": True, "frames": 8, "truncated": False}]
+
+
+def test_masks_and_boxes_come_at_the_frames_own_size(pipe, clips):
+    body = ok(pipe.handle_requests([{"body": {"video": b64(clips["wide"]), "masks": "png", "max_frames": 2}}])[0])
+    assert body["video"]["width"] == 96 and body["truncated"] is True and len(body["frames"]) == 2
+    for frame in body["frames"]:
+        labels = decode_mask(frame["mask"])
+        assert labels.shape == (64, 96)
+        for det in frame["detections"]:
+            x0, y0, x1, y1 = det["box"]
+            assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 64 and (labels[y0:y1, x0:x1] == det["index"]).any()
+    plain = ok(pipe.handle_requests([{"body": clips["wide"], "masks": "none"}])[0])
+    assert "mask" not in plain["frames"][0] and plain["frames"][0]["detections"] is not None
+
+
+def test_rle_and_png_masks_decode_to_the_same_labels():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((37, 53), dtype=np.uint8)
+    labels[5:20, 3:30], labels[18:33, 25:50], labels[0, 52] = 4, 9, 1
+    labels[rng.random(labels.shape) < 0.02] = 2
+    classes = [f"c{i}" for i in range(11)]
+    rle, png = encode_mask(labels, "rle", classes), encode_mask(labels, "png", classes)
+    assert [r["index"] for r in rle["rle"]] == [1, 2, 4, 9] and rle["size"] == [37, 53]
+    assert (decode_mask(rle) == labels).all() and (decode_mask(png) == labels).all()
+    assert encode_mask(np.zeros((4, 4), np.uint8), "rle", classes)["rle"] == []
+
+
+def test_every_bad_input_gets_its_own_4xx_and_the_rest_of_the_batch_is_answered(ckpt, clips):
+    pipe = SegmentPipeline(ckpt, max_batch=4, max_frames=20, max_video_seconds=5, max_frame_pixels=64 * 80)
+    good, frame = clips["square"], png_frame(torch.full((3, 40, 30), 90, dtype=torch.uint8))
+    cases = [
+        ({"data": good, "every": "2"}, 200, None),
+        ({"body": b""}, 400, "EmptyBody"),
+        ({"body": good[: len(good) * 2 // 3]}, 400, "TruncatedVideo"),
+        ({"data": corrupt_frames(good), "every": "2"}, 400, "InvalidVideo"),
+        ({"body": b"%PDF-1.4 not a video"}, 415, "UnsupportedMedia"),
+        ({"body": AVI_HEAD}, 415, "UnsupportedVideo"),
+        ({"body": zero_frame_mp4()}, 400, "EmptyVideo"),
+        ({"body": clips["wide"]}, 413, "FrameTooLarge"),
+        ({"body": clips["slow"]}, 413, "VideoTooLong"),
+        ({"body": good}, 413, "TooManyFrames"),  # 24 frames > max_frames 20, and the client set no cap
+        ({"data": good, "every": "0"}, 400, "InvalidSampling"),
+        ({"data": good, "fps": "fast"}, 400, "InvalidSampling"),
+        ({"data": good, "masks": "jpeg"}, 400, "InvalidOption"),
+        ({"data": good, "stream": "maybe"}, 400, "InvalidOption"),
+        ({"data": good, "evry": "2"}, 400, "UnknownOption"),
+        ({"body": {"video": "%%%"}}, 400, "InvalidBase64"),
+        ({"body": b"\x89PNG\r\n\x1a\n" + bytes(40)}, 400, "InvalidImage"),
+        ({"body": frame}, 200, None),
+    ]
+    answers = pipe.handle_requests([c for c, _, _ in cases])
+    for (item, status, kind), answer in zip(cases, answers):
+        if status == 200:
+            ok(answer)
+        else:
+            assert err(answer, status, kind), item.keys()
+    assert [f["frame"] for f in ok(answers[0])["frames"]] == list(range(0, 24, 2))
+    assert "at frame" in answers[3][1]["message"]  # where in the stream the damage was found
+    alone = ok(pipe.handle_requests([cases[0][0], cases[-1][0]])[0])
+    assert [f["detections"] for f in alone["frames"]] == [f["detections"] for f in ok(answers[0])["frames"]]
+
+
+def test_the_pipeline_refuses_a_classification_checkpoint():
+    from tests.images import tiny_checkpoint
+
+    with pytest.raises(ValueError, match="segmentation"):
+        SegmentPipeline(tiny_checkpoint(3, 32, 36))
+
+
+def test_a_frame_decodes_at_full_size_for_its_mask(pipe):
+    big = encode(photo(200, 120, noise=5), "JPEG", quality=90)
+    body = ok(pipe.handle_requests([{"body": big}])[0])
+    assert (body["width"], body["height"]) == (200, 120) and decode_mask(body["mask"]).shape == (120, 200)
