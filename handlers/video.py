@@ -225,8 +225,10 @@ class VideoClip:
     def frames(self, sampling: Sampling, channels: int = 3) -> Iterator[Decoded]:
         """Decode, sample and convert frames one by one; closes the container when done (or abandoned)."""
         import av
+        from av.video.reformatter import VideoReformatter
 
         fmt = "rgb24" if channels == 3 else "gray"
+        convert = VideoReformatter()  # one converter for the clip: a fresh one per frame costs as much as decoding
         cap = sampling.max_frames or self.limits.max_frames
         fps = self.info["fps"] or 30.0
         index = taken = 0
@@ -256,7 +258,7 @@ class VideoClip:
                     self.truncated = True
                     return
                 self._check_size(frame.width, frame.height)
-                pixels = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format=fmt)))
+                pixels = torch.from_numpy(np.ascontiguousarray(convert.reformat(frame, format=fmt).to_ndarray()))
                 pixels = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels.unsqueeze(0)
                 taken += 1
                 yield Decoded(pixels, {"frame": index - 1, "time": round(time, 6)})
