@@ -137,7 +137,7 @@ class Pipeline:
         torch's thread count, which the TorchServe adapter sets from cpu_threads (cores / workers by default)."""
         module, self.runtime_info = prepare_runtime(
             self.runtime, model, self.preprocess, self.device, threads=torch.get_num_threads(),
-            cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe)
+            cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe, max_batch=self.max_batch)
         log.info("runtime %s ready: %s", self.runtime, self.runtime_info)
         return module
 

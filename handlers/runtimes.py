@@ -8,7 +8,10 @@
 | onnx    | ONNX Runtime (CPUExecutionProvider) on a dynamo-exported fp32 graph with a dynamic batch axis |
 | bf16    | bf16 autocast + channels_last (CPU with AVX512-BF16/AMX, or CUDA) |
 | int8    | ONNX Runtime static int8 (QDQ, per-channel int8 weights, uint8 activations, MinMax calibration; the |
-|         | logits layer stays fp32) |
+|         | layer that computes the logits stays fp32) |
+| tensorrt| CUDA only, when importable: torch-tensorrt, else ONNX Runtime's TensorRT provider (handlers/gpu.py) |
+
+On CUDA, `compile` adds CUDA graphs over power-of-two batch buckets (handlers/gpu.py).
 
 ONNX files are exported once per checkpoint into `<cache>/<checkpoint sha256>/` (a file lock lets concurrent workers
 share one export; a restart reuses it). int8 calibrates on images of the checkpoint's training set when it can load
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8")
+RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8", "tensorrt")
 CPU_ONLY = ("onnx", "int8")           # onnxruntime is installed with the CPU provider only
 CALIBRATION_IMAGES = 64               # 4 batches of 16
 INT8_SCHEME = "qdq-fp32head"          # the quantize_onnx recipe, part of the cached file's name
@@ -109,13 +112,14 @@ class OrtModule(nn.Module):
 
 def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], device: torch.device | str = "cpu",
                     *, threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                    key: str | None = None, recipe: Mapping[str, Any] | None = None
+                    key: str | None = None, recipe: Mapping[str, Any] | None = None, max_batch: int = 64
                     ) -> tuple[nn.Module, dict[str, Any]]:
-    """(module mapping a normalized float32 batch to float32 logits, info for logs/describe).
+    """(module mapping a normalized float32 batch to float32 outputs, info for logs/describe).
 
     `threads`: CPU threads for ONNX Runtime (default torch.get_num_threads(), which the handler sets from
     cpu_threads). `key`: the checkpoint's sha256, naming its cache folder (required by onnx/int8). `recipe`: the
-    checkpoint's recipe, whose dataset feeds int8 calibration.
+    checkpoint's recipe, whose dataset feeds int8 calibration. `max_batch`: the largest batch the pipeline runs
+    (CUDA graphs and TensorRT profiles are built up to it).
     """
     device = torch.device(device)
     if name not in RUNTIMES:
@@ -136,7 +140,23 @@ def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], 
         out = WrappedModel(model, True, torch.bfloat16, device.type)
     elif name == "compile":
         wrapped = WrappedModel(model, cuda, torch.bfloat16 if cuda else None, device.type)
-        out = _compile(wrapped, preprocess, device, cache)
+        if cuda:
+            from handlers.gpu import compile_cuda
+
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+            out = compile_cuda(wrapped, preprocess, device, max_batch)
+            info["cuda_graphs"] = list(out.sizes)
+        else:
+            out = _compile(wrapped, preprocess, device, cache)
+    elif name == "tensorrt":
+        from handlers.gpu import tensorrt, tensorrt_backend
+
+        onnx_file = None
+        if device.type == "cuda" and tensorrt_backend() == "onnxruntime" and key:
+            onnx_file, _ = _cached(cache / key / f"fp32-{preprocess['channels']}x{preprocess['size']}.onnx",
+                                   lambda p: export_onnx(model, preprocess, p))
+        out, trt_info = tensorrt(model, preprocess, device, max_batch, onnx_file, cache)
+        info.update(trt_info)
     else:
         if not key:
             raise ValueError(f"runtime {name!r} needs the checkpoint's sha256 to name its cache")
@@ -207,9 +227,9 @@ def export_onnx(model: nn.Module, preprocess: Mapping[str, Any], path: str | os.
 def quantize_onnx(fp32: str | os.PathLike, path: str | os.PathLike, preprocess: Mapping[str, Any],
                   recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """ORT static quantization: QDQ, per-channel int8 weights, uint8 activations, MinMax ranges over the
-    `calibration_batches`. The node that computes the logits stays fp32: quantized logits take 256 levels, which ties
-    close top-2 classes and coarsens the served probabilities (and costs nothing measurable). Returns where the
-    calibration images came from."""
+    `calibration_batches`. The layer that computes the logits stays fp32 (`logits_nodes`): quantized logits take
+    256 levels, which ties close top-2 classes and coarsens the served probabilities (and costs nothing
+    measurable). Returns where the calibration images came from."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -224,15 +244,36 @@ def quantize_onnx(fp32: str | os.PathLike, path: str | os.PathLike, preprocess: 
     batches, source = calibration_batches(preprocess, recipe)
     pre = Path(path).with_name(Path(path).name + ".pre.onnx")
     try:
-        quant_pre_process(str(fp32), str(pre))  # shape inference + graph fusions the quantizer expects
-        graph = onnx.load(str(pre)).graph
-        outputs = {o.name for o in graph.output}
-        head = [n.name for n in graph.node if outputs & set(n.output)]
+        try:  # shape inference + graph fusions the quantizer expects
+            quant_pre_process(str(fp32), str(pre))
+        except Exception as e:  # symbolic shapes give up on some graphs (a segmentation head's computed sizes)
+            log.info("int8: symbolic shape inference failed (%s); ONNX shape inference only", e)
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        head = logits_nodes(onnx.load(str(pre)).graph)
         quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head)
     finally:
         pre.unlink(missing_ok=True)
     return {"calibration": source, "calibration_images": sum(len(b) for b in batches)}
+
+
+_RESHAPING = {"Resize", "Reshape", "Transpose", "Identity", "Cast", "Flatten", "Squeeze", "Unsqueeze"}
+
+
+def logits_nodes(graph: Any) -> list[str]:
+    """The nodes that compute the outputs: each output's producer, followed back through resampling and reshaping
+    nodes to the layer that computes the values (a classifier's Gemm; a segmentation head's 1x1 Conv before its
+    final upsampling)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    names = []
+    for output in graph.output:
+        node = producer.get(output.name)
+        while node is not None:
+            names.append(node.name)
+            if node.op_type not in _RESHAPING or not node.input:
+                break
+            node = producer.get(node.input[0])
+    return names
 
 
 def calibration_batches(preprocess: Mapping[str, Any], recipe: Mapping[str, Any] | None = None,
@@ -246,6 +287,9 @@ def calibration_batches(preprocess: Mapping[str, Any], recipe: Mapping[str, Any]
     from training.presets import eval_batch
 
     images, source = None, "synthetic"
+    if recipe and recipe.get("dataset") == "moving_fmnist":  # segmentation: frames of the clip generator
+        images, source = _clip_frames(recipe, int(preprocess["size"]), n)
+        recipe = None
     if recipe and recipe.get("dataset"):
         try:
             from training.data import DatasetError, load_dataset
@@ -269,6 +313,21 @@ def calibration_batches(preprocess: Mapping[str, Any], recipe: Mapping[str, Any]
         log.warning("int8 calibration on synthetic images: expect a larger accuracy loss than with training data")
         x = _synthetic(preprocess, n)
     return [x[i:i + batch_size].contiguous() for i in range(0, len(x), batch_size)], source
+
+
+def _clip_frames(recipe: Mapping[str, Any], size: int, n: int) -> tuple[torch.Tensor | None, str]:
+    """n frames drawn like the training frames (training garments, the recipe's clip knobs and seed)."""
+    try:
+        from training.clips import frame_batch, make_config, split_generator
+        from training.data import DatasetError
+
+        gen = split_generator(int(recipe.get("seed", 0)), "train", 1)
+        frames, _ = frame_batch(gen, n, "train", (size, size), make_config(recipe.get("data_args")),
+                                recipe.get("data_root"))
+        return frames, "moving_fmnist:train"
+    except (ImportError, ValueError, OSError, DatasetError) as e:
+        log.warning("int8 calibration: cannot draw training frames (%s); using synthetic images", e)
+        return None, "synthetic"
 
 
 def _synthetic(preprocess: Mapping[str, Any], n: int) -> torch.Tensor:

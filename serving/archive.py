@@ -28,8 +28,9 @@ DEFAULT_STORE = ROOT / "model_store"
 INDEX_NAME = "index.json"
 # The inference-side modules of `training/` (not data loading, training loop or recipes).
 # data.py lets an int8 worker calibrate on the checkpoint's own training data (numpy/torch/PIL only); masks.py
-# turns segmentation masks into detections (torch/numpy/scipy).
-TRAINING_FILES = ("__init__.py", "checkpoint.py", "presets.py", "evaluate.py", "data.py", "masks.py")
+# turns segmentation masks into detections (torch/numpy/scipy); clips.py draws a segmentation model's int8
+# calibration frames the way its training frames were drawn.
+TRAINING_FILES = ("__init__.py", "checkpoint.py", "presets.py", "evaluate.py", "data.py", "masks.py", "clips.py")
 
 
 class ArchiveError(RuntimeError):

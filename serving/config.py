@@ -17,7 +17,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "archive_configs"
-RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8")
 DEVICE_TYPES = ("cpu", "gpu")
 DEFAULT_HANDLER = "handlers/classifier.py"
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # plain TorchServe model names, usable in URLs and file names
@@ -137,6 +136,8 @@ def parse_config(data: Any, source: str = "<config>", root: Path = ROOT) -> Arch
         raise ConfigError(f"{source}: name must match {NAME_RE.pattern}, got {name!r}")
     if not isinstance(version, str) or not VERSION_RE.match(version):
         raise ConfigError(f"{source}: version must be a quoted string like \"1.0\", got {version!r}")
+    from handlers.runtimes import RUNTIMES
+
     if data["runtime"] not in RUNTIMES:
         raise ConfigError(f"{source}: runtime must be one of {', '.join(RUNTIMES)}, got {data['runtime']!r}")
     for key in ("checkpoint", "handler", "description"):

@@ -202,7 +202,9 @@ def test_eager_runs_conv_nets_channels_last_with_the_same_answers():
 
 def test_unknown_or_misplaced_runtime_fails_early():
     ckpt = tiny_checkpoint(1, 28)
-    with pytest.raises(ValueError, match="tensorrt.*" + ".*".join(RUNTIMES)):
+    with pytest.raises(ValueError, match="openvino.*" + ".*".join(RUNTIMES)):
+        ImagePipeline(ckpt, runtime="openvino")
+    with pytest.raises(ValueError, match="'tensorrt' needs a CUDA device"):  # known, but not on this machine
         ImagePipeline(ckpt, runtime="tensorrt")
     with pytest.raises(ValueError, match="CPU only"):
         prepare_runtime("int8", torch.nn.Identity(), ckpt["preprocess"], "cuda")
@@ -211,3 +213,21 @@ def test_unknown_or_misplaced_runtime_fails_early():
     with pytest.raises(ValueError, match="runtime_cache"):
         pipeline_options({"runtime_cache": 1})
     assert ImagePipeline(ckpt).runtime == "eager"  # the CPU default
+
+
+def test_cuda_graph_buckets_pad_each_batch_and_return_only_its_rows():
+    from handlers.gpu import BatchBuckets, buckets
+
+    assert buckets(64) == [1, 2, 4, 8, 16, 32, 64] and buckets(12) == [1, 2, 4, 8, 12] and buckets(1) == [1]
+    seen = []
+
+    class Rows(torch.nn.Module):
+        def forward(self, x):
+            seen.append(len(x))
+            return x * 2
+
+    padded = BatchBuckets(Rows(), 12)
+    for n in (1, 3, 8, 9, 12, 30):
+        x = torch.arange(n, dtype=torch.float32).view(n, 1)
+        assert torch.equal(padded(x), x * 2)
+    assert seen == [1, 4, 8, 12, 12, 12, 12, 8]  # 30 rows: 12 + 12 + 6 padded to 8

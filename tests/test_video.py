@@ -194,3 +194,21 @@ def test_a_frame_decodes_at_full_size_for_its_mask(pipe):
     big = encode(photo(200, 120, noise=5), "JPEG", quality=90)
     body = ok(pipe.handle_requests([{"body": big}])[0])
     assert (body["width"], body["height"]) == (200, 120) and decode_mask(body["mask"]).shape == (120, 200)
+
+
+def test_onnx_and_int8_runtimes_serve_the_segmentation_model(ckpt, clips, tmp_path):
+    """ONNX (fp32) answers like eager; int8 calibrates on training frames of the clip generator, keeps the
+    classifier layer and its upsampling in fp32, and agrees with eager on nearly every pixel."""
+    from training.clips import make_clip
+    from training.presets import eval_batch
+
+    ckpt = dict(ckpt, recipe={"name": "tiny", "dataset": "moving_fmnist", "seed": 0})
+    x = eval_batch(make_clip(4, "test", 16, 64).frames, ckpt["preprocess"])
+    eager = SegmentPipeline(ckpt).forward(x)
+    onnx = SegmentPipeline(ckpt, runtime="onnx", runtime_cache=str(tmp_path))
+    assert torch.allclose(onnx.forward(x), eager, atol=1e-4)
+    int8 = SegmentPipeline(ckpt, runtime="int8", runtime_cache=str(tmp_path))
+    assert int8.runtime_info["calibration"] == "moving_fmnist:train"
+    assert (int8.forward(x).argmax(1) == eager.argmax(1)).float().mean() > 0.95
+    answer = ok(int8.handle_requests([{"data": clips["square"], "max_frames": 3}])[0])
+    assert len(answer["frames"]) == 3
