@@ -105,7 +105,10 @@ class PipelineHandler(BaseHandler):
                                                "Intermediate prediction", 200, context)
             streamed.add(idx)
 
-        answers = self.pipeline.handle_requests(data, emit if has_processor else None)
+        # only HTTP answers may leave in parts: TorchServe 0.12 wedges the worker when a unary gRPC answer does, and
+        # the handler cannot tell a gRPC stream call from a unary one
+        http = {idx for idx in range(len(data)) if has_processor and self._http(context, idx)}
+        answers = self.pipeline.handle_requests(data, emit if http else None, http)
         bodies = []
         for idx, (status, body) in enumerate(answers):
             lines = isinstance(body, list) or idx in streamed
@@ -119,10 +122,21 @@ class PipelineHandler(BaseHandler):
                 context.set_response_status(status, reason_phrase(body["message"]), idx)
             if has_processor:
                 context.set_response_content_type(idx, NDJSON if lines else "application/json")
+                if idx not in http:  # gRPC StreamPredictions fails the worker on an answer without it (a Java NPE)
+                    context.set_response_header(idx, "ts_stream_next", "false")
             bodies.append(text if lines or self.pipeline.COMPACT_JSON else body)
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return bodies
+
+    @staticmethod
+    def _http(context: Any, idx: int) -> bool:
+        """An HTTP request carries its headers (Host is never missing); a gRPC one only its inputs' content types."""
+        try:
+            props = context.request_processor[idx].get_request_properties()
+        except (AttributeError, IndexError, TypeError):
+            return False
+        return any(str(key).lower() == "host" for key in props or {})
 
     def _text(self, body: Any) -> str:
         """Compact JSON for a body, NDJSON for a list of lines. TorchServe drops the worker (every request of its

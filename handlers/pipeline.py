@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -182,13 +182,14 @@ class Pipeline:
         """A normalized float32 batch -> float32 outputs (layout and precision are the runtime's business)."""
         return self.model(x).float()
 
-    def handle_requests(self, requests: Sequence[Any], emit: Emit | None = None) -> list[tuple[int, Any]]:
+    def handle_requests(self, requests: Sequence[Any], emit: Emit | None = None,
+                        streams: Collection[int] | None = None) -> list[tuple[int, Any]]:
         """Answer every request item: (200, body) or (4xx/5xx, error JSON). Never raises. A bad request, or a
         bad unit inside one, fails only that request; the others of the batch are answered normally.
 
         `emit(request index, part)`, when given, receives the parts of streamed answers as chunks finish (see
-        `partial`); the final (status, body) then holds only what was not emitted. A BadInput raised by `emit`
-        (e.g. a part too large to send) fails that request."""
+        `partial`) for the requests in `streams` (None: all); the final (status, body) then holds only what was
+        not emitted. A BadInput raised by `emit` (e.g. a part too large to send) fails that request."""
         self.timings = dict.fromkeys(STAGES, 0.0)
         answers: list[tuple[int, Any] | None] = [None] * len(requests)
         jobs: dict[int, Job] = {}
@@ -205,7 +206,7 @@ class Pipeline:
                 for chunk in self._chunks(jobs, answers):
                     self._run(chunk)
                     if emit is not None:
-                        self._emit(chunk, answers, emit)
+                        self._emit([(r, u) for r, u in chunk if streams is None or r in streams], answers, emit)
             start = time.perf_counter()
             for r, job in jobs.items():
                 if answers[r] is None:
