@@ -15,8 +15,8 @@ WORKERS ?= 1
 SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo train eval zoo samples experiment-depth archive serve stop predict models describe register \
-        scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean
+.PHONY: setup demo demo-video train eval zoo samples experiment-depth archive serve stop predict models describe \
+        register scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean
 
 setup:
 	@bash scripts/setup.sh
@@ -84,6 +84,22 @@ demo: setup
 	$(PY) -m serving serve --models fmnist-lenet5:1.0
 	$(PY) -m serving predict --model fmnist-lenet5 $(IMAGES)/*.png
 	@$(PY) -m serving howto --model fmnist-lenet5
+
+# Video: the ViT-Tiny segmentation model on a moving Fashion-MNIST clip, served, answered frame by frame (streamed)
+# and written back with masks and boxes drawn in. Uses VIDEO_CKPT when it exists, else trains the quick recipe there.
+VIDEO_MODEL ?= fmnist-video-seg-vit-tiny
+VIDEO_CKPT ?= checkpoints/vit_seg_tiny-moving_fmnist.pt
+VIDEO_RECIPE ?= vit_seg_tiny_moving_fmnist_quick
+demo-video: setup
+	@test -f $(VIDEO_CKPT) || $(PY) -m training train --recipe $(VIDEO_RECIPE) --out $(VIDEO_CKPT)
+	$(PY) -m training clips --out-dir reports/demo-video --n 1 --frames 90 --seed 7
+	$(PY) -m serving archive --config archive_configs/$(VIDEO_MODEL)/1.0.yaml
+	@if ! $(PY) -m serving models >/dev/null 2>&1; then $(PY) -m serving serve --models $(VIDEO_MODEL):1.0; \
+	  elif ! $(PY) -m serving describe $(VIDEO_MODEL) 1.0 >/dev/null 2>&1; then \
+	  $(PY) -m serving register $(VIDEO_MODEL) 1.0; fi
+	$(PY) -m serving predict-video reports/demo-video/test-00007.mp4 --model $(VIDEO_MODEL) \
+	  --out reports/demo-video/annotated.mp4
+	@echo "annotated clip: reports/demo-video/annotated.mp4 (make stop stops TorchServe)"
 
 test: setup
 	$(PY) -m pytest -q tests
