@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -244,11 +245,14 @@ def quantize_onnx(fp32: str | os.PathLike, path: str | os.PathLike, preprocess: 
     batches, source = calibration_batches(preprocess, recipe)
     pre = Path(path).with_name(Path(path).name + ".pre.onnx")
     try:
-        try:  # shape inference + graph fusions the quantizer expects
-            quant_pre_process(str(fp32), str(pre))
-        except Exception as e:  # symbolic shapes give up on some graphs (a segmentation head's computed sizes)
-            log.info("int8: symbolic shape inference failed (%s); ONNX shape inference only", e)
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        # shape inference + graph fusions the quantizer expects; a failing symbolic inference (a segmentation
+        # head's computed sizes) dumps its model into the working directory, hence a scratch one
+        with tempfile.TemporaryDirectory(dir=Path(path).parent) as scratch, contextlib.chdir(scratch):
+            try:
+                quant_pre_process(str(Path(fp32).resolve()), str(pre.resolve()))
+            except Exception as e:
+                log.info("int8: symbolic shape inference failed (%s); ONNX shape inference only", e)
+                quant_pre_process(str(Path(fp32).resolve()), str(pre.resolve()), skip_symbolic_shape=True)
         head = logits_nodes(onnx.load(str(pre)).graph)
         quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head)
