@@ -47,14 +47,14 @@ class SegmentPipeline(Pipeline):
     """Per-pixel classes, detections and masks for frames and clips (a segmentation checkpoint)."""
 
     OPTIONS = {**Pipeline.OPTIONS, "masks": str, "min_area": int, "max_video_bytes": int, "max_video_seconds": int,
-               "max_frame_pixels": int, "max_frames": int, "max_decoded_frames": int}
+               "max_frame_pixels": int, "max_frames": int, "max_decoded_pixels": int}
     COMPACT_JSON = True  # masks and boxes: TorchServe's indented JSON would triple an answer's size
 
     def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "cpu", *, masks: str = "rle",
                  min_area: int = DEFAULT_MIN_AREA, max_video_bytes: int = VideoLimits.max_bytes,
                  max_video_seconds: int = int(VideoLimits.max_seconds),
                  max_frame_pixels: int = VideoLimits.max_frame_pixels, max_frames: int = VideoLimits.max_frames,
-                 max_decoded_frames: int = VideoLimits.max_decoded_frames, **options: Any):
+                 max_decoded_pixels: int = VideoLimits.max_decoded_pixels, **options: Any):
         if (ckpt.get("task") or "classification") != "segmentation":
             raise ValueError("this pipeline serves segmentation checkpoints (task: segmentation); serve a "
                              "classifier with handlers/classifier.py")
@@ -64,7 +64,7 @@ class SegmentPipeline(Pipeline):
         super().__init__(ckpt, device, **options)
         self.masks, self.min_area = masks, max(1, min_area)
         self.video_limits = VideoLimits(max_video_bytes, float(max_video_seconds), max_frame_pixels, max_frames,
-                                        max_decoded_frames)
+                                        max_decoded_pixels)
 
     # -- parse ----------------------------------------------------------------------------------------------
     def parse(self, item: Any) -> SegmentJob:
@@ -205,7 +205,7 @@ class SegmentPipeline(Pipeline):
         return {**super().describe(), "masks": self.masks, "min_area": self.min_area,
                 "max_video_bytes": limits.max_bytes, "max_video_seconds": limits.max_seconds,
                 "max_frame_pixels": limits.max_frame_pixels, "max_frames": limits.max_frames,
-                "max_decoded_frames": limits.max_decoded_frames}
+                "max_decoded_pixels": limits.max_decoded_pixels}
 
 
 def encode_mask(labels: np.ndarray, fmt: str, classes: Sequence[str]) -> dict[str, Any]:

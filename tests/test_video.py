@@ -17,12 +17,13 @@ from tests.videos import AVI_HEAD, corrupt_frames, tiny_seg_checkpoint, write_te
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    """24 frames at the model's 64 px, 12 frames at 96x64 (answers are upsampled to the frame size) and 24
-    frames at 2 fps (12 s)."""
+    """24 frames at the model's 64 px, 12 frames at 96x64 (answers are upsampled to the frame size), 24 frames
+    at 2 fps (12 s) and 40 frames."""
     tmp = tmp_path_factory.mktemp("clips")
     return {"square": write_test_clip(tmp / "square.mp4", seed=1, frames=24), "dir": tmp,
             "wide": write_test_clip(tmp / "wide.mp4", seed=2, frames=12, size=(64, 96)),
-            "slow": write_test_clip(tmp / "slow.mp4", seed=1, frames=24, fps=2.0)}
+            "slow": write_test_clip(tmp / "slow.mp4", seed=1, frames=24, fps=2.0),
+            "long": write_test_clip(tmp / "long.mp4", seed=3, frames=40)}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,8 @@ def test_rle_and_png_masks_decode_to_the_same_labels():
 
 
 def test_every_bad_input_gets_its_own_4xx_and_the_rest_of_the_batch_is_answered(ckpt, clips):
-    pipe = SegmentPipeline(ckpt, max_batch=4, max_frames=20, max_video_seconds=5, max_frame_pixels=64 * 80)
+    pipe = SegmentPipeline(ckpt, max_batch=4, max_frames=20, max_video_seconds=5, max_frame_pixels=64 * 80,
+                           max_decoded_pixels=30 * 64 * 64)
     good, frame = clips["square"], png_frame(torch.full((3, 40, 30), 90, dtype=torch.uint8))
     cases = [
         ({"data": good, "every": "2"}, 200, None),
@@ -161,6 +163,7 @@ def test_every_bad_input_gets_its_own_4xx_and_the_rest_of_the_batch_is_answered(
         ({"body": zero_frame_mp4()}, 400, "EmptyVideo"),
         ({"body": clips["wide"]}, 413, "FrameTooLarge"),
         ({"body": clips["slow"]}, 413, "VideoTooLong"),
+        ({"data": clips["long"], "every": "2"}, 413, "VideoTooLarge"),  # 40 x 64 x 64 pixels to decode
         ({"body": good}, 413, "TooManyFrames"),  # 24 frames > max_frames 20, and the client set no cap
         ({"data": good, "every": "0"}, 400, "InvalidSampling"),
         ({"data": good, "fps": "fast"}, 400, "InvalidSampling"),
