@@ -3,6 +3,8 @@ clips, decoding and sampling, batching with other requests, streaming, masks and
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +217,34 @@ def test_onnx_and_int8_runtimes_serve_the_segmentation_model(ckpt, clips, tmp_pa
     assert (int8.forward(x).argmax(1) == eager.argmax(1)).float().mean() > 0.95
     answer = ok(int8.handle_requests([{"data": clips["square"], "max_frames": 3}])[0])
     assert len(answer["frames"]) == 3
+
+
+def test_the_adapter_refuses_an_answer_over_the_frontend_limit(ckpt, clips, tmp_path, monkeypatch):
+    """TorchServe drops the worker on an answer over max_response_size: the adapter answers 413 instead, for that
+    request only; a streamed answer leaves in parts, each far below the limit."""
+    ts = pytest.importorskip("ts")
+    from ts.context import Context, RequestProcessor
+
+    import handlers.adapter as adapter
+    from handlers.segmenter import Segmenter
+    from training.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, tmp_path / "model.pt")
+    manifest = {"model": {"modelName": "seg", "modelVersion": "1.0", "serializedFile": "model.pt"}}
+    ctx = Context("seg", str(tmp_path), manifest, 4, None, ts.__version__,
+                  model_yaml_config={"handler": {"max_answer_bytes": 4_000, "max_batch": 4}})
+    handler = Segmenter()
+    handler.initialize(ctx)
+    sent = []  # the intermediate responses, as TorchServe's socket would get them
+    monkeypatch.setattr(adapter, "send_intermediate_predict_response",
+                        lambda ret, ids, msg, code, c: sent.append(next(iter(ret.values()))))
+    data = [{"data": clips["square"], "masks": "png"}, {"data": clips["square"], "masks": "png", "stream": "true"},
+            {"data": clips["square"], "max_frames": "2"}]
+    ctx.request_processor = [RequestProcessor({"Host": "x"}) for _ in data]  # HTTP requests carry their Host
+    ctx.request_ids = {i: f"r{i}" for i in range(len(data))}
+    out = handler.handle(data, ctx)
+    assert ctx.get_response_status(0)[0] == 413 and json.loads(out[0])["type"] == "AnswerTooLarge"
+    assert ctx.get_response_status(1)[0] == 200 and len(sent) == 6 and max(len(p) for p in sent) < 4_000
+    lines = [json.loads(x) for part in sent + [out[1]] for x in part.splitlines()]
+    assert len(lines) == 26 and lines[-1] == {"end": True, "frames": 24, "truncated": False}
+    assert ctx.get_response_status(2)[0] == 200 and len(json.loads(out[2])["frames"]) == 2
