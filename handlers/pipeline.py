@@ -262,7 +262,7 @@ class Pipeline:
 
     def _take(self, r: int, job: Job, answers: list[Any]) -> Iterator[bytes | torch.Tensor | Decoded]:
         """A job's units while it is live. Time spent in its source counts as decoding (a video source decodes
-        frames as they are taken); a BadInput from the source answers the job."""
+        frames as they are taken); an error from the source answers that job only (BadInput: its 4xx)."""
         units = iter(job.units)
         while answers[r] is None:
             start = time.perf_counter()
@@ -272,6 +272,12 @@ class Pipeline:
                 return
             except BadInput as e:
                 answers[r] = (e.status, e.body())
+                return
+            except (torch.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as e:  # a decoder bug on odd input must not take the batch down
+                log.exception("request %d: its units could not be decoded", r)
+                answers[r] = (500, error_body(500, "InternalError", f"decoding failed ({type(e).__name__})"))
                 return
             finally:
                 self.timings["decode"] += time.perf_counter() - start

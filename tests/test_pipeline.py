@@ -346,6 +346,19 @@ def test_a_unit_source_that_fails_mid_way_fails_its_request_only(rgb_ckpt):
     assert err(answers[0], 400, "InvalidVideo") == "the stream is corrupt at frame 1"
     ok(answers[1])
 
+    class Broken(Streamed):  # a source failing in an unforeseen way: a 500 for its request, not for the batch
+        def parse(self, item):
+            if item == "broken":
+                def frames():
+                    yield torch.zeros(3, 32, 32, dtype=torch.uint8)
+                    raise RuntimeError("a decoder bug")
+                return Job(frames(), {"topk": 1, "multi": True})
+            return super().parse(item)
+
+    answers = Broken(rgb_ckpt, max_batch=1).handle_requests([{"data": encode(photo(), "PNG")}, "broken"])
+    ok(answers[0])
+    assert answers[1][0] == 500 and answers[1][1]["type"] == "InternalError"
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pipeline_matches_cpu(rgb_ckpt, rgb):
