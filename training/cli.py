@@ -22,7 +22,8 @@ def _train(args: argparse.Namespace) -> None:
         raise RecipeError(f"unknown arch {recipe.arch!r}; known: {', '.join(list_models())}")
     out = Path(args.out or f"checkpoints/{recipe.arch}-{recipe.dataset}.pt")
     log_dir = None if args.no_tensorboard else (args.log_dir or f"runs/{out.stem}")
-    ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet)
+    ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet,
+                 stop_after_epoch=args.stop_after_epoch)
     m = ckpt["metrics"]
     scores = {k: m[k] for k in ("test_miou", "test_ap50", "val_miou") if k in m} or \
         {"test_acc": m.get("test_acc"), "val_acc": m.get("val_acc")}
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="checkpoint path (default checkpoints/<arch>-<dataset>.pt)")
     t.add_argument("--resume", help="continue from this checkpoint")
+    t.add_argument("--stop-after-epoch", type=int, metavar="E",
+                   help="end this run after epoch E (the schedule still spans --epochs; --resume continues it)")
     t.add_argument("--log-dir", help="TensorBoard log dir (default runs/<checkpoint name>)")
     t.add_argument("--no-tensorboard", action="store_true")
     t.add_argument("--quiet", action="store_true")
@@ -137,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DatasetError
     from training.recipe import RecipeError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # The zoo parses its own options (a REMAINDER positional does not take a leading "--option").
+    args = parser.parse_args(argv[:1]) if argv[:1] == ["zoo"] else parser.parse_args(argv)
+    if args.cmd == "zoo":
+        args.rest = argv[1:]
     try:
         args.fn(args)
     except (DatasetError, RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
