@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,14 @@ def test_in_memory_data_trains_at_a_larger_input_size(tmp_path):
     ckpt = train(_tiny(epochs=1, img_size=36, limit=256), tmp_path / "big.pt", progress=False)
     assert ckpt["preprocess"]["size"] == 36 and ckpt["model_args"]["img_size"] == 36
     assert build_model(ckpt)(torch.randn(1, 1, 36, 36)).shape == (1, 10)
+
+
+def test_zoo_takes_its_own_options_and_writes_json(tmp_path):
+    out = tmp_path / "zoo.json"
+    p = _cli("zoo", "--models", "lenet5", "vit_seg_tiny", "--img-size", "32", "--in-channels", "3", "--reps", "1",
+             "--batch", "2", "--precision", "fp32", "bf16", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["precision"], r["batch"]) for r in rows] == [
+        ("lenet5", "fp32", 2), ("lenet5", "bf16", 2), ("vit_seg_tiny", "fp32", 2), ("vit_seg_tiny", "bf16", 2)]
+    assert all(r["images_per_s"] > 0 and r["gflops"] > 0 for r in rows)
