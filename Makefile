@@ -15,8 +15,9 @@ WORKERS ?= 1
 SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo demo-video train eval zoo samples experiment-depth archive serve stop predict models describe \
-        register scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean
+.PHONY: setup demo demo-video train eval zoo samples experiment-depth clips seg-speed archive serve stop predict \
+        models describe register scale set-default unregister rollout rollback metrics test lint load-test bench \
+        reliability clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,6 +37,15 @@ samples: setup
 
 experiment-depth: setup
 	$(PY) -m training experiment-depth
+
+# Moving Fashion-MNIST test clips (H.264 MP4 + ground truth) for the video pipeline and benchmarks.
+CLIPS_DIR ?= data/clips
+clips: setup
+	$(PY) -m training clips --out-dir $(CLIPS_DIR) --n 8 --split test
+
+# Segmentation speeds (bare forward at batch 8, clip generator, training step) -> docs/seg_speed.json.
+seg-speed: setup
+	$(PY) scripts/seg_speed.py
 
 archive: setup
 	$(PY) -m serving archive --all

@@ -72,10 +72,11 @@ def test_resnet_head_handles_sizes_off_the_stride():
         assert model(torch.randn(1, 3, 100, 132)).shape == (1, 11, 100, 132)
 
 
-def test_onnx_export_with_a_dynamic_batch_matches_eager(tmp_path):
+@pytest.mark.parametrize("name", ["vit_seg_tiny", "resnet18_seg"])
+def test_onnx_export_with_a_dynamic_batch_matches_eager(tmp_path, name):
     onnxruntime = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = tiny("vit_seg_tiny").eval()
+    model = tiny(name).eval()
     path = tmp_path / "seg.onnx"
     torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(path), input_names=["x"], output_names=["logits"],
                       dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False)

@@ -22,17 +22,27 @@ def _train(args: argparse.Namespace) -> None:
         raise RecipeError(f"unknown arch {recipe.arch!r}; known: {', '.join(list_models())}")
     out = Path(args.out or f"checkpoints/{recipe.arch}-{recipe.dataset}.pt")
     log_dir = None if args.no_tensorboard else (args.log_dir or f"runs/{out.stem}")
-    ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet)
+    ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet,
+                 stop_after_epoch=args.stop_after_epoch)
     m = ckpt["metrics"]
-    scores = {k: m[k] for k in ("test_miou", "test_ap50", "val_miou") if k in m} or \
-        {"test_acc": m.get("test_acc"), "val_acc": m.get("val_acc")}
-    print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, **scores,
-                      "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"], "tensorboard": log_dir}))
+    if recipe.task == "segmentation":
+        scores = {k: m.get(k) for k in ("test_miou", "test_ap50", "val_miou")}
+    else:
+        both = {f"{k}_{w}": m.get(f"{k}_{w}") for k in ("test_acc", "val_acc") for w in ("raw", "ema")}
+        scores = {"test_acc": m.get("test_acc"), "val_acc": m.get("val_acc"), "weights": m.get("weights"),
+                  **{k: v for k, v in both.items() if v is not None}}
+    print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, **scores, "steps": m.get("steps"),
+                      "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"],
+                      "tensorboard": log_dir, "warnings": m.get("warnings", [])}))
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from training.checkpoint import CheckpointError
+    from training.commands import train_command
     from training.evaluate import run_eval
 
+    if not Path(args.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {args.checkpoint}; train it: {train_command(args.checkpoint)}")
     out_dir = args.out_dir or f"reports/eval/{Path(args.checkpoint).stem}"
     r = run_eval(args.checkpoint, out_dir, data_root=args.data_root, limit=args.limit, clips_dir=args.clips)
     if r.get("task") == "segmentation":
@@ -44,7 +54,7 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"{r['arch']}: test accuracy {r['test_acc']:.4f} on {r['n']} images")
     for name, acc in r["per_class_acc"].items():
         print(f"  {name:<14} {acc:.4f}")
-    print(f"wrote {out_dir}/metrics.json, confusion.png, samples.png")
+    print(f"wrote {out_dir}/metrics.json, confusion.png, samples.png (the most confident mistakes)")
 
 
 def _clips(args: argparse.Namespace) -> None:
@@ -92,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="checkpoint path (default checkpoints/<arch>-<dataset>.pt)")
     t.add_argument("--resume", help="continue from this checkpoint")
+    t.add_argument("--stop-after-epoch", type=int, metavar="E",
+                   help="end this run after epoch E (the schedule still spans --epochs; --resume continues it)")
     t.add_argument("--log-dir", help="TensorBoard log dir (default runs/<checkpoint name>)")
     t.add_argument("--no-tensorboard", action="store_true")
     t.add_argument("--quiet", action="store_true")
@@ -137,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DatasetError
     from training.recipe import RecipeError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # The zoo parses its own options (a REMAINDER positional does not take a leading "--option").
+    args = parser.parse_args(argv[:1]) if argv[:1] == ["zoo"] else parser.parse_args(argv)
+    if args.cmd == "zoo":
+        args.rest = argv[1:]
     try:
         args.fn(args)
     except (DatasetError, RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +305,7 @@ def write_clip(path: str | os.PathLike, clip: Clip, fps: float = 30.0, crf: int 
         raise ClipError(f"H.264 in yuv420p needs even frame sides, got {w}x{h}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps) if float(fps).is_integer() else fps)
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))  # 29.97 -> 30000/1001
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": str(crf), "preset": "medium"}
         for rgb in clip.frames.permute(0, 2, 3, 1).numpy():

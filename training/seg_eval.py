@@ -135,8 +135,13 @@ def run_eval(ckpt: dict[str, Any], checkpoint: str | Path, out_dir: str | Path, 
         sets = [test_set(cfg, pre["size"], batch_size, data_root or recipe.get("data_root"))]
         source = f"{cfg.test_clips} test clips x {cfg.clip_frames} frames (seeds 0..{cfg.test_clips - 1}), generated"
     result = evaluate(model, sets, pre, classes, device, detections=True)
+    trained = ckpt["metrics"]
     result = {"checkpoint": str(checkpoint), "arch": ckpt["arch"], "task": "segmentation", "data": source,
-              "frames": sum(len(s.frames) for s in sets), "img_size": pre["size"], **result}
+              "frames": sum(len(s.frames) for s in sets), "img_size": pre["size"], **result,
+              "training": {"train_time_s": trained.get("train_time_s"), "hardware": trained.get("hardware"),
+                           "epochs": trained.get("epochs"), "steps": trained.get("steps"),
+                           "val_miou": [row.get("val_miou") for row in trained.get("history", [])]},
+              "recipe": ckpt["recipe"]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shown = sets[0]

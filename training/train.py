@@ -7,17 +7,17 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import DatasetInfo, load_dataset, make_loaders
+from training.ema import WeightEMA, ema_horizon, recalibrate_bn
 from training.models import get_model, model_task
 from training.presets import (
     eval_batch,
@@ -60,6 +60,33 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def short_run_warning(recipe: Recipe, n_train: int, steps_per_epoch: int, warmup_steps: int) -> str | None:
+    """One line when the run is too short for its schedule: no more optimizer steps than the LR warm-up, or
+    fewer than the EMA averages over. None when the schedule fits."""
+    steps = recipe.epochs * steps_per_epoch
+    short = []
+    if steps <= warmup_steps:
+        short.append(f"the LR warm-up ({warmup_steps} steps, warmup_epochs {recipe.warmup_epochs:g})")
+    horizon = ema_horizon(recipe.ema_decay)
+    if steps < horizon:
+        short.append(f"the EMA horizon ({horizon} steps at ema_decay {recipe.ema_decay:g})")
+    if not short:
+        return None
+    return (f"warning: {steps} optimizer steps ({n_train} images / batch {recipe.batch_size} x {recipe.epochs} "
+            f"epoch(s)) are not more than {' or '.join(short)}; expect accuracy far below the recipe's. "
+            "Quick runs: more --epochs, a larger --limit or a smaller --batch-size.")
+
+
+def near_chance_warning(test_acc: float, num_classes: int, short_run: str | None) -> str | None:
+    """One line when the test accuracy is below twice chance, with the likely reason."""
+    chance = 1.0 / num_classes
+    if test_acc >= 2 * chance:
+        return None
+    why = "the run was too short for its schedule (see the warning above)" if short_run else \
+        "check the learning rate and the data (train with more --epochs or a lower --lr)"
+    return f"warning: test accuracy {test_acc:.4f} is near chance ({chance:.2f} for {num_classes} classes): {why}."
+
+
 def make_mixer(recipe: Recipe, num_classes: int) -> T.Transform | None:
     mixers = []
     if recipe.mixup_alpha > 0:
@@ -69,12 +96,19 @@ def make_mixer(recipe: Recipe, num_classes: int) -> T.Transform | None:
     return T.RandomChoice(mixers) if mixers else None
 
 
+class Evaluation(NamedTuple):
+    loss: float
+    acc: float
+    preds: torch.Tensor  # top-1 class per image, on the CPU
+    conf: torch.Tensor  # its probability
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, preprocess: dict[str, Any], device: torch.device,
-             autocast: bool = False, channels_last: bool = False) -> tuple[float, float, torch.Tensor]:
-    """(loss, accuracy, predictions) over a loader of uint8 batches."""
+             autocast: bool = False, channels_last: bool = False) -> Evaluation:
+    """Loss, accuracy and top-1 predictions with their probabilities over a loader of uint8 batches."""
     model.eval()
-    total, correct, loss_sum, preds = 0, 0, 0.0, []
+    total, correct, loss_sum, preds, confs = 0, 0, 0.0, [], []
     for x, y in loader:
         y = y.to(device)
         x = eval_batch(x, preprocess, device=device)
@@ -83,12 +117,15 @@ def evaluate(model: nn.Module, loader, preprocess: dict[str, Any], device: torch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        pred = logits.argmax(1)
+        conf, pred = logits.softmax(1).max(1)
         correct += (pred == y).sum()
         total += y.numel()
         preds.append(pred)
+        confs.append(conf)
     loss, acc = float(loss_sum) / max(1, total), int(correct) / max(1, total)
-    return loss, acc, torch.cat(preds).cpu() if preds else torch.empty(0)
+    if not preds:
+        return Evaluation(loss, acc, torch.empty(0, dtype=torch.long), torch.empty(0))
+    return Evaluation(loss, acc, torch.cat(preds).cpu(), torch.cat(confs).cpu())
 
 
 def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
@@ -106,7 +143,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
 
     if model_task(recipe.arch) != recipe.task:
         raise RecipeError(f"{recipe.arch} is a {model_task(recipe.arch)} model; the recipe's task is {recipe.task}")
-    info, preprocess, (train_loader, val_loader, test_loader) = make_data(recipe, device)
+    info, preprocess, n_train, (train_loader, val_loader, test_loader) = make_data(recipe, device)
     size = preprocess["size"]
     model_args = {"num_classes": len(info.classes), "in_channels": info.channels, "img_size": size,
                   **recipe.model_args}
@@ -120,10 +157,12 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr)
     steps_per_epoch = len(train_loader)
     total_steps = recipe.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(total_steps, max(1, int(recipe.warmup_epochs * steps_per_epoch))))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True) \
-        if recipe.ema_decay > 0 else None
+    warmup_steps = max(1, int(recipe.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup_steps))
+    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
+    warning = short_run_warning(recipe, n_train, steps_per_epoch, warmup_steps)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     mixer = make_mixer(recipe, len(info.classes))
     criterion = SegmentationLoss(recipe.dice_weight, recipe.label_smoothing) if recipe.task == "segmentation" \
         else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
@@ -137,7 +176,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema_state_dict"):
-            ema.module.load_state_dict(state["ema_state_dict"])
+            ema.load_state_dict(state["ema_state_dict"], updates=int(state.get("ema_updates", sched.last_epoch)))
         start_epoch = int(state["epoch"])
         history = list(state["metrics"].get("history", []))
         train_time = float(state["metrics"].get("train_time_s", 0.0))
@@ -147,6 +186,18 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(log_dir))
     gen = torch.Generator(device=device)
+
+    def model_input(x: torch.Tensor) -> torch.Tensor:
+        """A training batch as the model sees it (augmented, not mixed)."""
+        if info.in_memory:
+            x = x.to(device, non_blocking=True)
+            if x.shape[-1] != size or x.shape[-2] != size:  # e.g. 28 px Fashion-MNIST trained at 64 px
+                x = resize_crop(x, preprocess)
+            x = train_batch(x, preprocess, pad=recipe.crop_padding, flip=recipe.hflip, generator=gen)
+        else:
+            x = normalize(x.to(device, non_blocking=True), preprocess)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
     ckpt: dict[str, Any] = {}
     for epoch in range(start_epoch, recipe.epochs):
         # Per-epoch seeds: a resumed run draws the same augmentations as an uninterrupted one.
@@ -161,19 +212,10 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
                    disable=not (progress and sys.stderr.isatty()))
         for x, y in bar:
             y = y.to(device, non_blocking=True)
-            if info.in_memory:
-                x = x.to(device, non_blocking=True)
-                if x.shape[-1] != size or x.shape[-2] != size:  # e.g. 28 px Fashion-MNIST trained at 64 px
-                    x = resize_crop(x, preprocess)
-                x = train_batch(x, preprocess, pad=recipe.crop_padding,
-                                flip=recipe.hflip, generator=gen)
-            else:
-                x = normalize(x.to(device, non_blocking=True), preprocess)
+            x = model_input(x)
             target = y
             if mixer is not None and torch.rand(1).item() < recipe.mix_prob:
                 x, target = mixer(x, y)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = criterion(model(x).float(), target)
             opt.zero_grad(set_to_none=True)
@@ -183,7 +225,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             opt.step()
             sched.step()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update(model)
             loss_sum += loss.detach() * y.numel()
             seen += y.numel()
             if not bar.disable and bar.n % 20 == 0:
@@ -192,40 +234,65 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
         eval_model = ema.module if ema is not None else model
+        if ema is not None:  # BN statistics measured with the averaged weights, not the raw ones
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                recalibrate_bn(ema.module, (model_input(x) for x, _ in train_loader))
         val_loss, val_scores = validate(recipe.task, eval_model, val_loader, preprocess, info.classes, device,
                                         autocast, channels_last)
+        score = next(iter(val_scores))  # the headline: acc (classification) or miou (segmentation)
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen), "val_loss": val_loss,
-               **val_scores, "lr": sched.get_last_lr()[0], "train_time_s": train_time}
+               **{f"val_{k}": v for k, v in val_scores.items()}, "lr": sched.get_last_lr()[0],
+               "train_time_s": train_time}
+        if ema is not None:
+            row[f"val_{score}_raw"] = validate(recipe.task, model, val_loader, preprocess, info.classes, device,
+                                               autocast, channels_last)[1][score]
         history.append(row)
         if progress:
-            scores = "".join(f"  {k} {v:.4f}" for k, v in val_scores.items())
+            raw = f" (raw {row[f'val_{score}_raw']:.4f})" if ema is not None else ""
+            scores = "".join(f"  val_{k} {v:.4f}{raw if k == score else ''}" for k, v in val_scores.items())
             print(f"epoch {epoch + 1}/{recipe.epochs}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}"
                   f"{scores}  time {train_time:.1f}s", flush=True)
         if writer is not None:
-            for key in ("train_loss", "val_loss", *val_scores, "lr"):
+            for key in ("train_loss", "val_loss", *(f"val_{k}" for k in val_scores), "lr"):
                 writer.add_scalar(key, row[key], epoch + 1)
         final = epoch + 1 == recipe.epochs
-        metrics = {"history": history, **val_scores, "train_time_s": train_time,
-                   "hardware": hardware_name(device), "epochs": epoch + 1}
+        metrics = {"history": history, **{f"val_{k}": v for k, v in val_scores.items()}, "train_time_s": train_time,
+                   "hardware": hardware_name(device), "epochs": epoch + 1, "steps": sched.last_epoch,
+                   "weights": "ema" if ema is not None else "raw", "warnings": [warning] if warning else []}
+        if ema is not None:
+            metrics.update({f"val_{score}_ema": val_scores[score], f"val_{score}_raw": row[f"val_{score}_raw"]})
         if final:
-            metrics.update(test_metrics(recipe.task, eval_model, test_loader, preprocess, info.classes, device,
-                                        autocast, channels_last))
-            tests = {k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
+            tests = test_metrics(recipe.task, eval_model, test_loader, preprocess, info.classes, device, autocast,
+                                 channels_last)
+            metrics.update(tests)
+            test_score = tests[f"test_{score}"]
+            if ema is not None:
+                metrics.update({f"test_{score}_ema": test_score,
+                                f"test_{score}_raw": validate(recipe.task, model, test_loader, preprocess,
+                                                              info.classes, device, autocast, channels_last)[1][score]})
+            near_chance = near_chance_warning(test_score, len(info.classes), warning) \
+                if recipe.task == "classification" else None
+            if near_chance:
+                metrics["warnings"].append(near_chance)
+                print(near_chance, file=sys.stderr, flush=True)
+            scalars = {k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
             if progress:
-                print("  ".join(f"{k} {v:.4f}" for k, v in tests.items()) + f"  train time {train_time:.1f}s",
+                print("  ".join(f"{k} {v:.4f}" for k, v in scalars.items()) + f"  train time {train_time:.1f}s",
                       flush=True)
             if writer is not None:
-                for key, value in tests.items():
+                for key, value in scalars.items():
                     writer.add_scalar(key, value, epoch + 1)
                 if recipe.task == "classification":
                     _log_sample_predictions(writer, eval_model, test_loader, preprocess, info.classes, device,
-                                            epoch + 1)
+                                            epoch + 1, title=f"{recipe.arch} | {Path(out).name} | test accuracy "
+                                            f"{test_score:.2%}")
         ckpt = {
             "arch": recipe.arch, "task": recipe.task,
             "model_args": model_args, "classes": list(info.classes), "preprocess": preprocess,
             "state_dict": _cpu_state(model), "ema_state_dict": _cpu_state(ema.module) if ema is not None else None,
             "metrics": metrics, "recipe": recipe.to_dict(), "dataset": info.name, "epoch": epoch + 1,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema_updates": ema.updates if ema is not None else 0,
         }
         save_checkpoint(ckpt, out)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
@@ -237,8 +304,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     return ckpt
 
 
-def make_data(recipe: Recipe, device: torch.device) -> tuple[DatasetInfo, dict[str, Any], tuple]:
-    """(dataset info, preprocess, (train, val, test) loaders) for the recipe's dataset."""
+def make_data(recipe: Recipe, device: torch.device) -> tuple[DatasetInfo, dict[str, Any], int, tuple]:
+    """(dataset info, preprocess, training images per epoch, (train, val, test) loaders) for the recipe."""
     if recipe.task == "segmentation":
         from training import seg_data
         from training.clips import make_config
@@ -246,26 +313,28 @@ def make_data(recipe: Recipe, device: torch.device) -> tuple[DatasetInfo, dict[s
         info = seg_data.dataset_info(recipe.img_size)
         preprocess = make_preprocess(info.size, info.channels, info.mean, info.std, crop=False)
         cfg = seg_data.limited(make_config(recipe.data_args), recipe.limit)
-        return info, preprocess, seg_data.make_loaders(cfg, info.size, recipe.batch_size, recipe.seed,
-                                                       recipe.data_root, device)
+        return info, preprocess, cfg.train_frames, seg_data.make_loaders(cfg, info.size, recipe.batch_size,
+                                                                          recipe.seed, recipe.data_root, device)
     splits = load_dataset(recipe.dataset, recipe.data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
                           image_size=recipe.img_size, limit=recipe.limit)
     info = splits.info
     size = recipe.img_size or info.size
     preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size)
     transform = None if info.in_memory else imagefolder_train_transform(preprocess)
-    return info, preprocess, make_loaders(splits, recipe.batch_size, device, recipe.seed,
-                                          num_workers=recipe.num_workers, train_transform=transform)
+    return info, preprocess, len(splits.train), make_loaders(splits, recipe.batch_size, device, recipe.seed,
+                                                             num_workers=recipe.num_workers,
+                                                             train_transform=transform)
 
 
 def validate(task: str, model: nn.Module, loader, preprocess: dict[str, Any], classes: list[str],
              device: torch.device, autocast: bool, channels_last: bool) -> tuple[float, dict[str, float]]:
-    """(val loss, scores): {"val_acc"} for classification, {"val_miou", "val_pixel_acc"} for segmentation."""
+    """(loss, scores), the headline score first: {"acc"} for classification, {"miou", "pixel_acc"} for
+    segmentation."""
     if task == "segmentation":
         r = seg_evaluate(model, loader, preprocess, classes, device, autocast, channels_last)
-        return r["loss"], {"val_miou": r["miou"], "val_pixel_acc": r["pixel_acc"]}
-    loss, acc, _ = evaluate(model, loader, preprocess, device, autocast, channels_last)
-    return loss, {"val_acc": acc}
+        return r["loss"], {"miou": r["miou"], "pixel_acc": r["pixel_acc"]}
+    loss, acc, *_ = evaluate(model, loader, preprocess, device, autocast, channels_last)
+    return loss, {"acc": acc}
 
 
 def test_metrics(task: str, model: nn.Module, loader, preprocess: dict[str, Any], classes: list[str],
@@ -277,7 +346,7 @@ def test_metrics(task: str, model: nn.Module, loader, preprocess: dict[str, Any]
         return {"test_miou": r["miou"], "test_ap50": r["ap50"], "test_pixel_acc": r["pixel_acc"],
                 "test_loss": r["loss"], "test_per_class_iou": r["per_class_iou"],
                 "test_ap50_per_class": r["ap50_per_class"]}
-    loss, acc, _ = evaluate(model, loader, preprocess, device, autocast, channels_last)
+    loss, acc, *_ = evaluate(model, loader, preprocess, device, autocast, channels_last)
     return {"test_acc": acc, "test_loss": loss}
 
 
@@ -286,9 +355,11 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
-def _log_sample_predictions(writer, model, loader, preprocess, classes, device, step) -> None:
-    from training.evaluate import sample_grid_figure
+def _log_sample_predictions(writer, model, loader, preprocess, classes, device, step, title: str) -> None:
+    """The most confident mistakes of the first test batch, each next to a correct image of the class it named."""
+    from training.evaluate import predict_probs, sample_grid_figure
 
     x, y = next(iter(loader))
-    fig = sample_grid_figure(model, x[:16], y[:16], preprocess, classes, device)
-    writer.add_figure("sample_predictions", fig, step)
+    conf, pred = predict_probs(model, preprocess, x, device=device).cpu().max(1)
+    writer.add_figure("sample_predictions", sample_grid_figure(x, y.cpu(), pred, conf, classes, title, preprocess),
+                      step)
