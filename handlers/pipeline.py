@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from handlers.decode import DecodeLimits, decode_image, decode_jpegs
 from handlers.errors import BadInput, error_body
-from handlers.runtimes import RUNTIMES, content_sha256, file_sha256, prepare_runtime
+from handlers.runtimes import EXPORTED, RUNTIMES, content_sha256, file_sha256, prepare_runtime
 from training.checkpoint import build_model, load_checkpoint
 from training.presets import eval_batch
 
@@ -119,7 +119,7 @@ class Pipeline:
             torch.set_num_threads(cpu_threads)  # torch and ONNX Runtime both follow it (see prepare_model)
         self.runtime_cache, self.recipe = runtime_cache, dict(ckpt.get("recipe") or {})
         # onnx/int8 files are cached per checkpoint: the file's sha256 when loaded from a file, else a content hash
-        self.checkpoint_sha256 = checkpoint_sha256 or (content_sha256(ckpt) if runtime in ("onnx", "int8") else None)
+        self.checkpoint_sha256 = checkpoint_sha256 or (content_sha256(ckpt) if runtime in EXPORTED else None)
         self.runtime_info: dict[str, Any] = {}
         self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)  # seconds per stage, last handle_requests
         self.model = self.prepare_model(build_model(ckpt))
@@ -128,7 +128,7 @@ class Pipeline:
     def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **options: Any) -> Pipeline:
         """Load a checkpoint (weights_only) and build the pipeline; `options` are the keyword arguments above."""
         ckpt = load_checkpoint(path, map_location="cpu")
-        if options.get("runtime") in ("onnx", "int8"):  # their exports are cached under the file's sha256
+        if options.get("runtime") in EXPORTED:  # their exports are cached under the file's sha256
             options.setdefault("checkpoint_sha256", file_sha256(path))
         return cls(ckpt, device, **options)
 

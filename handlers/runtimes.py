@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8", "tensorrt")
 CPU_ONLY = ("onnx", "int8")           # onnxruntime is installed with the CPU provider only
+EXPORTED = ("onnx", "int8", "tensorrt")  # runtimes that may build an ONNX file, cached under the checkpoint's sha256
 CALIBRATION_IMAGES = 64               # 4 batches of 16
 INT8_SCHEME = "qdq-fp32head"          # the quantize_onnx recipe, part of the cached file's name
 ORT_SPINNING = "0"                    # idle ORT threads sleep: the decoder and other workers share the cores
