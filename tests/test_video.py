@@ -109,7 +109,9 @@ def test_clip_frames_run_in_batches_next_to_other_requests(pipe, clips, ckpt):
     clip, single = ok(answers[0]), ok(answers[1])
     assert [f["frame"] for f in clip["frames"]] == list(range(0, 24, 2)) and clip["truncated"] is False
     assert clip["sampling"] == {"every": 2, "fps": None, "max_frames": None} and clip["kind"] == "clip"
-    alone = ok(SegmentPipeline(ckpt, max_batch=1).handle_requests([{"body": frame}])[0])
+    alone = ok(SegmentPipeline(ckpt, max_batch=1, postprocess_threads=2).handle_requests([{"body": frame}])[0])
+    threads = SegmentPipeline(ckpt, max_batch=5, postprocess_threads=3)  # same answers, frames post-processed in 3
+    assert ok(threads.handle_requests([{"data": clips["square"], "every": "2"}])[0]) == clip
     assert single["kind"] == "frame" and (single["width"], single["height"]) == (64, 64)
     assert (decode_mask(single["mask"]) == decode_mask(alone["mask"])).mean() > 0.999
     assert pipe.timings["decode"] > 0 and pipe.timings["inference"] > 0
