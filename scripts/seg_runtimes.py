@@ -15,7 +15,6 @@ Prints Markdown and the verdict for int8 (does it hold the mIoU budget?); writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 
 from handlers.runtimes import file_sha256  # noqa: E402
 from handlers.segment import SegmentPipeline  # noqa: E402
+from load_tests.report import write_json  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.clips import make_config  # noqa: E402
 from training.presets import eval_batch  # noqa: E402
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         result["speed_fps"] = speed(pipes, int(ckpt["preprocess"]["size"]), a.batch, a.reps)
         result["accuracy"] = accuracy(pipes, ckpt, a.batch)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, a.out)
     print(report(result))
     print(f"\nload average {result['load_before'][0]} before, {result['load_after'][0]} after; JSON: {a.out}")
     return 0

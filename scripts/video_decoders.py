@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from load_tests.report import write_json  # noqa: E402
 
 SIZES = ((224, 224), (480, 640), (720, 1280))
 FORMATS = {"mp4": "mov,mp4,m4a,3gp,3g2,mj2", "matroska": "matroska,webm"}
@@ -113,6 +114,7 @@ def damaged(tmp: Path, frames: int) -> dict[str, tuple[str, bytes]]:
     """Bodies broken in each way, made from fresh 224 px clips: name -> (container, bytes)."""
     import av
 
+    from tests.videos import zero_frame_mp4
     from training.clips import make_clip
 
     clip = make_clip(1, "test", frames, 224)
@@ -134,18 +136,12 @@ def damaged(tmp: Path, frames: int) -> dict[str, tuple[str, bytes]]:
     flipped = bytearray(mp4)
     for i in rng.integers(len(mp4) // 4, len(mp4) - len(mp4) // 4, 64):
         flipped[i] ^= 0xFF
-    zero = io.BytesIO()
-    c = av.open(zero, "w", format="mp4")
-    s = c.add_stream("libx264", rate=30)
-    s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
-    c.start_encoding()
-    c.close()
     return {"intact mp4": ("mp4", mp4), "mp4 cut at 50 %": ("mp4", mp4[: len(mp4) // 2]),
             "faststart mp4 cut at 50 %": ("mp4", fast[: len(fast) // 2]),
             "faststart mp4 cut at 90 %": ("mp4", fast[: len(fast) * 9 // 10]),
             "64 bytes flipped in the frames": ("mp4", bytes(flipped)),
             "garbage after a valid ftyp": ("mp4", mp4[:32] + rng.bytes(50_000)),
-            "empty body": ("mp4", b""), "zero-frame mp4": ("mp4", zero.getvalue()),
+            "empty body": ("mp4", b""), "zero-frame mp4": ("mp4", zero_frame_mp4()),
             "mkv cut at 60 %": ("matroska", mkv[: len(mkv) * 6 // 10]),
             "webm (VP9) intact": ("matroska", webm),
             "webm (VP9) cut at 60 %": ("matroska", webm[: len(webm) * 6 // 10])}
@@ -211,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         result["speed"] = speed(clips, a.reps, a.frames)
         result["robustness"] = robustness(damaged(Path(tmp), 30), 30)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, a.out)
     print(report(result))
     print(f"\nload average {result['load_before'][0]} before, {result['load_after'][0]} after; JSON: {a.out}")
     return 0
