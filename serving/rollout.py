@@ -23,7 +23,7 @@ def rollout(client: Client, name: str, version: str, retire_old: bool = False, i
             body = r.json()
         except ValueError:
             body = None
-        if r.status_code != 200 or not isinstance(body, dict) or not body.get("predictions"):
+        if r.status_code != 200 or smoke_answers(body) is None:
             raise ServingError(f"smoke prediction on {name} {version} failed: HTTP {r.status_code} {r.text[:200]}")
     except ServingError:
         if registered_here:
@@ -39,14 +39,27 @@ def rollout(client: Client, name: str, version: str, retire_old: bool = False, i
             "smoke_check": smoke_summary(name, version, body, custom_image=image is not None)}
 
 
+def smoke_answers(body: Any) -> list[Any] | None:
+    """What a smoke prediction must carry: a classifier's predictions (not empty), or a segmentation model's frame
+    answer with its detections (a list; a test pattern may well show no object). None: not a valid answer."""
+    if not isinstance(body, dict):
+        return None
+    if body.get("predictions"):
+        return body["predictions"]
+    if body.get("kind") == "frame" and isinstance(body.get("detections"), list):
+        return body["detections"]
+    return None
+
+
 def smoke_summary(name: str, version: str, body: dict[str, Any], custom_image: bool) -> dict[str, Any]:
     """The smoke check as a check: passed, on which request. The synthetic pattern's top-1 label means
     nothing, so it is shown only for an image the operator chose."""
+    answers = smoke_answers(body) or []
     out = {"result": "passed", "request": f"POST /predictions/{name}/{version}", "status": 200,
-           "answers": len(body["predictions"])}
-    if custom_image:
-        top = body["predictions"][0]
-        out["top1"] = f"{top.get('label')} {top.get('probability')}"
+           "answers": len(answers)}
+    if custom_image and answers:
+        top = answers[0]
+        out["top1"] = f"{top.get('label')} {top.get('probability', top.get('score'))}"
     else:
         out["image"] = "synthetic test pattern (any label passes)"
     return out

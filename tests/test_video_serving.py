@@ -11,6 +11,7 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+import requests
 import torch
 
 from handlers.segment import SegmentPipeline, decode_mask
@@ -129,6 +130,18 @@ def test_bad_bodies_get_4xx_json_and_the_worker_keeps_serving(env):
     assert r.status_code == 200 and r.json()["detections"] is not None
     workers = env.ts.client.describe(MODEL, "1.0")[0]["workers"]
     assert [w["status"] for w in workers] == ["READY"]
+
+
+def test_version_management_auth_and_metrics_work_as_for_images(env):
+    """The serving CLI's rollout smoke-checks a segmentation model on a frame; no token, no answer; metrics."""
+    r = subprocess.run([sys.executable, "-m", "serving", "rollout", MODEL, "1.0", "--runtime-dir",
+                        str(env.ts.runtime_dir), "--store", str(env.ts.store)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["smoke_check"]["result"] == "passed"
+    frame = encode(photo(64, 64), "PNG")
+    assert requests.post(env.url, data=frame, timeout=60).status_code in (400, 401)
+    assert f'model_name="{MODEL}"' in requests.get(f"{env.ts.metrics_url}/metrics", timeout=30).text
 
 
 def test_predict_video_writes_the_annotated_clip(env):
