@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.cpu import threads_per_worker
 from handlers.pipeline import ImagePipeline, pipeline_options
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,14 @@ def reason_phrase(message: str, limit: int = 200) -> str:
 
 
 def _cpu_threads(option: int | None, yaml_config: dict[str, Any]) -> int:
-    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the cores shared among maxWorkers
-    (or minWorkers), so several CPU workers do not oversubscribe the machine."""
+    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the CPU budget (affinity, cgroup
+    quota) shared among maxWorkers (or minWorkers), so several CPU workers do not oversubscribe it."""
     if option:
         return max(1, option)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return threads_per_worker(workers)
 
 
 class ImageClassifier(BaseHandler):
