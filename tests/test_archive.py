@@ -138,13 +138,61 @@ def test_mar_is_self_contained(built):
     assert model_config["batchSize"] == 8 and model_config["handler"] == {"topk": 3, "runtime": "eager"}
 
 
-def test_rearchive_replaces_the_index_entry(built):
+def test_same_inputs_give_the_same_archive_bytes(built, tmp_path):
+    """Reproducible: another store (another machine, another day) gets a byte-identical .mar."""
     tmp, first = built
-    entry = tiny_archive(tmp / "store", tmp / "configs", "tiny", "1.0", tmp / "tiny.pt", batchSize=2)
-    tiny_archive(tmp / "store", tmp / "configs", "tiny", "1.10", tmp / "tiny.pt")
-    index = read_index(tmp / "store")
-    assert [(e["name"], e["version"]) for e in index] == [("tiny", "1.0"), ("tiny", "1.10")]
-    assert index[0]["sha256"] == entry["sha256"] != first["sha256"]  # a different model-config, a different .mar
+    again = tiny_archive(tmp_path / "store", tmp_path / "configs", "tiny", "1.0", tmp / "tiny.pt", batchSize=8)
+    assert again["sha256"] == first["sha256"] == sha256_file(tmp_path / "store" / "tiny-1.0.mar")
+    with zipfile.ZipFile(tmp_path / "store" / "tiny-1.0.mar") as z:
+        assert [i.date_time for i in z.infolist()] == [(1980, 1, 1, 0, 0, 0)] * len(z.infolist())
+        assert z.namelist() == sorted(z.namelist())
+
+
+def test_rearchiving_the_same_inputs_changes_nothing(built):
+    tmp, first = built
+    mar = tmp / "store" / "tiny-1.0.mar"
+    before = mar.stat().st_mtime_ns, (tmp / "store" / "index.json").read_text()
+    again = tiny_archive(tmp / "store", tmp / "configs", "tiny", "1.0", tmp / "tiny.pt", batchSize=8)
+    assert again["unchanged"] and again["sha256"] == first["sha256"] and again["created"] == first["created"]
+    assert (mar.stat().st_mtime_ns, (tmp / "store" / "index.json").read_text()) == before
+
+
+def test_an_archived_version_is_immutable_unless_replaced(built):
+    tmp, first = built
+    store = tmp / "store"
+    before = sha256_file(store / "tiny-1.0.mar"), (store / "index.json").read_text()
+    with pytest.raises(ArchiveError, match=r"tiny 1.0 is already archived .*model-config.*versions are immutable.*"
+                                           r"--replace"):
+        tiny_archive(store, tmp / "configs", "tiny", "1.0", tmp / "tiny.pt", batchSize=2)
+    assert (sha256_file(store / "tiny-1.0.mar"), (store / "index.json").read_text()) == before
+    other = tiny_checkpoint(tmp / "other.pt", seed=5)
+    with pytest.raises(ArchiveError, match="other inputs \\(checkpoint\\)"):
+        tiny_archive(store, tmp / "configs", "tiny", "1.0", other, batchSize=8)
+
+    cfg = load_config(tmp / "configs" / "tiny" / "1.0.yaml")  # still batchSize 8: back to the first inputs
+    cfg.torchserve["batchSize"] = 2
+    with pytest.raises(ArchiveError, match="registered on the running server"):
+        build_archive(cfg, store, replace=True, registered=lambda name, version: True)
+    replaced = build_archive(cfg, store, replace=True, registered=lambda name, version: False)
+    [indexed] = [e for e in read_index(store) if e["version"] == "1.0"]
+    assert indexed == replaced and replaced["sha256"] != first["sha256"]
+    assert [(r["sha256"], r["created"]) for r in replaced["replaced"]] == [(first["sha256"], first["created"])]
+    tiny_archive(store, tmp / "configs", "tiny", "1.10", tmp / "tiny.pt")
+    assert [(e["name"], e["version"]) for e in read_index(store)] == [("tiny", "1.0"), ("tiny", "1.10")]
+
+
+def test_cli_archive_refuses_a_changed_version_and_replaces_when_told(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    tiny_archive(tmp_path / "store", tmp_path / "configs", "tiny", "1.0", ckpt)
+    tiny_checkpoint(ckpt, seed=3)  # the same path, other weights
+    cmd = [sys.executable, "-m", "serving", "archive", "--config", str(tmp_path / "configs" / "tiny" / "1.0.yaml"),
+           "--store", str(tmp_path / "store"), "--runtime-dir", str(tmp_path / "no-server")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "already archived" in r.stderr and "--replace" in r.stderr, r.stderr
+    r = subprocess.run([*cmd, "--replace"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("; replaced)"), r.stderr
+    r = subprocess.run([*cmd, "--replace"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("; unchanged)"), r.stderr
 
 
 def test_pickled_code_checkpoint_is_refused(tmp_path):
