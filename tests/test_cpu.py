@@ -65,8 +65,8 @@ def test_no_cgroup_information_means_no_limit(tmp_path):
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
 def test_handler_threads_follow_cpu_affinity():
     """Pinned to one CPU, a single worker gets one thread, not one per core of the machine."""
-    code = ("import sys; sys.path.insert(0, '.'); from handlers.classifier import _cpu_threads; "
-            "print(_cpu_threads(None, {'maxWorkers': 1}), _cpu_threads(None, {'maxWorkers': 4}))")
+    code = ("import sys; sys.path.insert(0, '.'); from handlers.adapter import cpu_threads; "
+            "print(cpu_threads(None, {'maxWorkers': 1}), cpu_threads(None, {'maxWorkers': 4}))")
     env = {"PATH": "/usr/bin:/bin"}  # no OMP_NUM_THREADS from the test runner
     r = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                        text=True, env=env, timeout=120)
