@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.artifacts import require_artifact
 from handlers.cpu import threads_per_worker
 from handlers.pipeline import Pipeline, check_options
 
@@ -56,6 +57,7 @@ class PipelineHandler(BaseHandler):
         model_meta = (context.manifest or {}).get("model", {})
         yaml_config = dict(getattr(context, "model_yaml_config", None) or {})
         options = check_options(yaml_config.get("handler"), self.pipeline_class.OPTIONS)
+        require_artifact(options)  # onnx/int8 load what the archive step built; a worker never builds it
         threads = cpu_threads(options.pop("cpu_threads", None), yaml_config)
 
         serialized = model_meta.get("serializedFile")

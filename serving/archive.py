@@ -29,13 +29,14 @@ from typing import Any
 
 import yaml
 
+from handlers.artifacts import file_sha256 as sha256_file
 from serving.config import ROOT, ArchiveConfig, ConfigError, venv_tool, version_key
 
 DEFAULT_STORE = ROOT / "model_store"
 INDEX_NAME = "index.json"
-# The inference-side modules of `training/` (not data loading, training loop or recipes).
-# data.py lets an int8 worker calibrate on the checkpoint's own training data (numpy/torch/PIL only).
-TRAINING_FILES = ("__init__.py", "checkpoint.py", "presets.py", "evaluate.py", "data.py")
+# The inference-side modules of `training/` (not data loading, training loop or recipes): a worker never reads
+# training data (int8 is calibrated at archive time, serving/artifacts.py).
+TRAINING_FILES = ("__init__.py", "checkpoint.py", "presets.py", "evaluate.py")
 
 
 # Versions of the tools whose output lands in an archive: a change is a change of the archive's inputs.
@@ -46,14 +47,6 @@ MANIFEST_CREATED = "01/01/1980 00:00:00"  # MANIFEST.json's createdOn (the real 
 
 class ArchiveError(RuntimeError):
     """The archive could not be built (bad checkpoint, archiver failure, an immutable version changed)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -158,7 +151,7 @@ def archive_inputs(cfg: ArchiveConfig, extra: Path, model_config: dict[str, Any]
     files = sorted(p for p in extra.rglob("*") if p.is_file())
     return {"checkpoint": sha256_file(cfg.checkpoint), "handler": sha256_file(cfg.handler),
             "sources": {str(p.relative_to(extra)): sha256_file(p) for p in files},
-            "model_config": model_config, "tools": tool_versions()}
+            "model_config": model_config, "artifact": cfg.artifact.as_dict(), "tools": tool_versions()}
 
 
 def digest(obj: Any) -> str:
@@ -170,7 +163,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     if not old:
         return "it was archived before input hashes were recorded"
     out = []
-    for key in ("checkpoint", "handler", "model_config", "tools"):
+    for key in ("checkpoint", "handler", "model_config", "artifact", "tools"):
         if old.get(key) != new.get(key):
             out.append(key.replace("_", "-"))
     sources = old.get("sources", {}), new["sources"]
@@ -197,12 +190,14 @@ def normalize_mar(src: Path, dst: Path) -> None:
 
 
 def build_archive(cfg: ArchiveConfig, store: str | Path = DEFAULT_STORE, root: Path = ROOT, replace: bool = False,
-                  registered: Callable[[str, str], bool] | None = None) -> dict[str, Any]:
+                  registered: Callable[[str, str], bool] | None = None, data_root: str | None = None) -> dict[str, Any]:
     """Build <store>/<name>-<version>.mar (+ .sha256) and record it in <store>/index.json. Returns the entry
     (with "unchanged": True when the same inputs were archived already and nothing was written).
 
-    An existing name+version with other inputs is refused unless `replace`; `registered(name, version)` says
-    whether the version is registered on a running server, where a replace is refused too."""
+    The runtime artifact is built and measured first (serving/artifacts.py; `data_root` overrides where the
+    checkpoint's dataset is read from) and packed with its manifest. An existing name+version with other inputs
+    is refused unless `replace`; `registered(name, version)` says whether the version is registered on a
+    running server, where a replace is refused too."""
     store = Path(store).resolve()
     store.mkdir(parents=True, exist_ok=True)
     if not cfg.handler.is_file():
@@ -216,6 +211,7 @@ def build_archive(cfg: ArchiveConfig, store: str | Path = DEFAULT_STORE, root: P
         unchanged = _existing(store, cfg, inputs, replace, registered)  # fail before the expensive part
         if unchanged is not None:
             return unchanged
+        manifest = _build_artifact(cfg, ckpt, extra, data_root)
         model_config = tmp_path / "model-config.yaml"
         model_config.write_text(yaml.safe_dump(cfg.model_config(), sort_keys=False))
         export = tmp_path / "export"
@@ -247,7 +243,7 @@ def build_archive(cfg: ArchiveConfig, store: str | Path = DEFAULT_STORE, root: P
                                        f"{str(existing.get('sha256'))[:12]}…; pass --replace to record the new one")
                 os.replace(staged, mar)
                 _atomic_write(store / f"{mar.name}.sha256", f"{sha}  {mar.name}\n".encode())
-                entry = _entry(cfg, ckpt, root, mar, sha, inputs, existing)
+                entry = _entry(cfg, ckpt, root, mar, sha, inputs, existing, manifest)
                 _write_index(store, entry)
         finally:
             Path(staged).unlink(missing_ok=True)
@@ -269,14 +265,24 @@ def _existing(store: Path, cfg: ArchiveConfig, inputs: dict[str, Any], replace: 
     return None
 
 
+def _build_artifact(cfg: ArchiveConfig, ckpt: dict[str, Any], extra: Path, data_root: str | None) -> dict[str, Any]:
+    from serving.artifacts import ArtifactBuildError, build_artifact
+
+    try:
+        return build_artifact(cfg, ckpt, extra, data_root)
+    except ArtifactBuildError as e:
+        raise ArchiveError(f"{cfg.source or cfg.name}: {e}") from None
+
+
 def _entry(cfg: ArchiveConfig, ckpt: dict[str, Any], root: Path, mar: Path, sha: str, inputs: dict[str, Any],
-           existing: dict[str, Any] | None) -> dict[str, Any]:
+           existing: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     entry = {
         "name": cfg.name, "version": cfg.version, "mar": mar.name, "sha256": sha, "created": now,
         "checkpoint": _display_path(cfg.checkpoint, root), "metrics": ckpt.get("metrics", {}),
         "arch": ckpt["arch"], "runtime": cfg.runtime, "torchserve": cfg.torchserve,
-        "inputs_sha256": digest(inputs), "inputs": inputs,
+        "artifact": {k: manifest[k] for k in ("file", "sha256", "calibration", "note") if k in manifest},
+        "accuracy": manifest["accuracy"], "inputs_sha256": digest(inputs), "inputs": inputs,
     }
     if existing is None:
         return entry
@@ -314,7 +320,8 @@ def _display_path(path: Path, root: Path) -> str:
 
 def archive_all(paths: list[Path], store: str | Path = DEFAULT_STORE, root: Path = ROOT,
                 skip_missing: bool = False, replace: bool = False,
-                registered: Callable[[str, str], bool] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                registered: Callable[[str, str], bool] | None = None,
+                data_root: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Validate every config first (fail before building anything), then build each archive.
     With skip_missing, a config whose checkpoint is not trained yet is skipped (and reported), not an error.
     Returns (index entries built, messages about skipped configs)."""
@@ -333,5 +340,5 @@ def archive_all(paths: list[Path], store: str | Path = DEFAULT_STORE, root: Path
             skipped.append(f"skipped {cfg.name} {cfg.version}: no checkpoint {_display_path(cfg.checkpoint, root)} "
                            "(train it first: python -m training train ...)")
             continue
-        built.append(build_archive(cfg, store, root, replace=replace, registered=registered))
+        built.append(build_archive(cfg, store, root, replace=replace, registered=registered, data_root=data_root))
     return built, skipped

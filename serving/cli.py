@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every archive_configs/<model>/<version>.yaml")
     p.add_argument("--replace", action="store_true", help="rebuild an archived version from changed inputs "
                    "(recorded in index.json; refused while the version is registered on the server of --runtime-dir)")
+    p.add_argument("--data-root", help="where the checkpoints' datasets are (default: their recipes' data_root): "
+                   "int8 calibration and the accuracy check read them")
     p = add("serve", "start TorchServe in the background and register --models")
     p.add_argument("--models", default="", help="comma-separated name[:version] to register (default version: "
                    "the highest archived one), or `all`")
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="a specific version (default: the model's default version)")
     p.add_argument("--topk", type=int, help="number of classes to return (default: the model's topk)")
     add("models", "list registered models and versions (* marks the default)")
-    p = add("describe", "TorchServe's description of a model (all versions, or one)")
+    p = add("describe", "a model's versions: TorchServe's description, what each worker loaded and the archive "
+            "record (sha256, artifact, accuracy measured at archive time)")
     p.add_argument("name")
     p.add_argument("version", nargs="?")
     p = add("register", "register an archived version (sha256-verified) from the model store")
@@ -120,16 +123,27 @@ def cmd_archive(a: argparse.Namespace) -> int:
     if not paths:
         raise ConfigError("nothing to archive: give --config PATH (repeatable) or --all")
     built, skipped = archive_all(paths, a.store, skip_missing=a.all, replace=a.replace,
-                                 registered=_registered_check(a.runtime_dir, a.store) if a.replace else None)
+                                 registered=_registered_check(a.runtime_dir, a.store) if a.replace else None,
+                                 data_root=a.data_root)
     for e in built:
         replaced = e.get("replaced", [{}])[-1].get("replaced_at") == e["created"]
         state = "unchanged" if e.get("unchanged") else ("replaced" if replaced else "built")
-        print(f"{a.store / e['mar']}  sha256 {e['sha256'][:16]}…  ({e['arch']}, {e['runtime']}; {state})")
+        print(f"{a.store / e['mar']}  sha256 {e['sha256'][:16]}…  ({e['arch']}, {e['runtime']}; {state}; "
+              f"{_accuracy_line(e)})")
     for msg in skipped:
         print(msg, file=sys.stderr)
     if not built:
         raise ConfigError("no archive built: none of the configured checkpoints exists yet")
     return 0
+
+
+def _accuracy_line(entry: dict[str, Any]) -> str:
+    acc = entry.get("accuracy") or {}
+    if not acc.get("metric"):
+        return "accuracy not measured: " + str(acc.get("reason", "no data"))
+    runtime = entry["runtime"]
+    return (f"{acc['metric']} {100 * acc[runtime]:.2f} % ({runtime}) vs {100 * acc['fp32']:.2f} % (fp32) on "
+            f"{acc['images']} {acc['split']} images")
 
 
 def _registered_check(runtime_dir: Path, store: Path) -> Any:
@@ -245,9 +259,7 @@ def run(a: argparse.Namespace) -> int:
     if a.cmd == "howto":
         return cmd_howto(a, client)
     if a.cmd == "describe":
-        default = client.default_version(a.name)
-        desc = client.describe(a.name, a.version)
-        _print([{**d, "isDefault": d["modelVersion"] == default} for d in desc])
+        _print(client.describe_full(a.name, a.version))
     elif a.cmd == "register":
         if a.dry_run:
             mar = client.verify_archive(a.name, a.version)

@@ -86,6 +86,26 @@ class Client:
         """TorchServe's description; without a version, every version (`/models/NAME/all`)."""
         return self._mgmt("GET", f"/models/{name}/{version or 'all'}")
 
+    def describe_full(self, name: str, version: str | None = None) -> list[dict[str, Any]]:
+        """Per version: TorchServe's description, `isDefault`, what its worker says it loaded
+        (`customizedMetadata`: runtime, artifact and its sha256, calibration, accuracy) and the archive's
+        index.json record (`archive`: sha256, artifact, accuracy measured at archive time)."""
+        default = self.default_version(name)
+        out = []
+        for d in self.describe(name, version):
+            v = d["modelVersion"]
+            try:  # TorchServe asks a worker (the handler's describe) only for one named version
+                meta = self._mgmt("GET", f"/models/{name}/{v}", params={"customized": "true"})[0]
+                meta = meta.get("customizedMetadata")
+                meta = json.loads(meta) if isinstance(meta, str) else meta
+            except (ServingError, ValueError, IndexError):
+                meta = None
+            entry = find_entry(self.store, name, v) or {}
+            keep = ("mar", "sha256", "created", "runtime", "artifact", "accuracy", "replaced")
+            out.append({**d, "isDefault": v == default, "customizedMetadata": meta,
+                        "archive": {k: entry[k] for k in keep if k in entry}})
+        return out
+
     def default_version(self, name: str) -> str:
         return self._mgmt("GET", f"/models/{name}")[0]["modelVersion"]  # no version = the default one
 

@@ -45,7 +45,7 @@ def test_valid_config_builds_model_config():
     assert cfg.checkpoint == ROOT / "checkpoints" / "x.pt"
     assert cfg.model_config() == {"batchSize": 4, "maxBatchDelay": 10, "minWorkers": 1, "maxWorkers": 2,
                                   "responseTimeout": 30, "deviceType": "cpu",
-                                  "handler": {"topk": 3, "runtime": "eager"}}
+                                  "handler": {"topk": 3, "runtime": "eager", "artifact": "artifact.json"}}
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -53,6 +53,11 @@ def test_valid_config_builds_model_config():
     ({"torchserve__maxBatchDelays": 5}, "unknown key 'torchserve.maxBatchDelays'"),
     ({"torchserve__handler__top_k": 5}, "unknown key 'torchserve.handler.top_k'"),
     ({"torchserve__handler__runtime": "eager"}, "torchserve.handler.runtime"),
+    ({"torchserve__handler__artifact": "x.json"}, "'torchserve.handler.artifact' is not allowed; the archive step"),
+    ({"artifact": {"calibration": "random"}}, "artifact.calibration must be one of dataset, synthetic"),
+    ({"artifact": {"max_accuracy_drop": -1}}, "artifact.max_accuracy_drop must be a number of points >= 0, or null"),
+    ({"artifact": {"calibration_imgs": 64}}, "unknown key 'artifact.calibration_imgs'"),
+    ({"artifact": {"calibration_images": 0}}, "artifact.calibration_images must be an integer >= 1"),
     ({"checkpoint": None}, "missing required key 'checkpoint'"),
     ({"torchserve": None}, "missing required key 'torchserve'"),
     ({"torchserve__batchSize": None}, "missing required key 'torchserve.batchSize'"),
@@ -116,6 +121,9 @@ def test_archive_writes_mar_checksum_and_index(built):
     assert indexed == entry
     assert indexed["sha256"] == digest and indexed["arch"] == "lenet5" and indexed["runtime"] == "eager"
     assert indexed["metrics"] == {"test_acc": 0.1, "seed": 0}
+    # eager runs the checkpoint itself; its recipe names no dataset, so nothing could be measured here
+    assert indexed["artifact"] == {"note": "the checkpoint runs as it is (fp32 PyTorch)"}
+    assert indexed["accuracy"] == {"measured": False, "reason": "the checkpoint's recipe names no dataset"}
     assert indexed["created"].endswith("+00:00")
 
 
@@ -125,18 +133,21 @@ def test_mar_is_self_contained(built):
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         model_config = yaml.safe_load(z.read("model-config.yaml"))
-    for required in ("classifier.py", "tiny.pt", "model-config.yaml", "handlers/__init__.py", "handlers/pipeline.py",
-                     "handlers/decode.py", "training/__init__.py", "training/checkpoint.py", "training/presets.py",
-                     "training/evaluate.py", "training/data.py", "training/models/__init__.py",
-                     "training/models/_registry.py", "training/models/cnn.py"):
+    for required in ("classifier.py", "tiny.pt", "model-config.yaml", "artifact.json", "handlers/__init__.py",
+                     "handlers/pipeline.py", "handlers/decode.py", "handlers/artifacts.py", "training/__init__.py",
+                     "training/checkpoint.py", "training/presets.py", "training/evaluate.py",
+                     "training/models/__init__.py", "training/models/_registry.py", "training/models/cnn.py"):
         assert required in names, required
     assert any(n.startswith("training/models/layers/") for n in names)
-    # Training-only code and the handler's second copy stay out of the archive.
-    assert not names & {"training/train.py", "training/recipe.py", "handlers/classifier.py"}
+    # Training-only code (data loading included: a worker never reads training data) and the handler's second
+    # copy stay out of the archive.
+    assert not names & {"training/train.py", "training/recipe.py", "training/data.py", "training/calibration.py",
+                        "handlers/classifier.py"}
     assert not any("recipes/" in n or "__pycache__" in n for n in names)
     assert manifest["model"] == {**manifest["model"], "modelName": "tiny", "modelVersion": "1.0",
                                  "handler": "classifier.py", "serializedFile": "tiny.pt"}
-    assert model_config["batchSize"] == 8 and model_config["handler"] == {"topk": 3, "runtime": "eager"}
+    assert model_config["batchSize"] == 8
+    assert model_config["handler"] == {"topk": 3, "runtime": "eager", "artifact": "artifact.json"}
 
 
 def test_same_inputs_give_the_same_archive_bytes(built, tmp_path):
@@ -191,9 +202,9 @@ def test_cli_archive_refuses_a_changed_version_and_replaces_when_told(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and "already archived" in r.stderr and "--replace" in r.stderr, r.stderr
     r = subprocess.run([*cmd, "--replace"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.rstrip().endswith("; replaced)"), r.stderr
+    assert r.returncode == 0 and "; replaced;" in r.stdout, r.stderr
     r = subprocess.run([*cmd, "--replace"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.rstrip().endswith("; unchanged)"), r.stderr
+    assert r.returncode == 0 and "; unchanged;" in r.stdout, r.stderr
 
 
 def test_pickled_code_checkpoint_is_refused(tmp_path):
@@ -211,6 +222,6 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "serving", "archive", "--config", str(path), "--store",
                         str(tmp_path / "store")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip() == f"error: {path}: unknown key 'maxWorkerz' (allowed: checkpoint, description, " \
-                               "handler, name, runtime, torchserve, version)"
+    assert r.stderr.strip() == f"error: {path}: unknown key 'maxWorkerz' (allowed: artifact, checkpoint, " \
+                               "description, handler, name, runtime, torchserve, version)"
     assert not Path(tmp_path / "store").exists()
