@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from handlers.artifacts import file_sha256 as sha256_file
-from serving.config import ROOT, ArchiveConfig, ConfigError, venv_tool, version_key
+from serving.config import PACKAGES, ROOT, ArchiveConfig, ConfigError, venv_tool, version_key
 
 DEFAULT_STORE = ROOT / "model_store"
 INDEX_NAME = "index.json"
@@ -112,8 +112,9 @@ def check_checkpoint(cfg: ArchiveConfig) -> dict[str, Any]:
     return ckpt
 
 
-def stage_sources(dest: Path, root: Path = ROOT) -> Path:
-    """Copy the packages the handler imports into dest/ (dest's contents become the archive root)."""
+def stage_sources(dest: Path, root: Path = PACKAGES) -> Path:
+    """Copy the packages the handler imports, from the code that is running (a checkout or an installed
+    package), into dest/ (dest's contents become the archive root)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     (dest / "training").mkdir(parents=True)
     for name in TRAINING_FILES:
@@ -206,7 +207,7 @@ def build_archive(cfg: ArchiveConfig, store: str | Path = DEFAULT_STORE, root: P
     mar = store / cfg.mar_name
     with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
         tmp_path = Path(tmp)
-        extra = stage_sources(tmp_path / "extra", root)
+        extra = stage_sources(tmp_path / "extra")
         inputs = archive_inputs(cfg, extra, cfg.model_config())
         unchanged = _existing(store, cfg, inputs, replace, registered)  # fail before the expensive part
         if unchanged is not None:

@@ -17,7 +17,16 @@ import yaml
 
 from handlers.artifacts import CALIBRATION_IMAGES, CALIBRATION_SEED, MANIFEST, MAX_ACCURACY_DROP
 
-ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = Path(__file__).resolve().parents[1]  # where training/, handlers/, serving/ are: a checkout or site-packages
+
+
+def _project_root() -> Path:
+    """The project: the source checkout these packages run from (it has archive_configs/), else the current
+    directory (an installed package: archive configs, checkpoints, model store and runtime dir are the user's)."""
+    return PACKAGES if (PACKAGES / "archive_configs").is_dir() else Path.cwd()
+
+
+ROOT = _project_root()
 CONFIG_DIR = ROOT / "archive_configs"
 RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8")
 DEVICE_TYPES = ("cpu", "gpu")
@@ -177,6 +186,8 @@ def parse_config(data: Any, source: str = "<config>", root: Path = ROOT) -> Arch
     block["deviceType"] = ts["deviceType"]
 
     handler = _resolve(data.get("handler", DEFAULT_HANDLER), root)
+    if not handler.is_file() and not Path(data.get("handler", DEFAULT_HANDLER)).is_absolute():
+        handler = _resolve(data.get("handler", DEFAULT_HANDLER), PACKAGES)  # the installed package's handler
     opts = _handler_options(source, ts.get("handler") or {}, handler)
 
     return ArchiveConfig(name=name, version=version, checkpoint=_resolve(data["checkpoint"], root),
@@ -199,6 +210,13 @@ def load_config(path: str | Path, root: Path = ROOT) -> ArchiveConfig:
         raise ConfigError(f"{path}: expected at <configs>/{cfg.name}/{cfg.version}.yaml (name/version mismatch)")
     cfg.source = path
     return cfg
+
+
+def config_file(name: str) -> Path:
+    """A file of archive_configs/ such as the config.properties template: the project's own copy, else the one
+    installed with the package (serving/templates/, pyproject.toml)."""
+    own = CONFIG_DIR / name
+    return own if own.is_file() else Path(__file__).resolve().parent / "templates" / name
 
 
 def find_configs(config_dir: Path = CONFIG_DIR) -> list[Path]:

@@ -23,11 +23,11 @@ from typing import Any
 import psutil
 import requests
 
-from serving.config import CONFIG_DIR, ROOT, venv_tool
+from serving.config import ROOT, config_file, venv_tool
 
 DEFAULT_RUNTIME = ROOT / ".runtime"
 DEFAULT_STORE = ROOT / "model_store"
-TEMPLATE = CONFIG_DIR / "config.properties.template"
+TEMPLATE = config_file("config.properties.template")
 CONFIG_NAME = "config.properties"
 KEY_FILE = "key_file.json"
 
