@@ -225,3 +225,18 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     assert r.stderr.strip() == f"error: {path}: unknown key 'maxWorkerz' (allowed: artifact, checkpoint, " \
                                "description, handler, name, runtime, torchserve, version)"
     assert not Path(tmp_path / "store").exists()
+
+
+def test_archive_configs_cite_only_committed_evidence():
+    """A figure quoted in an archive config's comments (e.g. "3.16x") is in a committed docs/*.json, and every
+    docs/ file it cites exists."""
+    import re
+
+    figures = " ".join((ROOT / "docs" / p).read_text() for p in subprocess.run(
+        ["git", "ls-files", "*.json"], cwd=ROOT / "docs", capture_output=True, text=True).stdout.split())
+    for path in find_configs():
+        comments = " ".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
+        for cited in re.findall(r"docs/[\w.-]+\.(?:md|json)", comments):
+            assert (ROOT / cited).is_file(), f"{path}: cites {cited}, which does not exist"
+        for figure in re.findall(r"(\d+(?:\.\d+)?)x\b", comments):
+            assert re.search(rf'": {re.escape(figure)}\d*[,\n}}]', figures), f"{path}: {figure}x is in no docs/*.json"

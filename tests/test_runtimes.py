@@ -244,3 +244,17 @@ def test_unknown_or_misplaced_runtime_fails_early():
     with pytest.raises(ValueError, match="runtime_cache"):
         pipeline_options({"runtime_cache": 1})
     assert ImagePipeline(ckpt).runtime == "eager"  # the CPU default
+
+
+@pytest.mark.parametrize("name, script", [("runtimes", "runtime_bench"), ("runtimes-artifacts", "artifact_bench")])
+def test_every_figure_in_runtimes_md_is_generated_from_a_committed_json(name, script):
+    """docs/runtimes.md's measurement blocks are exactly what their JSON files generate (no hand-typed figures)."""
+    import importlib
+    import json
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    markdown = importlib.import_module(f"scripts.{script}").markdown
+    block = re.search(f"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", (root / "docs/runtimes.md").read_text(),
+                      re.S)
+    assert block and block.group(1) == markdown(json.loads((root / f"docs/{name}.json").read_text()))
