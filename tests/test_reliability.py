@@ -57,13 +57,30 @@ def test_verdicts_come_from_the_figures():
     assert "largest RSS growth +10.5 %" in verdicts(results)[-1][2]
 
 
+def _blocks(text: str) -> dict[str, str]:
+    import re
+
+    return dict(re.findall(r"<!-- ([\w-]+):begin -->\n(.*?)\n<!-- \1:end -->", text, re.S))
+
+
+def test_no_verdict_in_the_reliability_doc_is_written_by_hand():
+    """Verdicts ("met" / "not met") appear only inside the blocks that `make reliability` generates."""
+    text = DOC.read_text()
+    for body in _blocks(text).values():
+        text = text.replace(body, "")
+    assert "**met**" not in text and "not met" not in text and "**met" not in text
+
+
 def test_the_docs_verdicts_and_figures_are_generated_from_the_committed_json():
     """docs/reliability.md's verdict and figure blocks are exactly what its JSON generates: no hand edits."""
     import json
     import re
 
-    results = json.loads((DOC.parent / FIGURES).read_text())
     text = DOC.read_text()
+    if not (DOC.parent / FIGURES).is_file():
+        assert _blocks(text)["reliability-verdicts"] == "(awaiting `make reliability`)", "figures without their JSON"
+        pytest.skip("awaits `make reliability` on a quiet machine")
+    results = json.loads((DOC.parent / FIGURES).read_text())
     for name, body in (("reliability-verdicts", verdicts_md(results)), ("reliability-figures", summary_md(results))):
         block = re.search(f"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", text, re.S)
         assert block and block.group(1) == body, name

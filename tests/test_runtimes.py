@@ -257,4 +257,8 @@ def test_every_figure_in_runtimes_md_is_generated_from_a_committed_json(name, sc
     markdown = importlib.import_module(f"scripts.{script}").markdown
     block = re.search(f"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", (root / "docs/runtimes.md").read_text(),
                       re.S)
-    assert block and block.group(1) == markdown(json.loads((root / f"docs/{name}.json").read_text()))
+    assert block, name
+    if not (root / f"docs/{name}.json").is_file():
+        assert block.group(1).startswith("(awaiting "), f"{name}: figures without their JSON"
+        pytest.skip(f"awaits scripts/{script}.py --docs on a quiet machine")
+    assert block.group(1) == markdown(json.loads((root / f"docs/{name}.json").read_text()))
