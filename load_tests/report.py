@@ -106,8 +106,8 @@ def _sides(result: dict[str, Any]) -> tuple[str, str, str]:
     sides, ts = m.get("sides", {}), m.get("torchserve", {})
     layout = f"{ts.get('workers', 1)} worker(s) x {ts.get('threads', m.get('threads', '?'))} thread(s)"
     return (sides.get("ours", f"our handler, runtime {m.get('runtime')}") + f", {layout}",
-            sides.get("stock", "stock image_classifier") + f", {layout}",
-            sides.get("ours_eager", "our handler, runtime eager"))
+            sides.get("stock", "stock image_classifier (fp32 eager PyTorch)") + f", {layout}",
+            sides.get("ours_eager", "our handler, runtime eager (fp32 eager PyTorch)"))
 
 
 def summary_lines(result: dict[str, Any], target: float = 2.5, keep: float = 0.9) -> list[str]:
@@ -128,7 +128,7 @@ def summary_lines(result: dict[str, Any], target: float = 2.5, keep: float = 0.9
     ours, stock, eager = _sides(result)
     verdict = (f"meets the {target:g}x target" if r >= target else
                f"below the {target:g}x target: {target / r:.2f}x short")
-    lines = [f"- At {users} users, TorchServe + **our handler ({ours})** served {_f(c['rps'])} req/s (p99 "
+    lines = [f"- At {users} users, TorchServe + **{ours}** served {_f(c['rps'])} req/s (p99 "
              f"{_f(c['p99_ms'], 0)} ms); TorchServe + **{stock}** served {_f(d['rps'])} req/s (p99 "
              f"{_f(d['p99_ms'], 0)} ms): **{r:.2f}x** ({verdict}). The ratio includes the runtime: the two sides "
              "do not run the same numerics unless both are eager."]
@@ -142,12 +142,12 @@ def summary_lines(result: dict[str, Any], target: float = 2.5, keep: float = 0.9
                  f"stock {sum(p['failures'] for p in rest['stock'])} over all points.")
     b = _reference(result)
     if top["c_over_b"] is not None and b is not None:
-        layout = (f"{b['workers']} processes x {b['threads']} thread(s) at batch {b['batch']}" if "workers" in b
-                  else f"one process at batch {b['batch']}")
+        layout = (f"with the server's layout ({b['workers']} processes x {b['threads']} thread(s) at batch "
+                  f"{b['batch']}" if "workers" in b else
+                  f"in one process at batch {b['batch']}, not the server's layout ({_sides(result)[0]}")
         met = "met" if top["c_over_b"] >= keep else f"not met, short by {keep - top['c_over_b']:.2f}"
-        lines.append(f"- Over REST our handler kept {top['c_over_b'] * 100:.0f} % of the in-process pipeline with "
-                     f"the server's layout ({layout}: {_f(b['img_s'])} img/s): (c)/(b) = {top['c_over_b']:.2f} "
-                     f"(goal >= {keep:g}: {met}).")
+        lines.append(f"- Over REST our handler kept {top['c_over_b'] * 100:.0f} % of the in-process pipeline "
+                     f"{layout}: {_f(b['img_s'])} img/s): (c)/(b) = {top['c_over_b']:.2f} (goal >= {keep:g}: {met}).")
     prof = rest.get("profile")
     if prof and prof.get("stages"):
         stages = ", ".join(f"{k} {v:.0f} %" for k, v in sorted(prof["stages"].items(), key=lambda kv: -kv[1]) if v)
@@ -169,8 +169,10 @@ def render_markdown(result: dict[str, Any], png_name: str | None = "bench_concur
            f"Load average at start {m['loadavg_start']}, at end {m.get('loadavg_end', '?')}"
            f"{busy}.",
            f"- **Software**: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.",
-           f"- **Model**: {m['model']}; ours runs `{m['runtime']}` from its archive "
-           f"({_artifact_line(m.get('runtime_info', {}))}), {m['threads']} thread(s) per process.",
+           f"- **Model**: {m['model']}; ours runs `{m['runtime']}` "
+           + (f"from its archive ({_artifact_line(m['runtime_info'])})" if "runtime_info" in m else
+              "(built by the worker at start: this run predates runtime artifacts packed in the archive)")
+           + f", {m['threads']} thread(s) per process.",
            f"- **Images**: {m['images']}.",
            f"- **TorchServe**: every model on one server, {ts.get('workers', 1)} worker(s) of "
            f"{ts.get('threads', m['threads'])} thread(s) each, batchSize {ts.get('batchSize')}, maxBatchDelay "

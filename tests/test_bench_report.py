@@ -96,12 +96,12 @@ def test_headline_names_both_sides_adds_eager_against_eager_and_compares_b_with_
     assert rows[-1] == {"users": 16, "c_over_d_rps": 1.5, "d_over_c_p99": 2.0, "c_over_b": 0.75,
                         "e_over_d_rps": 1.25}
     md = report.render_markdown(result)
-    assert ("our handler (our handler, runtime int8 (int8 ONNX Runtime), 2 worker(s) x 1 thread(s))** served 30.0"
+    assert ("**our handler, runtime int8 (int8 ONNX Runtime), 2 worker(s) x 1 thread(s)** served 30.0"
             in md and "stock image_classifier (fp32 eager PyTorch), 2 worker(s) x 1 thread(s)** served 20.0" in md)
     assert "Eager against eager in the same run: **our handler, runtime eager (fp32 eager PyTorch)** served 25.0" in md
     assert "**1.25x**" in md and "| 16 | (e) ours, eager | 25.0 |" in md
-    assert "server's layout (2 processes x 1 thread(s) at batch 8: 40.0 img/s): (c)/(b) = 0.75 (goal >= 0.9: not " \
-           "met, short by 0.15)" in md
+    assert "with the server's layout (2 processes x 1 thread(s) at batch 8: 40.0 img/s): (c)/(b) = 0.75 (goal >= " \
+           "0.9: not met, short by 0.15)" in md
     assert "| (b) pipeline, 2 processes x 1 thread(s) | 8 | 40.0 |" in md
     result["rest"]["profile"] = {"users": 16, "workers": 2, "samples": 2000,
                                  "stages": {"inference": 50.0, "decode": 20.0, "frontend I/O": 30.0, "other": 0.0}}
