@@ -170,7 +170,7 @@ class Client:
                 current_min = self.describe(name, version)[0].get("minWorkers", 1)
                 self.scale(name, version, min_workers if min_workers is not None else current_min, max_workers,
                            wait=False)
-            if wait:
+            if wait and int(self.describe(name, version)[0].get("minWorkers", 1)) > 0:  # 0: nothing to wait for
                 wait_ready(self, name, version, ready_timeout)
         if set_default:
             self.set_default(name, version)
