@@ -84,6 +84,13 @@ def test_int8_archive_packs_the_calibrated_graph_with_its_measured_accuracy(arch
     assert read_index(archived.store)[0]["accuracy"] == acc == manifest["accuracy"]
 
 
+def test_an_int8_archive_is_reproducible(archived, tmp_path):
+    """The same config and checkpoint, archived elsewhere, give the same bytes: calibration, quantization and
+    the zip are deterministic, so the sha256 identifies the model on every machine."""
+    again = build_archive(load_config(archived.configs / "fm" / "1.0.yaml"), tmp_path / "store")
+    assert again["sha256"] == archived.entry["sha256"]
+
+
 def test_the_recorded_accuracy_is_the_artifacts_own(archived):
     """Measured again here on the unpacked artifact (not on the checkpoint), the figure is the recorded one."""
     pipe = ImagePipeline.from_file(archived.unpacked / archived.ckpt.name, runtime="int8", artifact="artifact.json")
