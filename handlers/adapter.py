@@ -12,20 +12,29 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from typing import Any, ClassVar
 
 import torch
 from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.artifacts import require_artifact
+from handlers.cpu import threads_per_worker
 from handlers.errors import BadInput
 from handlers.pipeline import Pipeline, check_options
+from handlers.request import check_content_type
 
 log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
 # TorchServe's own default max_response_size: a worker answer over the frontend's limit kills the worker. The archive
 # step passes the configured limit (archive_configs/config.properties.template) as the max_answer_bytes option.
 MAX_ANSWER_BYTES = 6_553_500
+
+# Counter of answers by the version that produced them (TorchServe's own ts_inference_requests_total says
+# model_version="default" for requests to /predictions/<model>): labels ModelName, ModelVersion, Status.
+ANSWERS_METRIC = "handler_answers_total"
 
 
 def reason_phrase(message: str, limit: int = 200) -> str:
@@ -39,14 +48,22 @@ def reason_phrase(message: str, limit: int = 200) -> str:
 
 
 def cpu_threads(option: int | None, yaml_config: dict[str, Any]) -> int:
-    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the cores shared among maxWorkers
-    (or minWorkers), so several CPU workers do not oversubscribe the machine."""
+    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the CPU budget (affinity, cgroup
+    quota) shared among maxWorkers (or minWorkers), so several CPU workers do not oversubscribe it."""
     if option:
         return max(1, option)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return threads_per_worker(workers)
+
+
+def request_header(context: Any, idx: int, name: str) -> str | None:
+    """A request's HTTP header, any capitalisation (None without TorchServe's per-request processors)."""
+    if getattr(context, "request_processor", None) is None:
+        return None
+    headers = context.get_all_request_header(idx) or {}
+    return next((v for k, v in headers.items() if k.lower() == name and isinstance(v, str)), None)
 
 
 class PipelineHandler(BaseHandler):
@@ -62,6 +79,7 @@ class PipelineHandler(BaseHandler):
         model_meta = (context.manifest or {}).get("model", {})
         yaml_config = dict(getattr(context, "model_yaml_config", None) or {})
         options = check_options(yaml_config.get("handler"), self.pipeline_class.OPTIONS)
+        require_artifact(options)  # onnx/int8 load what the archive step built; a worker never builds it
         threads = cpu_threads(options.pop("cpu_threads", None), yaml_config)
         self.max_answer_bytes = int(options.pop("max_answer_bytes", MAX_ANSWER_BYTES))
 
@@ -94,49 +112,61 @@ class PipelineHandler(BaseHandler):
         self.context = context
         if self._is_describe():
             return [self.describe_handle() for _ in data]
+        answers: list[Any] = [None] * len(data)
+        for idx in range(len(data)):
+            try:
+                check_content_type(request_header(context, idx, "content-type"))
+            except BadInput as e:
+                answers[idx] = (e.status, e.body())
+        todo = [i for i, a in enumerate(answers) if a is None]
         has_processor = getattr(context, "request_processor", None) is not None
+        # only HTTP answers may leave in parts: TorchServe 0.12 wedges the worker when a unary gRPC answer does, and
+        # the handler cannot tell a gRPC stream call from a unary one. HTTP requests carry their headers (Host is
+        # never missing), gRPC ones only their inputs' content types.
+        http = {idx for idx in todo if request_header(context, idx, "host") is not None}
         streamed: set[int] = set()
 
-        def emit(idx: int, lines: list[Any]) -> None:
-            text = self._text(lines)
-            if has_processor:
-                context.set_response_content_type(idx, NDJSON)
+        def emit(r: int, lines: list[Any]) -> None:
+            idx, text = todo[r], self._text(lines)
+            context.set_response_content_type(idx, NDJSON)
             send_intermediate_predict_response({idx: text}, {idx: context.request_ids[idx]},
                                                "Intermediate prediction", 200, context)
             streamed.add(idx)
 
-        # only HTTP answers may leave in parts: TorchServe 0.12 wedges the worker when a unary gRPC answer does, and
-        # the handler cannot tell a gRPC stream call from a unary one
-        http = {idx for idx in range(len(data)) if has_processor and self._http(context, idx)}
-        answers = self.pipeline.handle_requests(data, emit if http else None, http)
+        parts = {r for r, idx in enumerate(todo) if idx in http}
+        for idx, answer in zip(todo, self.pipeline.handle_requests([data[i] for i in todo], emit if parts else None,
+                                                                   parts) if todo else []):
+            answers[idx] = answer
         bodies = []
         for idx, (status, body) in enumerate(answers):
             lines = isinstance(body, list) or idx in streamed
+            text = body
             if lines or self.pipeline.COMPACT_JSON:
                 try:
                     text = self._text(body if isinstance(body, list) or not lines else [body])
                 except BadInput as e:
                     status, body = e.status, e.body()
                     text = self._text([body] if lines else body)
+                    answers[idx] = (status, body)
             if status != 200 and idx not in streamed:  # a stream already answered 200: its last line says why
                 context.set_response_status(status, reason_phrase(body["message"]), idx)
             if has_processor:
                 context.set_response_content_type(idx, NDJSON if lines else "application/json")
                 if idx not in http:  # gRPC StreamPredictions fails the worker on an answer without it (a Java NPE)
                     context.set_response_header(idx, "ts_stream_next", "false")
-            bodies.append(text if lines or self.pipeline.COMPACT_JSON else body)
+            bodies.append(text)
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+            self.count_answers(context.metrics, [status for status, _ in answers])
         return bodies
 
-    @staticmethod
-    def _http(context: Any, idx: int) -> bool:
-        """An HTTP request carries its headers (Host is never missing); a gRPC one only its inputs' content types."""
-        try:
-            props = context.request_processor[idx].get_request_properties()
-        except (AttributeError, IndexError, TypeError):
-            return False
-        return any(str(key).lower() == "host" for key in props or {})
+    def count_answers(self, metrics: Any, statuses: list[int]) -> None:
+        """ANSWERS_METRIC += the batch's answers, per status, under this worker's model name and version."""
+        for status, n in sorted(Counter(statuses).items()):
+            metrics.add_counter(ANSWERS_METRIC, n, None, [
+                Dimension("ModelName", self.pipeline.model_name),
+                Dimension("ModelVersion", self.pipeline.model_version),
+                Dimension("Status", str(status)), Dimension("Level", "Model")])
 
     def _text(self, body: Any) -> str:
         """Compact JSON for a body, NDJSON for a list of lines. TorchServe drops the worker (every request of its
