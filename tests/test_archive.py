@@ -72,7 +72,7 @@ def test_handler_byte_limits_stay_within_the_frontend_limits():
     ({"checkpoint": None}, "missing required key 'checkpoint'"),
     ({"torchserve": None}, "missing required key 'torchserve'"),
     ({"torchserve__batchSize": None}, "missing required key 'torchserve.batchSize'"),
-    ({"runtime": "tensorrt"}, "runtime must be one of eager, compile, onnx, bf16, int8"),
+    ({"runtime": "openvino"}, "runtime must be one of eager, compile, onnx, bf16, int8, tensorrt"),
     ({"version": 1.0}, "version must be a quoted string"),
     ({"name": "bad name"}, "name must match"),
     ({"torchserve__deviceType": "tpu"}, "deviceType must be one of cpu, gpu"),
@@ -107,9 +107,11 @@ def test_shipped_configs_are_valid():
     configs = [load_config(p) for p in find_configs()]
     names = {(c.name, c.version) for c in configs}
     assert {("fmnist-lenet5", "1.0"), ("fmnist-lenet5", "2.0"), ("fmnist-resnet18", "1.0"),
-            ("fmnist-se-resnet18", "1.0"), ("fmnist-vit-tiny", "1.0")} <= names
-    for c in configs:
-        assert c.handler == ROOT / "handlers" / "classifier.py"
+            ("fmnist-se-resnet18", "1.0"), ("fmnist-vit-tiny", "1.0"), ("fmnist-video-seg-vit-tiny", "1.0"),
+            ("fmnist-video-seg-vit-b16", "1.0")} <= names
+    for c in configs:  # a video model says so in its name
+        video = "video" in c.name
+        assert c.handler == ROOT / "handlers" / ("segmenter.py" if video else "classifier.py")
         assert c.checkpoint.parent == ROOT / "checkpoints"
 
 

@@ -125,11 +125,11 @@ def test_calibration_is_a_stated_seeded_sample_of_the_training_split(archived):
     assert about_a == about_b and all(torch.equal(x, y) for x, y in zip(a, b))
     assert about_c["indices_sha256"] != about_a["indices_sha256"] and not torch.equal(a[0], c[0])
     assert [len(x) for x in a] == [16] * 4 and a[0].shape[1:] == (1, 28, 28)
-    # A task without a source (video segmentation plugs in here) is a clear error, not a silent fallback.
-    with pytest.raises(CalibrationError, match="no calibration source for task 'segmentation'"):
-        calibration_set({**ckpt, "task": "segmentation"}, 64, 0)
-    with pytest.raises(CalibrationError, match="no test metric for task 'segmentation'"):
-        measure(lambda x: x, {**ckpt, "task": "segmentation"})
+    # A task without a source is a clear error, not a silent fallback.
+    with pytest.raises(CalibrationError, match="no calibration source for task 'detection'"):
+        calibration_set({**ckpt, "task": "detection"}, 64, 0)
+    with pytest.raises(CalibrationError, match="no test metric for task 'detection'"):
+        measure(lambda x: x, {**ckpt, "task": "detection"})
 
 
 # -- loading in a worker ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ clips, decoding and sampling, batching with other requests, streaming, masks and
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -209,13 +210,13 @@ def test_onnx_and_int8_runtimes_serve_the_segmentation_model(ckpt, clips, tmp_pa
     from training.clips import make_clip
     from training.presets import eval_batch
 
-    ckpt = dict(ckpt, recipe={"name": "tiny", "dataset": "moving_fmnist", "seed": 0})
+    ckpt = dict(ckpt, recipe={"name": "tiny", "task": "segmentation", "dataset": "moving_fmnist", "seed": 0})
     x = eval_batch(make_clip(4, "test", 16, 64).frames, ckpt["preprocess"])
     eager = SegmentPipeline(ckpt).forward(x)
     onnx = SegmentPipeline(ckpt, runtime="onnx", runtime_cache=str(tmp_path))
     assert torch.allclose(onnx.forward(x), eager, atol=1e-4)
     int8 = SegmentPipeline(ckpt, runtime="int8", runtime_cache=str(tmp_path))
-    assert int8.runtime_info["calibration"] == "moving_fmnist:train"
+    assert int8.runtime_info["calibration"]["source"] == "moving_fmnist:train"
     assert (int8.forward(x).argmax(1) == eager.argmax(1)).float().mean() > 0.95
     answer = ok(int8.handle_requests([{"data": clips["square"], "max_frames": 3}])[0])
     assert len(answer["frames"]) == 3
@@ -250,3 +251,33 @@ def test_the_adapter_refuses_an_answer_over_the_frontend_limit(ckpt, clips, tmp_
     lines = [json.loads(x) for part in sent + [out[1]] for x in part.splitlines()]
     assert len(lines) == 26 and lines[-1] == {"end": True, "frames": 24, "truncated": False}
     assert ctx.get_response_status(2)[0] == 200 and len(json.loads(out[2])["frames"]) == 2
+
+
+def test_an_int8_segmentation_archive_is_calibrated_on_training_frames_and_measured_in_miou(ckpt, tmp_path):
+    """The archive step builds the segmentation model's int8 graph like a classifier's, through the task's own
+    entries in training/calibration.py: frames drawn like the training frames, mIoU on the held-out test clips."""
+    import yaml
+
+    from serving.archive import build_archive
+    from serving.config import load_config
+    from training.checkpoint import save_checkpoint
+
+    recipe = {"name": "tiny", "task": "segmentation", "dataset": "moving_fmnist", "seed": 0,
+              "data_args": {"test_clips": 2, "clip_frames": 4}}
+    path = save_checkpoint(dict(ckpt, recipe=recipe), tmp_path / "seg.pt")
+    config = tmp_path / "configs" / "seg" / "1.0.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(yaml.safe_dump({
+        "name": "seg", "version": "1.0", "checkpoint": str(path), "handler": "handlers/segmenter.py",
+        "runtime": "int8", "artifact": {"max_accuracy_drop": None},  # random weights: nothing to hold
+        "torchserve": {"batchSize": 4, "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 60,
+                       "deviceType": "cpu", "handler": {"max_batch": 4}}}))
+    entry = build_archive(load_config(config), tmp_path / "store")
+    with zipfile.ZipFile(tmp_path / "store" / entry["mar"]) as z:
+        manifest = json.loads(z.read("artifact.json"))
+        assert "model.int8.onnx" in z.namelist() and "segmenter.py" in z.namelist()
+        assert "training/masks.py" in z.namelist()
+    assert manifest["calibration"]["source"] == "moving_fmnist:train" and manifest["calibration"]["images"] == 64
+    accuracy = manifest["accuracy"]
+    assert accuracy["metric"] == "miou" and accuracy["split"] == "moving_fmnist:test" and accuracy["images"] == 8
+    assert 0 <= accuracy["int8"] <= 1 and abs(accuracy["drop_pt"]) < 5
