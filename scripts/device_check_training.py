@@ -39,6 +39,7 @@ def main() -> None:
         m = ckpt["metrics"]
         scores = {k: m[k] for k in ("test_acc", "test_miou", "test_ap50") if k in m}
         print(json.dumps({"recipe": name, "arch": recipe.arch, "epochs": recipe.epochs, **scores,
+                          "weights": m.get("weights"), "test_acc_raw": m.get("test_acc_raw"),
                           "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"],
                           "torch": torch.__version__}), flush=True)
 

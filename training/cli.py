@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -86,12 +87,24 @@ def _samples(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} test images to {args.out_dir}")
 
 
+def _catalog() -> str:
+    """The architectures and recipes, for --help (read without importing torch: training/catalog.py)."""
+    from training.catalog import architectures, recipes
+
+    wrap = textwrap.TextWrapper(width=100, initial_indent="  ", subsequent_indent="  ")
+    return "\n".join(["architectures (--arch):", wrap.fill(", ".join(architectures())),
+                      "recipes (--recipe, training/recipes/*.yaml):", wrap.fill(", ".join(recipes()))])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    catalog = _catalog()
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__, epilog=catalog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a model from a recipe")
+    t = sub.add_parser("train", help="train a model from a recipe", epilog=catalog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--recipe", help="recipe name in training/recipes/ or a YAML path (default: default)")
-    t.add_argument("--arch")
+    t.add_argument("--arch", help="a registered architecture (listed below); default: the recipe's")
     t.add_argument("--dataset", choices=["fashion_mnist", "cifar10", "imagefolder", "moving_fmnist"])
     t.add_argument("--data-root")
     t.add_argument("--epochs", type=int)
@@ -145,16 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.checkpoint import CheckpointError
-    from training.data import DatasetError
-    from training.recipe import RecipeError
-
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    parser = build_parser()  # parsed before any import of torch: --help and usage errors stay instant
     # The zoo parses its own options (a REMAINDER positional does not take a leading "--option").
     args = parser.parse_args(argv[:1]) if argv[:1] == ["zoo"] else parser.parse_args(argv)
     if args.cmd == "zoo":
         args.rest = argv[1:]
+    from training.checkpoint import CheckpointError
+    from training.data import DatasetError
+    from training.recipe import RecipeError
+
     try:
         args.fn(args)
     except (DatasetError, RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:

@@ -319,7 +319,8 @@ def make_data(recipe: Recipe, device: torch.device) -> tuple[DatasetInfo, dict[s
                           image_size=recipe.img_size, limit=recipe.limit)
     info = splits.info
     size = recipe.img_size or info.size
-    preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size)
+    preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size,
+                                 background=recipe.background or info.background)
     transform = None if info.in_memory else imagefolder_train_transform(preprocess)
     return info, preprocess, len(splits.train), make_loaders(splits, recipe.batch_size, device, recipe.seed,
                                                              num_workers=recipe.num_workers,
