@@ -5,6 +5,8 @@ The GPU machine has no Debian dataset package: carry the four IDX files, e.g.
     mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
 and run (device tool, carry ["data/fashion-mnist"]):
     python3 scripts/device_check_training.py --data-root data/fashion-mnist [--recipes resnet18_fmnist]
+Segmentation (ViT-B/16 on moving Fashion-MNIST, frames drawn on the GPU; prints test_miou and test_ap50):
+    python3 scripts/device_check_training.py --data-root data/fashion-mnist --recipes vit_seg_b16_moving_fmnist_gpu
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def main() -> None:
         recipe = load_recipe(name, {"data_root": a.data_root, "epochs": a.epochs})
         ckpt = train(recipe, Path(a.out_dir) / f"{name}.pt", progress=False)
         m = ckpt["metrics"]
-        print(json.dumps({"recipe": name, "arch": recipe.arch, "epochs": recipe.epochs, "test_acc": m["test_acc"],
+        scores = {k: m[k] for k in ("test_acc", "test_miou", "test_ap50") if k in m}
+        print(json.dumps({"recipe": name, "arch": recipe.arch, "epochs": recipe.epochs, **scores,
                           "weights": m.get("weights"), "test_acc_raw": m.get("test_acc_raw"),
                           "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"],
                           "torch": torch.__version__}), flush=True)

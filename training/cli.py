@@ -159,9 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    # before any import of torch: --help and usage errors stay instant. The zoo parses its own options (a
-    # REMAINDER positional does not take a leading "--option").
+    parser = build_parser()  # parsed before any import of torch: --help and usage errors stay instant
+    # The zoo parses its own options (a REMAINDER positional does not take a leading "--option").
     args = parser.parse_args(argv[:1]) if argv[:1] == ["zoo"] else parser.parse_args(argv)
     if args.cmd == "zoo":
         args.rest = argv[1:]
