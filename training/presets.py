@@ -25,15 +25,13 @@ def make_preprocess(size: int, channels: int, mean: Sequence[float], std: Sequen
                     resize: int | None = None, interpolation: str = "bilinear",
                     background: Sequence[int] | None = None, crop: bool = True) -> dict[str, Any]:
     """The `preprocess` block of a checkpoint: shorter side -> `resize`, center crop -> `size`, normalize.
-    `crop=False` (segmentation: a mask covers the whole frame) resizes the whole image to size x size.
     `background` (RGB, 0..255) is what the training images show behind their objects: a served image with
     transparency is composited on it (black for Fashion-MNIST's white-on-black items). `crop=False`
     (segmentation: a mask covers the whole frame) resizes the whole image to size x size instead."""
     if interpolation not in _INTERP:
         raise ValueError(f"interpolation must be one of {sorted(_INTERP)}")
     pre = {"size": int(size), "resize": int(resize or size), "channels": int(channels),
-           "mean": [float(m) for m in mean], "std": [float(s) for s in std], "interpolation": interpolation,
-           "crop": bool(crop)}
+           "mean": [float(m) for m in mean], "std": [float(s) for s in std], "interpolation": interpolation}
     if background is not None:
         pre["background"] = check_background(background)
     if not crop:
