@@ -1,7 +1,7 @@
 """Runtimes for a segmentation checkpoint side by side: mIoU and AP@0.5 on the held-out test clips, and speed.
 
     flock /tmp/heavy.lock .venv/bin/python scripts/seg_runtimes.py \\
-        --checkpoint checkpoints/vit_seg_tiny-moving_fmnist.pt --out docs/video_runtimes.json
+        --checkpoint checkpoints/vit_seg_tiny-moving_fmnist.pt --docs
 
 1. Accuracy: the checkpoint's test clips (its recipe's clip knobs, test-split garments: what `python -m training
    eval` scores) through SegmentPipeline.forward per runtime (eager, onnx, int8, bf16 by default), scored with
@@ -83,7 +83,7 @@ def speed(pipes: dict[str, SegmentPipeline], size: int, batch: int, reps: int) -
     return {name: round(batch / statistics.median(t), 1) for name, t in times.items()}
 
 
-def report(r: dict[str, Any]) -> str:
+def markdown(r: dict[str, Any]) -> str:
     acc, fps = r["accuracy"]["runtimes"], r["speed_fps"]
     eager = acc["eager"]
     lines = [f"| runtime | mIoU | Δ pt | mIoU objects | AP@0.5 | same label as eager | frames/s batch {r['batch']} | "
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "video_runtimes.json")
+    p.add_argument("--docs", action="store_true", help="also docs/video_runtimes.json and its block in video.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     ckpt = load_checkpoint(a.checkpoint, map_location="cpu")
@@ -131,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         result["accuracy"] = accuracy(pipes, ckpt, a.batch)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     write_json(result, a.out)
-    print(report(result))
+    if a.docs:
+        from load_tests.reliability import write_doc_block
+
+        write_json(result, ROOT / "docs" / "video_runtimes.json")
+        write_doc_block(ROOT / "docs" / "video.md", "video-runtimes", markdown(result))
+    print(markdown(result))
     print(f"\nload average {result['load_before'][0]} before, {result['load_after'][0]} after; JSON: {a.out}")
     return 0
 

@@ -1,6 +1,6 @@
 """PyAV or torchcodec for the video handler: decoding speed and robustness on generated clips, side by side.
 
-    flock /tmp/heavy.lock .venv/bin/python scripts/video_decoders.py --out docs/video_decoders.json
+    flock /tmp/heavy.lock .venv/bin/python scripts/video_decoders.py --docs
 
 1. Speed: PyAV as the handler runs it (handlers/video.py: explicit demuxer, one reused colour converter, the
    limits) against torchcodec (frames fetched 16 at a time, as a handler would to bound memory), on moving
@@ -160,7 +160,7 @@ def robustness(cases: dict[str, tuple[str, bytes]], frames: int) -> list[dict[st
     return rows
 
 
-def report(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     lines = ["| frames | threads | every | PyAV frames/s | torchcodec frames/s | PyAV / torchcodec |", "|" + "---|" * 6]
     by = {(r["size"], r["threads"], r["every"], r["decoder"]): r for r in result["speed"]}
     ratios = []
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=90, help="frames per clip (default 90: 3 s at 30 fps)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "video_decoders.json")
+    p.add_argument("--docs", action="store_true", help="also docs/video_decoders.json and its block in video.md")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     import av
@@ -208,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         result["robustness"] = robustness(damaged(Path(tmp), 30), 30)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     write_json(result, a.out)
-    print(report(result))
+    if a.docs:
+        from load_tests.reliability import write_doc_block
+
+        write_json(result, ROOT / "docs" / "video_decoders.json")
+        write_doc_block(ROOT / "docs" / "video.md", "video-decoders", markdown(result))
+    print(markdown(result))
     print(f"\nload average {result['load_before'][0]} before, {result['load_after'][0]} after; JSON: {a.out}")
     return 0
 

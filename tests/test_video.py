@@ -281,3 +281,21 @@ def test_an_int8_segmentation_archive_is_calibrated_on_training_frames_and_measu
     accuracy = manifest["accuracy"]
     assert accuracy["metric"] == "miou" and accuracy["split"] == "moving_fmnist:test" and accuracy["images"] == 8
     assert 0 <= accuracy["int8"] <= 1 and abs(accuracy["drop_pt"]) < 5
+
+
+@pytest.mark.parametrize("name, script", [("video-decoders", "video_decoders"), ("video-runtimes", "seg_runtimes")])
+def test_every_figure_in_video_md_is_generated_from_a_committed_json(name, script):
+    """docs/video.md's measurement blocks are exactly what their JSON files generate (no hand-typed figures)."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(f"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", (root / "docs/video.md").read_text(), re.S)
+    assert block, name
+    data = root / "docs" / f"{name.replace('-', '_')}.json"
+    if not data.is_file():
+        assert block.group(1).startswith("(awaiting "), f"{name}: figures without their JSON"
+        pytest.skip(f"awaits scripts/{script}.py --docs on a quiet machine")
+    markdown = importlib.import_module(f"scripts.{script}").markdown
+    assert block.group(1) == markdown(json.loads(data.read_text()))
