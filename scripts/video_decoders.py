@@ -155,7 +155,8 @@ def robustness(cases: dict[str, tuple[str, bytes]], frames: int) -> list[dict[st
             try:
                 row[name] = f"frames {fn(data, container, 1, 1)}"
             except Exception as e:  # what each library raises is the point of the comparison
-                row[name] = f"error ({type(e).__name__}: {' '.join(str(e).split())[-70:]})"
+                kind = f"{e.status} {e.type}" if hasattr(e, "type") else type(e).__name__  # the handler: its 4xx
+                row[name] = f"error: {kind} ({' '.join(str(e).split())[:60]})"
         rows.append(row)
     return rows
 
