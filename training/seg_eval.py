@@ -138,8 +138,9 @@ def run_eval(ckpt: dict[str, Any], checkpoint: str | Path, out_dir: str | Path, 
     trained = ckpt["metrics"]
     result = {"checkpoint": str(checkpoint), "arch": ckpt["arch"], "task": "segmentation", "data": source,
               "frames": sum(len(s.frames) for s in sets), "img_size": pre["size"], **result,
-              "training": {"train_time_s": trained.get("train_time_s"), "hardware": trained.get("hardware"),
-                           "epochs": trained.get("epochs"), "steps": trained.get("steps"),
+              "training": {"train_time_s": trained.get("train_time_s"), "train_cpu_s": trained.get("train_cpu_s"),
+                           "hardware": trained.get("hardware"), "epochs": trained.get("epochs"),
+                           "steps": trained.get("steps"),
                            "val_miou": [row.get("val_miou") for row in trained.get("history", [])]},
               "recipe": ckpt["recipe"]}
     out = Path(out_dir)

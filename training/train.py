@@ -167,7 +167,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     criterion = SegmentationLoss(recipe.dice_weight, recipe.label_smoothing) if recipe.task == "segmentation" \
         else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
-    start_epoch, history, train_time = 0, [], 0.0
+    start_epoch, history, train_time, train_cpu = 0, [], 0.0, 0.0
     if resume:
         state = load_checkpoint(resume, map_location=device)
         if state["arch"] != recipe.arch:
@@ -180,6 +180,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         start_epoch = int(state["epoch"])
         history = list(state["metrics"].get("history", []))
         train_time = float(state["metrics"].get("train_time_s", 0.0))
+        train_cpu = float(state["metrics"].get("train_cpu_s", 0.0))
 
     writer = None
     if log_dir:
@@ -206,7 +207,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         model.train()
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)  # the same shuffle order whether resumed or not
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
                    disable=not (progress and sys.stderr.isatty()))
@@ -233,6 +234,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         if on_cuda:
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
+        train_cpu += time.process_time() - cpu0  # CPU seconds of all threads: on a shared machine, what it cost
         eval_model = ema.module if ema is not None else model
         if ema is not None:  # BN statistics measured with the averaged weights, not the raw ones
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -257,6 +259,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
                 writer.add_scalar(key, row[key], epoch + 1)
         final = epoch + 1 == recipe.epochs
         metrics = {"history": history, **{f"val_{k}": v for k, v in val_scores.items()}, "train_time_s": train_time,
+                   "train_cpu_s": train_cpu,
                    "hardware": hardware_name(device), "epochs": epoch + 1, "steps": sched.last_epoch,
                    "weights": "ema" if ema is not None else "raw", "warnings": [warning] if warning else []}
         if ema is not None:
