@@ -35,6 +35,19 @@ def log_loads(path: Path) -> list[list[float]]:
     return [[float(x) for x in m] for m in re.findall(r"load average: ([\d.]+), ([\d.]+), ([\d.]+)", path.read_text())]
 
 
+def log_time(path: Path) -> dict[str, float]:
+    """Wall and CPU seconds of the whole run, from `/usr/bin/time -v` in its log (empty when not there)."""
+    text = path.read_text()
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    if not wall or len(cpu) != 2:
+        return {}
+    seconds = 0.0
+    for part in wall.group(1).split(":"):
+        seconds = seconds * 60 + float(part)
+    return {"run_wall_s": seconds, "run_cpu_s": sum(cpu), "stopped": "terminated by signal" in text}
+
+
 def run_entry(metrics: Path, log: Path, recipe: str) -> dict[str, Any]:
     m = json.loads(metrics.read_text())
     loads = log_loads(log)
@@ -44,7 +57,8 @@ def run_entry(metrics: Path, log: Path, recipe: str) -> dict[str, Any]:
             "training": {**t, "epochs_planned": r["epochs"], "batch_size": r["batch_size"],
                          "frames_per_epoch": r["data_args"].get("train_frames"),
                          "frames_seen": (t["steps"] or 0) * r["batch_size"]},
-            "load_start": loads[0] if loads else None, "load_end": loads[-1] if len(loads) > 1 else None,
+            "run": log_time(log), "load_start": loads[0] if loads else None,
+            "load_end": loads[-1] if len(loads) > 1 else None,
             "checkpoint": m["checkpoint"], "recipe": r}
 
 
@@ -64,6 +78,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{t['epochs_planned']} epochs, {t['frames_seen']:,} frames | {t['train_time_s'] / 60:.1f} min | "
             f"{t['train_cpu_s'] / 60:.1f} min | {_load(run['load_start'])} → {_load(run['load_end'])} | {val} | "
             f"{e['miou']:.3f} | {e['miou_objects']:.3f} | {e['ap50']:.3f} | {e['pixel_acc']:.3f} |")
+    for run in result["runs"]:
+        if run["run"]:
+            lines += ["", f"`{run['recipe_name']}` as a whole (validation and, when it was stopped, the unfinished "
+                      f"epoch included): {run['run']['run_wall_s'] / 60:.1f} min of wall time, "
+                      f"{run['run']['run_cpu_s'] / 60:.1f} CPU min" + (", stopped" if run["run"]["stopped"] else "")
+                      + "; the table's wall and CPU columns count the finished epochs' training steps."]
     best = max(result["runs"], key=lambda r: r["eval"]["miou"])
     miou, goal = best["eval"]["miou"], result["goal_miou"]
     verdict = (f"Verdict: `{best['arch']}` reaches the mIoU goal of {goal} ({miou:.3f})." if miou >= goal else
