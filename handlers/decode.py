@@ -5,6 +5,8 @@ Two decoders share one set of rules:
 - `decode_jpegs` (torchvision/nvjpeg): a whole list of JPEGs in one call on the GPU; whatever it cannot take
   (CMYK, odd streams) falls back to `decode_image` item by item.
 Both check the pixel count from the header (Image.open reads only the header) before any pixel is decoded.
+`image_pixels` is that header check on its own: the shared flow uses it to hold each request and each decoded
+chunk to a pixel budget before decoding (handlers/pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from handlers.errors import BadInput
+from handlers.request import MAX_REQUEST_BYTES
 
 # A truncated file must be an error, not a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -26,13 +29,26 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # (Multi-picture JPEGs open through the JPEG plugin and report format "MPO".)
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+# Decoded-pixel budgets per byte of the largest request: 4 pixels per byte (2 bits per pixel, what a JPEG photo
+# takes at ordinary qualities) lets any such request of photos through and refuses bodies that inflate far more
+# (a uniform 6000x6000 PNG is 36 M pixels in ~40 KB).
+PIXELS_PER_REQUEST_BYTE = 4
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = 40_000_000        # width * height from the header; bigger -> 413 before decoding
-    max_bytes: int = 20 * 1024 * 1024   # encoded size of one image; bigger -> 413
+    max_bytes: int = MAX_REQUEST_BYTES  # encoded size of one image; bigger -> 413
     jpeg_draft: bool = True             # let libjpeg decode at 1/2, 1/4, 1/8 scale when that still covers `resize`
+    # header pixels of all the images of one request; more -> 413 TooManyPixels before any is decoded
+    max_request_pixels: int = PIXELS_PER_REQUEST_BYTE * MAX_REQUEST_BYTES
+    # pixels a worker holds decoded at once: a chunk of the batch closes before it would pass this
+    max_batch_pixels: int = PIXELS_PER_REQUEST_BYTE * MAX_REQUEST_BYTES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_pixels <= min(self.max_request_pixels, self.max_batch_pixels):
+            raise ValueError(f"max_image_pixels ({self.max_pixels}) must be >= 1 and at most max_request_pixels "
+                             f"({self.max_request_pixels}) and max_batch_pixels ({self.max_batch_pixels})")
 
 
 def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
@@ -57,6 +73,12 @@ def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     if w < 1 or h < 1:
         raise BadInput(400, "InvalidImage", f"image has no pixels ({w}x{h})")
     return img
+
+
+def image_pixels(data: bytes, limits: DecodeLimits) -> int:
+    """width * height from the header alone (nothing decoded); raises BadInput like `open_image`."""
+    w, h = open_image(data, limits).size
+    return w * h
 
 
 def decode_image(data: bytes, channels: int, limits: DecodeLimits = DecodeLimits(),
