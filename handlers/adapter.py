@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +42,38 @@ def cpu_threads(option: int | None, yaml_config: dict[str, Any]) -> int:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
     return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+# The handler's own Prometheus metrics, emitted through TorchServe's metrics cache (context.metrics) and exposed on
+# the metrics port because config.properties sets model_metrics_auto_detect (docs/serving.md, "Metrics"). Counters,
+# so rate() gives per-second figures: stage milliseconds / batches = the mean time per worker batch.
+STAGE_MS, BATCHES, ERRORS = "handler_stage_milliseconds", "handler_batches", "handler_errors"
+
+
+def declare_metrics(cache: Any) -> dict[str, Any]:
+    """Add the handler metrics to a worker's metrics cache (once, at load): name -> metric."""
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    labels = ["model_name", "model_version"]
+    specs = {STAGE_MS: ("ms", labels + ["stage"]), BATCHES: ("count", labels),
+             ERRORS: ("count", labels + ["code", "type"])}
+    return {name: cache.add_metric_to_cache(name, unit, dims, MetricTypes.COUNTER)
+            for name, (unit, dims) in specs.items()}
+
+
+def record_metrics(metrics: dict[str, Any], pipeline: Pipeline, answers: Sequence[tuple[int, Any]]) -> None:
+    """One worker batch: milliseconds per stage (the pipeline's `timings`), the batch, and each error answer by
+    status and type. Never raises: a metrics failure must not fail the answers."""
+    labels = [pipeline.model_name, pipeline.model_version]
+    try:
+        for stage, seconds in pipeline.timings.items():
+            metrics[STAGE_MS].add_or_update(round(seconds * 1000, 3), labels + [stage])
+        metrics[BATCHES].add_or_update(1, labels)
+        errors = Counter((str(status), str(body.get("type", "Error"))) for status, body in answers if status != 200)
+        for (code, type_), n in sorted(errors.items()):
+            metrics[ERRORS].add_or_update(n, labels + [code, type_])
+    except Exception:  # noqa: BLE001
+        log.exception("could not record handler metrics")
 
 
 class PipelineHandler(BaseHandler):
@@ -74,6 +108,8 @@ class PipelineHandler(BaseHandler):
                                                       model_version=model_meta.get("modelVersion"), **options)
         self.model = self.pipeline.model
         self.mapping = dict(enumerate(self.pipeline.classes))
+        cache = getattr(context, "metrics", None)
+        self.handler_metrics = declare_metrics(cache) if cache is not None else None
         self.initialized = True
         log.info("loaded %s version %s on %s (runtime %s, %d CPU threads)", self.pipeline.model_name,
                  self.pipeline.model_version, self.device, self.pipeline.runtime, torch.get_num_threads())
@@ -93,8 +129,9 @@ class PipelineHandler(BaseHandler):
             if has_processor:
                 context.set_response_content_type(idx, "application/json")
             bodies.append(body)
-        if getattr(context, "metrics", None) is not None:
+        if getattr(self, "handler_metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+            record_metrics(self.handler_metrics, self.pipeline, answers)
         return bodies
 
     def _is_describe(self) -> bool:

@@ -48,6 +48,17 @@ def check_options(cfg: Mapping[str, Any] | None, options: Mapping[str, type]) ->
     return cfg
 
 
+# handler option -> DecodeLimits field
+LIMIT_OPTIONS = {"max_image_pixels": "max_pixels", "max_image_bytes": "max_bytes", "jpeg_draft": "jpeg_draft",
+                 "max_request_pixels": "max_request_pixels", "max_batch_pixels": "max_batch_pixels"}
+
+
+def decode_limits(options: Mapping[str, Any]) -> DecodeLimits:
+    """The limits among handler options -> DecodeLimits (defaults for the others); ValueError when they do not fit
+    together. The archive step calls it too, so a config with inconsistent limits fails there, not in a worker."""
+    return DecodeLimits(**{LIMIT_OPTIONS[k]: v for k, v in options.items() if k in LIMIT_OPTIONS})
+
+
 @dataclass
 class Job:
     """One request on its way through the stages: the units it carries and what they produced."""
@@ -88,8 +99,9 @@ class Pipeline:
         self.preprocess: dict[str, Any] = dict(ckpt["preprocess"])
         self.classes = [str(c) for c in ckpt["classes"]]
         self.task = str(ckpt.get("task") or "classification")
-        self.limits = DecodeLimits(max_image_pixels, max_image_bytes, jpeg_draft, max_request_pixels,
-                                   max_batch_pixels)
+        self.limits = decode_limits({"max_image_pixels": max_image_pixels, "max_image_bytes": max_image_bytes,
+                                     "jpeg_draft": jpeg_draft, "max_request_pixels": max_request_pixels,
+                                     "max_batch_pixels": max_batch_pixels})
         self.jpeg_decoder = (("torchvision" if self.device.type == "cuda" else "pil") if jpeg_decoder == "auto"
                              else jpeg_decoder)
         self.max_batch, self.runtime = max_batch, runtime

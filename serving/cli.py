@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--version", help="a specific version (default: the model's default version)")
     p.add_argument("--topk", type=int, help="number of classes to return (default: the model's topk)")
+    p.add_argument("--grpc", action="store_true", help="over TorchServe's gRPC inference API instead of REST")
     add("models", "list registered models and versions (* marks the default)")
     p = add("describe", "TorchServe's description of a model (all versions, or one)")
     p.add_argument("name")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = add("metrics", "print the Prometheus metrics")
     p.add_argument("--grep", help="only lines containing this text")
+    add("ping", "health check: TorchServe's /ping with the inference key; exit status 0 when Healthy")
     p = add("howto", "print the curl commands for a running server")
     p.add_argument("--model", default=DEFAULT_MODEL)
     return parser
@@ -151,21 +153,53 @@ def cmd_stop(a: argparse.Namespace) -> int:
 
 def cmd_predict(a: argparse.Namespace, client: Any) -> int:
     failed = 0
+    send = _grpc_sender(a, client) if a.grpc else _rest_sender(a, client)
     for path in a.images:
         data = path.read_bytes()
         if a.topk is not None:  # per-request topk travels in the JSON form of the request
             data = json.dumps({"image": base64.b64encode(data).decode(), "topk": a.topk}).encode()
-        r = client.predict(a.model, data, a.version)
-        try:
-            body = r.json()
-        except ValueError:
-            body = {"code": r.status_code, "message": r.text.strip() or r.reason}
-        failed += r.status_code != 200
+        status, body = send(data)
+        failed += status != 200
         if len(a.images) == 1:
             _print(body)
         else:
-            print(json.dumps({"image": str(path), "status": r.status_code, **body}))
+            print(json.dumps({"image": str(path), "status": status, **body}))
     return 1 if failed else 0
+
+
+def _rest_sender(a: argparse.Namespace, client: Any) -> Any:
+    def send(data: bytes) -> tuple[int, Any]:
+        r = client.predict(a.model, data, a.version)
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            return r.status_code, {"code": r.status_code, "message": r.text.strip() or r.reason}
+    return send
+
+
+def _grpc_sender(a: argparse.Namespace, client: Any) -> Any:
+    """gRPC answers carry no per-request status (TorchServe 0.12): an error body's "code" is the status."""
+    import grpc
+
+    from serving.grpc_client import GrpcClient
+    from serving.server import CONFIG_NAME, read_properties
+
+    props = read_properties(a.runtime_dir / CONFIG_NAME)
+    target = f"{props.get('grpc_inference_address', '127.0.0.1')}:{props.get('grpc_inference_port', '7070')}"
+    grpc_client = GrpcClient(target, client.ep.inference_key, a.runtime_dir / "grpc")
+
+    def send(data: bytes) -> tuple[int, Any]:
+        for attempt in range(2):
+            try:
+                return grpc_client.predict(a.model, data, a.version)
+            except grpc.RpcError as e:
+                if attempt == 0 and e.code() == grpc.StatusCode.PERMISSION_DENIED:  # an expired key: renew once
+                    client._refresh_token("inference")
+                    grpc_client.metadata = [("authorization", f"Bearer {client.ep.inference_key}")]
+                    continue
+                raise ServingError(f"gRPC {e.code().name}: {e.details()}") from None
+        raise AssertionError("unreachable")
+    return send
 
 
 def cmd_models(client: Any) -> int:
@@ -183,11 +217,18 @@ def cmd_models(client: Any) -> int:
 
 
 def cmd_howto(a: argparse.Namespace, client: Any) -> int:
+    """curl commands that read the inference key from the key file when they run: the key is never printed (it
+    would end up in terminal scrollback and CI logs, and it changes when renewed)."""
     ep, key_file = client.ep, a.runtime_dir.resolve() / "key_file.json"
-    print(f"""Predict (raw image bytes; token from {key_file}, key "inference"):
-  curl -H "Authorization: Bearer {ep.inference_key}" -T image.png {ep.inference_url}/predictions/{a.model}
-  curl -H "Authorization: Bearer {ep.inference_key}" -T image.png {ep.inference_url}/predictions/{a.model}/VERSION
-Metrics (Prometheus): curl {ep.metrics_url}/metrics
+    read_key = f"""python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' {key_file}"""
+    print(f"""Inference key (the "inference" entry of {key_file}; renewed keys replace it there):
+  KEY=$({read_key})
+Predict (raw image bytes):
+  curl -H "Authorization: Bearer $KEY" -T image.png {ep.inference_url}/predictions/{a.model}
+  curl -H "Authorization: Bearer $KEY" -T image.png {ep.inference_url}/predictions/{a.model}/VERSION
+Health (/ping needs the inference key too): curl -H "Authorization: Bearer $KEY" {ep.inference_url}/ping
+  or: python -m serving ping   (renews an expired key; exit status 0 when Healthy)
+Metrics (Prometheus, no key): curl {ep.metrics_url}/metrics
 Versions: python -m serving models | describe {a.model} | rollout {a.model} VERSION | rollback {a.model}
 Tokens expire after token_expiration_min minutes; the CLI renews them, curl users re-read the key file.""")
     return 0
@@ -206,6 +247,9 @@ def run(a: argparse.Namespace) -> int:
         return cmd_models(client)
     if a.cmd == "howto":
         return cmd_howto(a, client)
+    if a.cmd == "ping":
+        print(client.ping()["status"])
+        return 0
     if a.cmd == "describe":
         default = client.default_version(a.name)
         desc = client.describe(a.name, a.version)
