@@ -18,7 +18,7 @@ import requests
 import torch
 from PIL import Image
 
-from handlers.decode import DecodeLimits
+from handlers.decode import DecodeLimits, image_pixels
 from handlers.errors import BadInput
 from handlers.image import ImagePipeline
 from handlers.pipeline import Job
@@ -126,6 +126,31 @@ def test_header_errors_are_found_before_any_image_of_the_request_is_decoded(ckpt
     assert decoded == []
     with pytest.raises(BadInput):
         pipe.unit_pixels(b"not an image")
+
+
+@pytest.mark.parametrize("fmt, kw, mode", [("JPEG", {}, "RGB"), ("JPEG", {"progressive": True}, "RGB"),
+                                           ("JPEG", {}, "L"), ("JPEG", {}, "CMYK"), ("PNG", {}, "RGB"),
+                                           ("PNG", {}, "L"), ("PNG", {}, "P"), ("WEBP", {}, "RGB"), ("GIF", {}, "P")])
+def test_pixels_counted_from_headers_equal_what_pil_reads(fmt, kw, mode):
+    for w, h in ((1, 1), (37, 23), (640, 17)):
+        data = encode(photo(w, h, mode=mode), fmt, **kw)
+        assert image_pixels(data, DecodeLimits()) == w * h == _pil_pixels(data), (fmt, mode, w, h)
+
+
+def test_a_jpeg_with_two_frame_headers_counts_the_larger():
+    """Whichever frame header a decoder believes, the budget counts at least its pixels."""
+    data = encode(photo(40, 30), "JPEG")
+    i = data.index(b"\xff\xc0")
+    seg = data[i:i + 2 + int.from_bytes(data[i + 2:i + 4], "big")]
+    big = seg[:5] + (3000).to_bytes(2, "big") + (4000).to_bytes(2, "big") + seg[9:]
+    for crafted in (data[:i] + big + data[i:], data[:i] + seg + big + data[i + len(seg):]):
+        assert image_pixels(crafted, DecodeLimits()) == 12_000_000 >= _pil_pixels(crafted)
+
+
+def _pil_pixels(data: bytes) -> int:
+    w, h = Image.open(io.BytesIO(data)).size
+    return w * h
+
 
 
 # -- a real worker ---------------------------------------------------------------------------------------------
