@@ -211,3 +211,20 @@ def test_gpu_device_from_context(model_dir):
     assert handler.device == torch.device("cuda:0")
     out, statuses = serve(handler, ctx, [{"body": encode(photo(), "JPEG")}, {"body": b"x"}])
     assert [s for s, _ in statuses] == [200, 400] and len(out[0]["predictions"]) == 5
+
+
+def test_each_batch_emits_stage_times_and_errors_by_type(model_dir, caplog):
+    """The metric lines the worker prints for TorchServe's frontend (the real-server test reads them back from
+    the Prometheus endpoint: tests/test_conventions.py)."""
+    handler, ctx = loaded(model_dir)
+    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
+        serve(handler, ctx, [{"body": encode(photo(), "PNG")}, {"body": b"junk"}, {"body": b""}, {"body": b"\x00junk"}])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]handler_")]
+    version = "model_name:tiny,model_version:2.0"
+    for stage in ("decode", "preprocess", "inference", "postprocess", "answer"):
+        assert any("handler_stage_milliseconds.Milliseconds:" in x and f"{version},stage:{stage}|" in x
+                   for x in lines), stage
+    assert sum(x.startswith(f"[METRICS]handler_batches.Count:1|#{version}|") for x in lines) == 1
+    errors = sorted(x.split("|")[0:2] for x in lines if x.startswith("[METRICS]handler_errors"))
+    assert errors == [["[METRICS]handler_errors.Count:1", f"#{version},code:400,type:EmptyBody"],
+                      ["[METRICS]handler_errors.Count:2", f"#{version},code:400,type:InvalidImage"]]
