@@ -7,7 +7,7 @@
 `Pipeline` holds the model, its runtime and the loop that runs every request of a worker batch through those
 stages in chunks of at most `max_batch` units (an image, or a video frame) and `max_batch_pixels` decoded pixels,
 so memory stays bounded however many units the requests carry. Pixels are counted from the image headers before
-anything is decoded: a request whose units add up to more than `max_request_pixels` is refused (413) whole.
+anything is decoded: a request whose images add up to more than `max_request_pixels` is refused (413) whole.
 A task subclass (handlers/image.py: `ImagePipeline`) supplies parse, post-process and answer. It runs in unit
 tests, benchmarks and on a GPU box with no TorchServe; handlers/adapter.py adapts it.
 """
@@ -67,7 +67,7 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)  # per-request options, validated by `parse`
     results: list[Any] = field(default_factory=list)  # one post-processed result per unit, in order
     count: int = 0  # units taken so far (the index of the next one)
-    pixels: int = 0  # their pixels (width x height), counted against max_request_pixels
+    pixels: int = 0  # pixels (width x height) of its encoded images taken so far, counted against max_request_pixels
 
 
 class Pipeline:
@@ -151,12 +151,13 @@ class Pipeline:
         return error
 
     # -- the shared stages ----------------------------------------------------------------------------------
-    def unit_pixels(self, unit: bytes | torch.Tensor) -> int:
-        """Pixels a unit decodes to: a frame's height x width, an encoded image's from its header (JPEG draft
-        decoding may produce fewer; the budgets count the header). Raises BadInput for a bad header."""
-        if isinstance(unit, torch.Tensor):
-            return int(unit.shape[-1]) * int(unit.shape[-2])
-        return image_pixels(unit, self.limits)
+    def unit_pixels(self, unit: Any) -> int:
+        """Pixels a unit decodes to: an encoded image's from its header (JPEG draft decoding may produce fewer; the
+        budgets count the header), a decoded frame's height x width. Raises BadInput for a bad header."""
+        if isinstance(unit, (bytes, bytearray)):
+            return image_pixels(unit, self.limits)
+        frame = getattr(unit, "pixels", unit)  # a frame tensor, bare or with what its source knows about it
+        return int(frame.shape[-1]) * int(frame.shape[-2])
 
     def decode(self, datas: Sequence[bytes]) -> list[torch.Tensor | BadInput]:
         """Encoded images -> uint8 (C, H, W) tensors on the pipeline device, or a BadInput per failed item."""
@@ -218,8 +219,8 @@ class Pipeline:
             self.timings[stage] += seconds
 
     def _admit(self, jobs: dict[int, Job], answers: list[Any]) -> None:
-        """The request budget before anything is decoded: the units of a job that lists them up front (images) are
-        header-checked and counted here; a stream's (a video's frames) are counted as they are read (`_chunks`)."""
+        """The request budget before anything is decoded: the encoded images of a job that lists its units up front
+        are header-checked and counted here (a stream's, as they are read: `_chunks`)."""
         for r, job in jobs.items():
             if isinstance(job.units, Sequence):
                 probe = Job(job.units, job.options)  # counts without touching the job
@@ -228,22 +229,24 @@ class Pipeline:
                         break
                     probe.count += 1
 
-    def _count(self, r: int, job: Job, unit: bytes | torch.Tensor, answers: list[Any]) -> int | None:
-        """The unit's pixels, added to its job's; None (and the job answered) for a bad header or a job that
-        passes max_request_pixels."""
+    def _count(self, r: int, job: Job, unit: Any, answers: list[Any]) -> int | None:
+        """The unit's pixels; None (and the job answered) for a bad header or when the job's encoded images pass
+        max_request_pixels. (Frames a stream decoded itself count only towards the chunk: a video's own limits on
+        frames, duration and frame size bound its request.)"""
         try:
             pixels = self.unit_pixels(unit)
         except BadInput as e:
             e = self.unit_error(job, job.count, e)
             answers[r] = (e.status, e.body())
             return None
-        job.pixels += pixels
-        if job.pixels > self.limits.max_request_pixels:
-            answers[r] = (413, error_body(413, "TooManyPixels", (
-                f"the request decodes to more than {self.limits.max_request_pixels} pixels, the limit per request "
-                f"(width x height from the headers: {job.pixels} in its first {job.count + 1} images or frames); "
-                "send fewer or smaller images per request")))
-            return None
+        if isinstance(unit, (bytes, bytearray)):
+            job.pixels += pixels
+            if job.pixels > self.limits.max_request_pixels:
+                answers[r] = (413, error_body(413, "TooManyPixels", (
+                    f"the request's images decode to more than {self.limits.max_request_pixels} pixels, the limit "
+                    f"per request (width x height from their headers: {job.pixels} in the first {job.count + 1}); "
+                    "send fewer or smaller images per request")))
+                return None
         return pixels
 
     def _chunks(self, jobs: dict[int, Job], answers: list[Any]) -> Iterator[list[tuple[int, torch.Tensor]]]:

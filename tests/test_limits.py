@@ -85,24 +85,27 @@ def test_chunks_hold_at_most_max_batch_pixels_and_answers_do_not_change(ckpt):
     assert _round(answers) == _round(ImagePipeline(ckpt).handle_requests(reqs))
 
 
-def test_a_stream_over_the_request_budget_fails_only_its_request(ckpt):
-    """Frames of a stream (a video) count against the same budget as they are read."""
+def test_frames_of_a_stream_are_chunked_by_pixels_and_bounded_by_the_stream_itself(ckpt):
+    """Frames a stream decoded itself (a video) are held to max_batch_pixels per chunk; the request budget is for
+    encoded images (a video's own limits on frames, duration and frame size bound its request)."""
     taken = []
 
     class Streamed(ImagePipeline):
         def parse(self, item):
             if item == "stream":
                 def frames():
-                    for i in range(100):
+                    for i in range(10):
                         taken.append(i)
                         yield torch.zeros(1, 50, 50, dtype=torch.uint8)  # 2500 pixels each
                 return Job(frames(), {"topk": 1, "multi": True, "instances": False})
             return super().parse(item)
 
-    pipe = Streamed(ckpt, max_image_pixels=10_000, max_request_pixels=10_000, max_batch=2)
-    answers = pipe.handle_requests(["stream", {"data": encode(photo(30, 30), "PNG")}])
-    assert [_status(a) for a in answers] == [(413, "TooManyPixels"), (200, None)]
-    assert len(taken) == 5  # the fifth frame passed the budget; the stream was not read further
+    pipe = Streamed(ckpt, max_image_pixels=10_000, max_request_pixels=10_000, max_batch_pixels=10_000)
+    sizes = []
+    pipe.model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    answers = pipe.handle_requests(["stream", {"body": {"images": [b64(encode(photo(60, 60), "PNG"))] * 3}}])
+    assert [_status(a) for a in answers] == [(200, None), (413, "TooManyPixels")]
+    assert len(answers[0][1]["results"]) == len(taken) == 10 and sizes == [4, 4, 2]
 
 
 def test_limits_are_consistent_with_each_other_and_the_frontend():
