@@ -16,11 +16,18 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.errors import BadInput
 from handlers.pipeline import Pipeline, check_options
+from handlers.request import check_content_type
 
 log = logging.getLogger(__name__)
+
+# Counter of answers by the version that produced them (TorchServe's own ts_inference_requests_total says
+# model_version="default" for requests to /predictions/<model>): labels ModelName, ModelVersion, Status.
+ANSWERS_METRIC = "handler_answers_total"
 
 
 def reason_phrase(message: str, limit: int = 200) -> str:
@@ -44,34 +51,44 @@ def cpu_threads(option: int | None, yaml_config: dict[str, Any]) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-# The handler's own Prometheus metrics, emitted through TorchServe's metrics cache (context.metrics) and exposed on
-# the metrics port because config.properties sets model_metrics_auto_detect (docs/serving.md, "Metrics"). Counters,
-# so rate() gives per-second figures: stage milliseconds / batches = the mean time per worker batch.
-STAGE_MS, BATCHES, ERRORS = "handler_stage_milliseconds", "handler_batches", "handler_errors"
+def request_header(context: Any, idx: int, name: str) -> str | None:
+    """A request's HTTP header, any capitalisation (None without TorchServe's per-request processors)."""
+    if getattr(context, "request_processor", None) is None:
+        return None
+    headers = context.get_all_request_header(idx) or {}
+    return next((v for k, v in headers.items() if k.lower() == name and isinstance(v, str)), None)
+
+
+# Per-stage time and errors by type, emitted through TorchServe's metrics cache (context.metrics); the config's
+# model_metrics_auto_detect puts them on the Prometheus endpoint (docs/serving.md, "Metrics"). Counters, so rate()
+# gives per-second figures; stage milliseconds / batches = the mean time per worker batch in a stage.
+STAGE_METRIC, BATCHES_METRIC, ERRORS_METRIC = ("handler_stage_milliseconds_total", "handler_batches_total",
+                                               "handler_errors_total")
 
 
 def declare_metrics(cache: Any) -> dict[str, Any]:
-    """Add the handler metrics to a worker's metrics cache (once, at load): name -> metric."""
+    """Add the stage and error metrics to a worker's metrics cache (once, at load): name -> metric."""
     from ts.metrics.metric_type_enum import MetricTypes
 
-    labels = ["model_name", "model_version"]
-    specs = {STAGE_MS: ("ms", labels + ["stage"]), BATCHES: ("count", labels),
-             ERRORS: ("count", labels + ["code", "type"])}
+    labels = ["ModelName", "ModelVersion"]
+    specs = {STAGE_METRIC: ("ms", labels + ["Stage"]), BATCHES_METRIC: ("count", labels),
+             ERRORS_METRIC: ("count", labels + ["Status", "Type"])}
     return {name: cache.add_metric_to_cache(name, unit, dims, MetricTypes.COUNTER)
             for name, (unit, dims) in specs.items()}
 
 
-def record_metrics(metrics: dict[str, Any], pipeline: Pipeline, answers: Sequence[tuple[int, Any]]) -> None:
-    """One worker batch: milliseconds per stage (the pipeline's `timings`), the batch, and each error answer by
-    status and type. Never raises: a metrics failure must not fail the answers."""
+def record_metrics(metrics: dict[str, Any], pipeline: Pipeline, answers: Sequence[tuple[int, Any]],
+                   ran: bool = True) -> None:
+    """One worker batch: milliseconds per stage (the pipeline's `timings`, when it `ran` on this batch), the batch,
+    and each error answer by status and type. Never raises: a metrics failure must not fail the answers."""
     labels = [pipeline.model_name, pipeline.model_version]
     try:
-        for stage, seconds in pipeline.timings.items():
-            metrics[STAGE_MS].add_or_update(round(seconds * 1000, 3), labels + [stage])
-        metrics[BATCHES].add_or_update(1, labels)
+        for stage, seconds in (pipeline.timings.items() if ran else ()):
+            metrics[STAGE_METRIC].add_or_update(round(seconds * 1000, 3), labels + [stage])
+        metrics[BATCHES_METRIC].add_or_update(1, labels)
         errors = Counter((str(status), str(body.get("type", "Error"))) for status, body in answers if status != 200)
-        for (code, type_), n in sorted(errors.items()):
-            metrics[ERRORS].add_or_update(n, labels + [code, type_])
+        for (status, type_), n in sorted(errors.items()):
+            metrics[ERRORS_METRIC].add_or_update(n, labels + [status, type_])
     except Exception:  # noqa: BLE001
         log.exception("could not record handler metrics")
 
@@ -120,7 +137,15 @@ class PipelineHandler(BaseHandler):
         self.context = context
         if self._is_describe():
             return [self.describe_handle() for _ in data]
-        answers = self.pipeline.handle_requests(data)
+        answers: list[Any] = [None] * len(data)
+        for idx in range(len(data)):
+            try:
+                check_content_type(request_header(context, idx, "content-type"))
+            except BadInput as e:
+                answers[idx] = (e.status, e.body())
+        todo = [i for i, a in enumerate(answers) if a is None]
+        for idx, answer in zip(todo, self.pipeline.handle_requests([data[i] for i in todo]) if todo else []):
+            answers[idx] = answer
         has_processor = getattr(context, "request_processor", None) is not None
         bodies = []
         for idx, (status, body) in enumerate(answers):
@@ -129,10 +154,20 @@ class PipelineHandler(BaseHandler):
             if has_processor:
                 context.set_response_content_type(idx, "application/json")
             bodies.append(body)
-        if getattr(self, "handler_metrics", None) is not None:
+        if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
-            record_metrics(self.handler_metrics, self.pipeline, answers)
+            self.count_answers(context.metrics, [status for status, _ in answers])
+            if getattr(self, "handler_metrics", None) is not None:
+                record_metrics(self.handler_metrics, self.pipeline, answers, ran=bool(todo))
         return bodies
+
+    def count_answers(self, metrics: Any, statuses: list[int]) -> None:
+        """ANSWERS_METRIC += the batch's answers, per status, under this worker's model name and version."""
+        for status, n in sorted(Counter(statuses).items()):
+            metrics.add_counter(ANSWERS_METRIC, n, None, [
+                Dimension("ModelName", self.pipeline.model_name),
+                Dimension("ModelVersion", self.pipeline.model_version),
+                Dimension("Status", str(status)), Dimension("Level", "Model")])
 
     def _is_describe(self) -> bool:
         # BaseHandler's version indexes the request processors unguarded; a bare context has none.

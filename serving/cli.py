@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("metrics", "print the Prometheus metrics")
     p.add_argument("--grep", help="only lines containing this text")
     add("ping", "health check: TorchServe's /ping with the inference key; exit status 0 when Healthy")
-    p = add("howto", "print the curl commands for a running server")
+    p = add("howto", "print working curl commands for a running server (the key read from the key file)")
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--image", type=Path, help="image in the commands (default: the first reports/samples/*.png)")
     return parser
 
 
@@ -217,20 +218,48 @@ def cmd_models(client: Any) -> int:
 
 
 def cmd_howto(a: argparse.Namespace, client: Any) -> int:
-    """curl commands that read the inference key from the key file when they run: the key is never printed (it
-    would end up in terminal scrollback and CI logs, and it changes when renewed)."""
+    """Commands that work as printed: the model's real versions, an image that exists, and the inference key read
+    from the key file when they run. The key itself is never printed (it would stay in terminal scrollback and CI
+    logs, and a renewed key replaces it)."""
+    from training.commands import project_command
+
     ep, key_file = client.ep, a.runtime_dir.resolve() / "key_file.json"
+    from serving.archive import read_index
+
+    default, versions = client.default_version(a.model), client.versions(a.model)
+    archived = sorted({e["version"] for e in read_index(a.store) if e.get("name") == a.model}, key=version_key)
+    image = a.image or next(iter(sorted(Path("reports/samples").glob("*.png"))), None)
+    if image is None:
+        image = Path("reports/samples/0000_ankle-boot.png")
+        samples = project_command(f"training samples --out-dir {image.parent}")
+        print(f"No sample image yet; write some first:\n  {samples}")
+    where = "".join(f" --{flag} {path}" for flag, path, usual in (("runtime-dir", a.runtime_dir, DEFAULT_RUNTIME),
+                                                                     ("store", a.store, DEFAULT_STORE))
+                    if Path(path).resolve() != usual.resolve())
+    auth, url = '-H "Authorization: Bearer $KEY"', f"{ep.inference_url}/predictions/{a.model}"
     read_key = f"""python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' {key_file}"""
-    print(f"""Inference key (the "inference" entry of {key_file}; renewed keys replace it there):
+    print(f"""Inference key (the "inference" entry of {key_file}; it expires, and a renewed key replaces it there):
   KEY=$({read_key})
-Predict (raw image bytes):
-  curl -H "Authorization: Bearer $KEY" -T image.png {ep.inference_url}/predictions/{a.model}
-  curl -H "Authorization: Bearer $KEY" -T image.png {ep.inference_url}/predictions/{a.model}/VERSION
-Health (/ping needs the inference key too): curl -H "Authorization: Bearer $KEY" {ep.inference_url}/ping
-  or: python -m serving ping   (renews an expired key; exit status 0 when Healthy)
-Metrics (Prometheus, no key): curl {ep.metrics_url}/metrics
-Versions: python -m serving models | describe {a.model} | rollout {a.model} VERSION | rollback {a.model}
-Tokens expire after token_expiration_min minutes; the CLI renews them, curl users re-read the key file.""")
+Predict:
+  curl {auth} -T {image} {url}
+  curl {auth} -T {image} {url}/{default}
+  curl {auth} -H 'Content-Type: application/json' -d "{{\\"image\\": \\"$(base64 -w0 {image})\\", \\"topk\\": 3}}" {url}
+  (curl -d/--data-binary without a Content-Type sends a form: add -H 'Content-Type: application/octet-stream')
+Health (/ping needs the inference key too; `serving ping` also renews an expired key, exit status 0 when Healthy):
+  curl {auth} {ep.inference_url}/ping
+  {project_command("serving ping")}{where}
+Answers per version (Prometheus): curl -s {ep.metrics_url}/metrics | grep 'handler_answers_total{{ModelName="{a.model}"'
+Versions (registered {', '.join(versions)}; default {default}; archived {', '.join(archived) or 'none'}):""")
+    from serving.rollout import rollback_target
+
+    commands = ["models", f"describe {a.model}", *[f"rollout {a.model} {v}" for v in archived if v != default]]
+    try:
+        rollback_target(client.history(), a.model, default, versions)
+        commands.append(f"rollback {a.model}")
+    except ServingError:  # nothing to roll back to: not a command that works
+        pass
+    for args in commands:
+        print(f"  {project_command('serving ' + args)}{where}")
     return 0
 
 

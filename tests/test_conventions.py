@@ -6,7 +6,6 @@ health checks with token auth, `howto` without the key, and the handler's per-st
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import requests
 
 from serving.grpc_client import GrpcClient, body_status
 from tests.images import b64
-from tests.torchserve import ROOT, gray_png
+from tests.torchserve import ROOT, gray_png, metric
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (run make setup)")
 MODEL = "tiny"
@@ -110,59 +109,47 @@ def test_ping_needs_the_inference_key(torchserve):
     assert (probe.returncode, probe.stdout.strip()) == (0, "Healthy"), probe.stderr
 
 
-def test_howto_never_prints_a_key_and_its_commands_work(torchserve):
-    r = _cli(torchserve, "howto", "--model", MODEL)
+def test_howto_never_prints_a_key_and_its_key_command_reads_it(torchserve):
+    r = _cli(torchserve, "howto", "--model", MODEL, "--image", str(ROOT / "README.md"))
     assert r.returncode == 0, r.stderr
     for key in torchserve.tokens.values():
         assert key not in r.stdout
-    read_key = next(line.strip() for line in r.stdout.splitlines() if line.strip().startswith("KEY=$("))
-    ping = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("Health"))
-    out = subprocess.run(["bash", "-c", f"{read_key} && {ping}"], capture_output=True, text=True, timeout=30)
-    assert json.loads(out.stdout) == {"status": "Healthy"}, out.stderr
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    read_key = next(line for line in lines if line.startswith("KEY=$("))
+    ping = next(line for line in lines if line.startswith("curl ") and line.endswith("/ping"))
+    out = subprocess.run(["bash", "-c", f'{read_key} && echo "$KEY" && {ping}'], capture_output=True, text=True,
+                         timeout=30)
+    key, answer = out.stdout.split("\n", 1)
+    assert key == torchserve.tokens["inference"] and json.loads(answer) == {"status": "Healthy"}, out.stderr
 
 
 # -- per-stage metrics ------------------------------------------------------------------------------------------
-_SAMPLE = re.compile(r'^(\w+)\{(.*)\}\s+(\S+)$')
-
-
-def _samples(ts, name: str) -> dict[frozenset, float]:
-    out = {}
-    for line in requests.get(f"{ts.metrics_url}/metrics", timeout=10).text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and m.group(1) == name:
-            labels = frozenset((k, v) for k, v in re.findall(r'(\w+)="([^"]*)"', m.group(2)) if k != "Hostname")
-            out[labels] = float(m.group(3))
-    return out
-
-
-def _delta(after: dict, before: dict, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v - before.get(k, 0.0) for k, v in after.items() if want <= k)
-
-
 def test_stage_times_and_errors_by_type_reach_prometheus(torchserve):
-    names = ("handler_stage_milliseconds", "handler_batches", "handler_errors")
-    _post(torchserve, gray_png(), "image/png")  # the first batch registers the metrics
-    time.sleep(1)
-    before = {n: _samples(torchserve, n) for n in names}
+    def scrape() -> str:
+        return requests.get(f"{torchserve.metrics_url}/metrics", timeout=10).text
+
+    version = {"ModelName": MODEL, "ModelVersion": "1.0"}
+    stages = ("decode", "preprocess", "inference", "postprocess")
+    before = scrape()
     for i in range(3):
         assert _post(torchserve, gray_png(seed=i), "image/png").status_code == 200
     assert _post(torchserve, b"junk", "image/png").status_code == 400
     assert _post(torchserve, {"images": []}).status_code == 400
-    deadline = time.time() + 20  # the frontend reads the worker's metric lines asynchronously
-    while time.time() < deadline:
-        after = {n: _samples(torchserve, n) for n in names}
-        if _delta(after["handler_errors"], before["handler_errors"], type="MissingImage") >= 1:
+
+    def delta(text: str, name: str, **labels: str) -> float:
+        return metric(text, name, **version, **labels) - metric(before, name, **version, **labels)
+
+    deadline = time.time() + 30  # the frontend reads the worker's metric lines asynchronously
+    while True:
+        after = scrape()
+        if delta(after, "handler_errors_total", Type="MissingImage") >= 1 or time.time() > deadline:
             break
         time.sleep(0.5)
-    version = {"model_name": MODEL, "model_version": "1.0"}
-    assert _delta(after["handler_batches"], before["handler_batches"], **version) >= 1
-    for stage in ("decode", "preprocess", "inference", "postprocess"):
-        assert _delta(after["handler_stage_milliseconds"], before["handler_stage_milliseconds"], stage=stage,
-                      **version) > 0, stage
-    errors = after["handler_errors"]
-    assert _delta(errors, before["handler_errors"], code="400", type="InvalidImage", **version) == 1
-    assert _delta(errors, before["handler_errors"], code="400", type="MissingImage", **version) == 1
+    assert delta(after, "handler_batches_total") >= 1
+    for stage in stages:
+        assert delta(after, "handler_stage_milliseconds_total", Stage=stage) > 0, stage
+    assert delta(after, "handler_errors_total", Status="400", Type="InvalidImage") == 1
+    assert delta(after, "handler_errors_total", Status="400", Type="MissingImage") == 1
 
 
 def _cli(ts, *args: str) -> subprocess.CompletedProcess:

@@ -213,18 +213,39 @@ def test_gpu_device_from_context(model_dir):
     assert [s for s, _ in statuses] == [200, 400] and len(out[0]["predictions"]) == 5
 
 
+def test_form_encoded_bodies_get_415_and_answers_are_counted_per_version(model_dir, caplog):
+    """A form-encoded body (curl -d's default) is refused with a short ASCII message naming the fix; every answer
+    is counted under the version that produced it (the manifest's 2.0), whatever endpoint was called."""
+    handler, ctx = loaded(model_dir)
+    png = encode(photo(), "PNG")
+    caplog.set_level("INFO", logger="ts.metrics.caching_metric")
+    out, statuses = serve(handler, ctx, [{"body": b64(png)}, {"body": b64(png)}],
+                          headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+    assert [s for s, _ in statuses] == [415, 415] and out[0]["type"] == "FormEncodedBody"
+    message = statuses[0][1]
+    assert message.isascii() and "-H 'Content-Type: application/octet-stream'" in message and len(message) <= 300
+    out, statuses = serve(handler, ctx, [{"body": png}, {"body": b""}], headers={"content-type": "image/png"})
+    assert [s for s, _ in statuses] == [200, 400] and out[0]["version"] == "2.0"
+    lines = [r.getMessage() for r in caplog.records if "handler_answers_total" in r.getMessage()]
+    counts = {line.split("|#")[1].split(",Level")[0]: float(line.split(":")[1].split("|")[0]) for line in lines}
+    assert counts == {"ModelName:tiny,ModelVersion:2.0,Status:415": 2.0,
+                      "ModelName:tiny,ModelVersion:2.0,Status:200": 1.0,
+                      "ModelName:tiny,ModelVersion:2.0,Status:400": 1.0}, lines
+
+
 def test_each_batch_emits_stage_times_and_errors_by_type(model_dir, caplog):
     """The metric lines the worker prints for TorchServe's frontend (the real-server test reads them back from
     the Prometheus endpoint: tests/test_conventions.py)."""
     handler, ctx = loaded(model_dir)
     with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
         serve(handler, ctx, [{"body": encode(photo(), "PNG")}, {"body": b"junk"}, {"body": b""}, {"body": b"\x00junk"}])
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]handler_")]
-    version = "model_name:tiny,model_version:2.0"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]handler_")
+             and "handler_answers_total" not in r.getMessage()]
+    version = "ModelName:tiny,ModelVersion:2.0"
     for stage in ("decode", "preprocess", "inference", "postprocess", "answer"):
-        assert any("handler_stage_milliseconds.Milliseconds:" in x and f"{version},stage:{stage}|" in x
+        assert any("handler_stage_milliseconds_total.Milliseconds:" in x and f"{version},Stage:{stage}|" in x
                    for x in lines), stage
-    assert sum(x.startswith(f"[METRICS]handler_batches.Count:1|#{version}|") for x in lines) == 1
-    errors = sorted(x.split("|")[0:2] for x in lines if x.startswith("[METRICS]handler_errors"))
-    assert errors == [["[METRICS]handler_errors.Count:1", f"#{version},code:400,type:EmptyBody"],
-                      ["[METRICS]handler_errors.Count:2", f"#{version},code:400,type:InvalidImage"]]
+    assert sum(x.startswith(f"[METRICS]handler_batches_total.Count:1|#{version}|") for x in lines) == 1
+    errors = sorted(x.split("|")[0:2] for x in lines if x.startswith("[METRICS]handler_errors_total"))
+    assert errors == [["[METRICS]handler_errors_total.Count:1", f"#{version},Status:400,Type:EmptyBody"],
+                      ["[METRICS]handler_errors_total.Count:2", f"#{version},Status:400,Type:InvalidImage"]]
