@@ -9,7 +9,8 @@ TorchServe 0.12 drops a handler's per-request status over gRPC: a request the ha
 status OK and the handler's error JSON as the prediction. The answer to read is therefore the body: every error
 body of ours has an integer "code" (the HTTP status REST would have sent), no successful answer has one.
 `predict` applies that rule and returns (status, body) like REST. Refusals by TorchServe itself (a missing or
-wrong token, an unknown model) do arrive as gRPC errors (PERMISSION_DENIED, NOT_FOUND) and are raised.
+wrong token: PERMISSION_DENIED; an unknown model: INTERNAL, "Model not found") do arrive as gRPC errors
+and are raised.
 """
 
 from __future__ import annotations

@@ -78,6 +78,9 @@ def test_grpc_predictions_with_stubs_from_torchserves_own_proto(torchserve, grpc
         assert (body["code"], body["type"]) == (400, "InvalidImage") and body_status(body) == 400
         assert client.predict(MODEL, b"junk") == (400, body)
         assert client.ping() == "Healthy"
+        with pytest.raises(grpc.RpcError) as unknown:  # TorchServe's own refusals are real gRPC errors
+            client.predict("no-such-model", gray_png())
+        assert unknown.value.code() == grpc.StatusCode.INTERNAL and "Model not found" in unknown.value.details()
     with GrpcClient(grpc_target, None, stub_cache) as anonymous:
         for call in (lambda: anonymous.predict(MODEL, gray_png()), anonymous.ping):
             with pytest.raises(grpc.RpcError) as refused:
