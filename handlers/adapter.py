@@ -160,7 +160,7 @@ class PipelineHandler(BaseHandler):
         # only HTTP answers may leave in parts: TorchServe 0.12 wedges the worker when a unary gRPC answer does, and
         # the handler cannot tell a gRPC stream call from a unary one. HTTP requests carry their headers (Host is
         # never missing), gRPC ones only their inputs' content types.
-        http = {idx for idx in todo if request_header(context, idx, "host") is not None}
+        http = {idx for idx in range(len(data)) if request_header(context, idx, "host") is not None}
         streamed: set[int] = set()
 
         def emit(r: int, lines: list[Any]) -> None:
