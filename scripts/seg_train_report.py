@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from load_tests.report import write_json  # noqa: E402
+from scripts.video_docs import publish  # noqa: E402
 
 GOAL_MIOU = 0.85  # the goal for the best model on held-out clips
 
@@ -114,13 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "goal_miou": GOAL_MIOU,
               "runs": [run_entry(Path(m), Path(log), name) for m, log, name in a.run]}
-    write_json(result, a.out)
-    if a.docs:
-        from load_tests.reliability import write_doc_block
-
-        write_json(result, ROOT / "docs" / "video_training.json")
-        write_doc_block(ROOT / "docs" / "video.md", "video-training", markdown(result))
-    print(markdown(result))
+    publish(result, a.out, "video-training", markdown(result), a.docs)
     return 0
 
 
