@@ -20,7 +20,6 @@ import importlib.metadata as md
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -97,21 +96,11 @@ def machine_info() -> dict[str, Any]:
             "versions": versions, "threads": torch.get_num_threads()}
 
 
-def free_ports(n: int = 3) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def run_rest(a: argparse.Namespace, ckpt: dict[str, Any], ckpt_path: Path, image_dir: Path,
              out_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Archive both models into a fresh store, serve both from one TorchServe, sweep users; always stop it."""
     from serving import server
+    from serving.server import free_ports
 
     settings = BatchSettings(a.batch_size, a.max_batch_delay, a.workers)
     store = a.build_dir / "store"

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grep", help="only lines containing this text")
     p = add("howto", "print the curl commands for a running server")
     p.add_argument("--model", default=DEFAULT_MODEL)
+    from serving.fleet_cli import add_parser as add_fleet
+
+    add_fleet(sub)
     return parser
 
 
@@ -194,6 +197,10 @@ Tokens expire after token_expiration_min minutes; the CLI renews them, curl user
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.cmd in ("fleet", "manifests"):
+        from serving.fleet_cli import run as run_fleet
+
+        return run_fleet(a)
     local = {"archive": cmd_archive, "serve": cmd_serve, "stop": cmd_stop}
     if a.cmd in local:
         return local[a.cmd](a)

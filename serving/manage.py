@@ -105,24 +105,8 @@ class Client:
 
     # -- changes ----------------------------------------------------------------------------------------
     def verify_archive(self, name: str, version: str) -> str:
-        """The .mar's file name in the store, after checking its sha256 against index.json and .sha256."""
-        entry = find_entry(self.store, name, version)
-        if entry is None:
-            raise ServingError(f"{name} {version} is not in {self.store / 'index.json'}; archive it first "
-                               f"(`python -m serving archive --config archive_configs/{name}/{version}.yaml`)")
-        mar = self.store / entry["mar"]
-        if Path(entry["mar"]).name != entry["mar"] or not mar.is_file():
-            raise ServingError(f"archive {mar} is missing")
-        side = mar.with_name(mar.name + ".sha256")
-        try:
-            recorded = side.read_text().split()[0]
-        except (OSError, IndexError):
-            raise IntegrityError(f"{side} is missing or empty; refusing to register {mar.name}") from None
-        actual = sha256_file(mar)
-        if not (actual == entry.get("sha256") == recorded):
-            raise IntegrityError(f"sha256 mismatch for {mar.name}: file {actual[:12]}…, index "
-                                 f"{str(entry.get('sha256'))[:12]}…, .sha256 {recorded[:12]}…; refusing to register")
-        return entry["mar"]
+        """The .mar's file name in the store, after checking its sha256 (verify_archive)."""
+        return verify_archive(self.store, name, version)
 
     def register(self, name: str, version: str, min_workers: int | None = None, max_workers: int | None = None,
                  batch_size: int | None = None, max_batch_delay: int | None = None,
@@ -187,6 +171,27 @@ class Client:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(entries[-200:], indent=2) + "\n")
         tmp.replace(path)
+
+
+def verify_archive(store: Path, name: str, version: str) -> str:
+    """The .mar's file name in `store`, after checking its sha256 against index.json and its .sha256 file."""
+    entry = find_entry(Path(store), name, version)
+    if entry is None:
+        raise ServingError(f"{name} {version} is not in {Path(store) / 'index.json'}; archive it first "
+                           f"(`python -m serving archive --config archive_configs/{name}/{version}.yaml`)")
+    mar = Path(store) / entry["mar"]
+    if Path(entry["mar"]).name != entry["mar"] or not mar.is_file():
+        raise ServingError(f"archive {mar} is missing")
+    side = mar.with_name(mar.name + ".sha256")
+    try:
+        recorded = side.read_text().split()[0]
+    except (OSError, IndexError):
+        raise IntegrityError(f"{side} is missing or empty; refusing to register {mar.name}") from None
+    actual = sha256_file(mar)
+    if not (actual == entry.get("sha256") == recorded):
+        raise IntegrityError(f"sha256 mismatch for {mar.name}: file {actual[:12]}…, index "
+                             f"{str(entry.get('sha256'))[:12]}…, .sha256 {recorded[:12]}…; refusing to register")
+    return entry["mar"]
 
 
 def _error_type(r: requests.Response) -> str | None:
