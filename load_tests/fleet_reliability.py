@@ -86,15 +86,18 @@ def under_load(fleet: Fleet, images: Path, out: Path, scenario: str, users: int,
     res = load.wait()
     res.pop("history")
     versions = [v for _, s, v in probe.seen if s == 200]
+    after = [v for t_, s, v in probe.seen if s == 200 and t_ >= t0 + op_s]
     return {"scenario": scenario, **res, "op_s": op_s, "op_under_load": done_under_load,
             "probe_requests": len(probe.seen), "probe_failed": sum(s != 200 for _, s, _ in probe.seen),
-            "probe_versions": dict(Counter(versions)), "last_version": versions[-1] if versions else None,
+            "probe_versions": dict(Counter(versions)), "probe_versions_after": dict(Counter(after)),
+            "last_version": versions[-1] if versions else None,
             "replayed_by_haproxy": _retried(log, offset), **detail}
 
 
-def kill_node(fleet: Fleet, name: str) -> dict[str, Any]:
+def kill_node(fleet: Fleet, name: str, users: int) -> dict[str, Any]:
     """SIGKILL a node's frontend and workers (a crashed machine or pod), then bring it back with `fleet
-    restart`; returns its requests in flight at the kill, and how long until HAProxy saw it down and up."""
+    restart`. Returns the requests in flight on it at the kill as HAProxy counted them, the bound (closed loop:
+    at most `users` requests are in flight at all), and how long until HAProxy saw it down and up again."""
     node = fleet.node(name)
     in_flight = haproxy.servers(fleet.haproxy)[name]["sessions"]
     java = psutil.Process(server.server_pid(node.runtime_dir))
@@ -108,7 +111,8 @@ def kill_node(fleet: Fleet, name: str) -> dict[str, Any]:
             down_s = round(time.time() - t_kill, 2)
         time.sleep(0.05)
     ops.restart_node(fleet, name)
-    return {"in_flight_at_kill": in_flight, "killed_processes": len(procs), "marked_down_s": down_s,
+    return {"in_flight_at_kill": in_flight, "max_in_flight": users, "killed_processes": len(procs),
+            "marked_down_s": down_s,
             "back_up_s": round(time.time() - t_kill, 2)}
 
 
@@ -127,7 +131,7 @@ def planned(fleet: Fleet, images: Path, out: Path, users: int, seconds: float) -
             run("rollback 2.0 -> 1.0 after the promote", lambda: {"result": ops.rollback(fleet, MODEL)["to"]}),
             run("graceful restart of node-2's TorchServe", lambda: {"result": ops.restart_node(fleet, "node-2")[
                 "restored"]}),
-            run("SIGKILL node-1 (frontend + workers), then restart it", lambda: kill_node(fleet, "node-1"))]
+            run("SIGKILL node-1 (frontend + workers), then restart it", lambda: kill_node(fleet, "node-1", users))]
 
 
 def throughput(store: Path, images: Path, work: Path, out: Path, nodes_list: list[int], users: int,
@@ -153,13 +157,13 @@ def summary_md(results: dict[str, Any]) -> str:
              f"per node), 2 nodes, locust {results['users']} users, closed loop; each run: 4 s of load, the operation, "
              f"{results['seconds'] / 2:.0f} s more. Source: docs/fleet-reliability.json.", "",
              "| scenario | requests (req/s) | **failed** | p99 / max ms | replayed by HAProxy | operation took | "
-             "answers seen by the probe |", "|" + " --- |" * 7]
+             "versions answering the probe after it |", "|" + " --- |" * 7]
     for r in results["planned"]:
         extra = ""
         if "in_flight_at_kill" in r:
-            extra = (f" ({r['in_flight_at_kill']} in flight on the node at the kill; HAProxy marked it down after "
-                     f"{r['marked_down_s']} s; back after {r['back_up_s']} s)")
-        seen = ", ".join(f"{v}: {n}" for v, n in sorted(r["probe_versions"].items()))
+            extra = (f" (in flight on it: {r['in_flight_at_kill']} by HAProxy's count at the kill, at most "
+                     f"{r['max_in_flight']}; marked down after {r['marked_down_s']} s, back after {r['back_up_s']} s)")
+        seen = ", ".join(f"{v}: {n}" for v, n in sorted(r["probe_versions_after"].items()))
         lines.append(f"| {r['scenario']}{extra} | {r['requests']} ({r['rps']}) | **{r['failed']}** | "
                      f"{r['p99_ms']:.0f} / {r['max_ms']:.0f} | {r['replayed_by_haproxy']} | {r['op_s']} s | "
                      f"{seen} |")
@@ -170,8 +174,8 @@ def summary_md(results: dict[str, Any]) -> str:
     crash = next((r for r in results["planned"] if "in_flight_at_kill" in r), None)
     verdict = f"Planned operations: {failed} failed request(s) in total (goal 0)."
     if crash:
-        verdict += (f" Crash: {crash['failed']} failed, bound {crash['in_flight_at_kill']} (the requests in flight "
-                    "on the killed node).")
+        verdict += (f" SIGKILL of a node: {crash['failed']} failed (bound: the requests in flight on it, at most "
+                    f"{crash['max_in_flight']}); HAProxy replayed {crash['replayed_by_haproxy']} on the other node.")
     return "\n".join(lines + ["", verdict])
 
 

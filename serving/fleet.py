@@ -213,7 +213,7 @@ def up(root: Path, store: Path, nodes: int, models: list[tuple[str, str]], port:
         if find_entry(store, name, version) is None:
             raise ServingError(f"{name} {version} is not archived in {store}; run `python -m serving archive` first")
     _prepare_dir(root)
-    ports = server.free_ports(5 * nodes)
+    ports = [p for p in server.free_ports(5 * nodes + 2) if p not in (port, stats_port)][:5 * nodes]
     state = {"store": str(store), "port": port, "stats_port": stats_port, "models": [list(m) for m in models],
              "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
              "nodes": [{"name": f"node-{i + 1}", "ports": ports[5 * i:5 * i + 5]} for i in range(nodes)]}
