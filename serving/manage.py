@@ -15,7 +15,7 @@ from typing import Any
 import requests
 
 from serving.archive import DEFAULT_STORE, find_entry, sha256_file
-from serving.config import version_key
+from serving.config import archive_hint, version_key
 from serving.server import DEFAULT_RUNTIME, Endpoints, ServingError, endpoints, renew_key
 
 HISTORY_FILE = "default_history.json"
@@ -170,8 +170,8 @@ def verify_archive(store: Path, name: str, version: str) -> str:
     """The .mar's file name in `store`, after checking its sha256 against index.json and its .sha256 file."""
     entry = find_entry(Path(store), name, version)
     if entry is None:
-        raise ServingError(f"{name} {version} is not in {Path(store) / 'index.json'}; archive it first "
-                           f"(`python -m serving archive --config archive_configs/{name}/{version}.yaml`)")
+        raise ServingError(f"{name} {version} is not in {Path(store) / 'index.json'}; "
+                           f"{archive_hint(name, version, Path(store))}")
     mar = Path(store) / entry["mar"]
     if Path(entry["mar"]).name != entry["mar"] or not mar.is_file():
         raise ServingError(f"archive {mar} is missing")
