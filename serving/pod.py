@@ -30,10 +30,14 @@ def stage(store: Path, dest: Path, models: list[tuple[str, str]]) -> list[str]:
     """Copy each name/version's .mar into `dest` once its sha256 checks; returns the file names."""
     from serving.archive import find_entry, sha256_file
     from serving.manage import IntegrityError, verify_archive
+    from serving.server import ServingError
 
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for name, version in models:
+        if find_entry(store, name, version) is None:  # (the image has no archive configs to hint at)
+            raise ServingError(f"{name} {version} is not in {store / 'index.json'}: the model-store volume lacks "
+                               "this version")
         mar = verify_archive(store, name, version)  # the store's copy: file == index.json == .sha256
         tmp = dest / f".{mar}.partial"
         shutil.copyfile(store / mar, tmp)

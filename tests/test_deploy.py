@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,6 +185,28 @@ def test_stage_copies_only_verified_archives(tiny_store, tmp_path):
         pod.stage(store, tmp_path / "models", [("tiny", "9.9")])
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-1.0.mar"]
     assert pod.main(["stage", "--store", str(store), "--dest", str(tmp_path / "m2"), "tiny:2.0"]) == 1
+
+
+def test_the_pod_helpers_run_with_only_serving_on_the_path_as_in_the_image(tiny_store, tmp_path):
+    image = tmp_path / "opt"  # what deploy/Dockerfile copies; training/ and handlers/ must not be needed
+    shutil.copytree(ROOT / "serving", image / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    (image / "archive_configs").mkdir()
+    shutil.copy(ROOT / "archive_configs" / "config.properties.template", image / "archive_configs")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "serving.pod", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(image)}, timeout=60)
+
+    r = run("stage", "--store", str(tiny_store), "--dest", str(tmp_path / "models"), "tiny:1.0")
+    assert r.returncode == 0 and "staged" in r.stdout, r.stderr
+    r = run("stage", "--store", str(tiny_store), "--dest", str(tmp_path / "models"), "tiny:9.9")
+    assert r.returncode == 1 and r.stderr.startswith("error: tiny 9.9 is not in") and "Traceback" not in r.stderr
+    config = tmp_path / "config.properties"
+    text = mf.pod_config(load_config(tiny_store.parent / "configs" / "tiny" / "1.0.yaml"))
+    config.write_text(text.replace(":8080", f":{server.free_ports(1)[0]}"))
+    r = run("probe", "live", "--config", str(config))
+    assert r.returncode == 1 and "TorchServe does not answer" in r.stderr  # nothing listens there
+    assert "training" not in r.stderr and "handlers" not in r.stderr
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (run make setup)")
