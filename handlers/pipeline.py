@@ -26,7 +26,7 @@ from handlers.decode import DecodeLimits, decode_image, decode_jpegs
 from handlers.errors import BadInput, error_body
 from handlers.runtimes import RUNTIMES, content_sha256, file_sha256, prepare_runtime
 from training.checkpoint import build_model, load_checkpoint
-from training.presets import eval_batch
+from training.presets import alpha_background, eval_batch
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,13 @@ class Pipeline:
     # -- the shared stages ----------------------------------------------------------------------------------
     def decode(self, datas: Sequence[bytes]) -> list[torch.Tensor | BadInput]:
         """Encoded images -> uint8 (C, H, W) tensors on the pipeline device, or a BadInput per failed item."""
-        channels = self.preprocess["channels"]
+        channels, background = self.preprocess["channels"], alpha_background(self.preprocess)
         if self.jpeg_decoder == "torchvision":
-            return decode_jpegs(datas, channels, self.device, self.limits, self.preprocess["resize"])
+            return decode_jpegs(datas, channels, self.device, self.limits, self.preprocess["resize"], background)
         out: list[torch.Tensor | BadInput] = []
         for data in datas:
             try:
-                out.append(decode_image(data, channels, self.limits, min_side=self.preprocess["resize"]))
+                out.append(decode_image(data, channels, self.limits, self.preprocess["resize"], background))
             except BadInput as e:
                 out.append(e)
         return out

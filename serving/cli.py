@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = add("metrics", "print the Prometheus metrics")
     p.add_argument("--grep", help="only lines containing this text")
-    p = add("howto", "print the curl commands for a running server")
+    p = add("howto", "print working curl commands for a running server (current key, real versions)")
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--image", type=Path, help="image in the commands (default: the first reports/samples/*.png)")
     from serving.fleet_cli import add_parser as add_fleet
 
     add_fleet(sub)
@@ -186,13 +187,40 @@ def cmd_models(client: Any) -> int:
 
 
 def cmd_howto(a: argparse.Namespace, client: Any) -> int:
+    """Commands that work as printed: the current key, the model's real versions, an image that exists."""
+    from training.commands import project_command
+
     ep, key_file = client.ep, a.runtime_dir.resolve() / "key_file.json"
-    print(f"""Predict (raw image bytes; token from {key_file}, key "inference"):
-  curl -H "Authorization: Bearer {ep.inference_key}" -T image.png {ep.inference_url}/predictions/{a.model}
-  curl -H "Authorization: Bearer {ep.inference_key}" -T image.png {ep.inference_url}/predictions/{a.model}/VERSION
-Metrics (Prometheus): curl {ep.metrics_url}/metrics
-Versions: python -m serving models | describe {a.model} | rollout {a.model} VERSION | rollback {a.model}
-Tokens expire after token_expiration_min minutes; the CLI renews them, curl users re-read the key file.""")
+    from serving.archive import read_index
+
+    default, versions = client.default_version(a.model), client.versions(a.model)
+    archived = sorted({e["version"] for e in read_index(a.store) if e.get("name") == a.model}, key=version_key)
+    image = a.image or next(iter(sorted(Path("reports/samples").glob("*.png"))), None)
+    if image is None:
+        image = Path("reports/samples/0000_ankle-boot.png")
+        samples = project_command(f"training samples --out-dir {image.parent}")
+        print(f"No sample image yet; write some first:\n  {samples}")
+    auth, url = f'-H "Authorization: Bearer {ep.inference_key}"', f"{ep.inference_url}/predictions/{a.model}"
+    print(f"""Predict (token from {key_file}, key "inference"; it expires, run howto again for a fresh one):
+  curl {auth} -T {image} {url}
+  curl {auth} -T {image} {url}/{default}
+  curl {auth} -H 'Content-Type: application/json' -d "{{\\"image\\": \\"$(base64 -w0 {image})\\", \\"topk\\": 3}}" {url}
+  (curl -d/--data-binary without a Content-Type sends a form: add -H 'Content-Type: application/octet-stream')
+Answers per version (Prometheus): curl -s {ep.metrics_url}/metrics | grep 'handler_answers_total{{ModelName="{a.model}"'
+Versions (registered {', '.join(versions)}; default {default}; archived {', '.join(archived) or 'none'}):""")
+    from serving.rollout import rollback_target
+
+    where = "".join(f" --{flag} {path}" for flag, path, usual in (("runtime-dir", a.runtime_dir, DEFAULT_RUNTIME),
+                                                                     ("store", a.store, DEFAULT_STORE))
+                    if Path(path).resolve() != usual.resolve())
+    commands = ["models", f"describe {a.model}", *[f"rollout {a.model} {v}" for v in archived if v != default]]
+    try:
+        rollback_target(client.history(), a.model, default, versions)
+        commands.append(f"rollback {a.model}")
+    except ServingError:  # nothing to roll back to: not a command that works
+        pass
+    for args in commands:
+        print(f"  {project_command('serving ' + args)}{where}")
     return 0
 
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 from serving.manage import IntegrityError, ServingError
 from serving.rollout import rollback, rollback_target, rollout
-from tests.torchserve import ROOT, TorchServe, gray_png, tiny_archive, tiny_checkpoint
+from tests.images import cutout
+from tests.torchserve import ROOT, TorchServe, gray_png, metric, tiny_archive, tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (run make setup)")
 MODEL = "tiny"
@@ -179,6 +180,41 @@ def test_metrics_are_prometheus_text(env):
     r = requests.get(f"{env.ts.metrics_url}/metrics", timeout=10)
     assert r.status_code == 200 and "# TYPE" in r.text
     assert "ts_inference_requests_total" in r.text or "Requests2XX" in r.text
+
+
+def test_answers_are_counted_under_the_version_that_produced_them(env):
+    """TorchServe counts requests to /predictions/tiny under model_version="default"; handler_answers_total
+    names the version that answered (2.0, the default since the tests above), for every status."""
+    assert env.client.default_version(MODEL) == "2.0"
+
+    def counts() -> dict[str, float]:
+        text = requests.get(f"{env.ts.metrics_url}/metrics", timeout=10).text
+        answers = {f"{v} {s}": metric(text, "handler_answers_total", ModelName=MODEL, ModelVersion=v, Status=s)
+                   for v, s in (("2.0", "200"), ("1.0", "200"), ("2.0", "415"))}
+        return {**answers, "default": metric(text, "ts_inference_requests_total", model_name=MODEL,
+                                             model_version="default")}
+
+    before = counts()
+    for _ in range(3):
+        assert _predict(env)["version"] == "2.0"
+    for _ in range(2):
+        _predict(env, "1.0")
+    r = env.ts.infer.post(f"{env.ts.inference_url}/predictions/{MODEL}", data=base64.b64encode(gray_png()),
+                          headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
+    assert r.status_code == 415 and r.json()["type"] == "FormEncodedBody", r.text
+    expected, deadline = {"2.0 200": 3, "1.0 200": 2, "2.0 415": 1, "default": 4}, time.monotonic() + 30
+    while True:  # the frontend collects worker metrics asynchronously
+        delta = {k: v - before[k] for k, v in counts().items()}
+        if delta == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert delta == expected
+
+
+def test_transparent_input_is_composited_on_the_recorded_background(env):
+    opaque, transparent = cutout(np.array(Image.open(io.BytesIO(gray_png(seed=4)))))
+    on_black = _predict(env, "1.0", topk=10, png=opaque)["predictions"]
+    assert _predict(env, "1.0", topk=10, png=transparent)["predictions"] == on_black
 
 
 @pytest.mark.parametrize("url", ["http://example.invalid/x.mar", "file:///etc/passwd", "../store/tiny-1.0.mar"])

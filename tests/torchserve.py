@@ -111,7 +111,8 @@ def tiny_checkpoint(path: str | Path, seed: int = 0, favour: int | None = None, 
             model.classifier[-1].bias[favour] += bias
     ckpt = {"arch": "lenet5", "model_args": args, "state_dict": model.state_dict(),
             "classes": classes or [f"class{i}" for i in range(10)],
-            "preprocess": make_preprocess(28, 1, [0.2860], [0.3530]), "metrics": {"test_acc": 0.1, "seed": seed},
+            "preprocess": make_preprocess(28, 1, [0.2860], [0.3530], background=(0, 0, 0)),  # as Fashion-MNIST
+            "metrics": {"test_acc": 0.1, "seed": seed},
             "recipe": {"name": "tiny-test"}}
     return save_checkpoint(ckpt, path)
 
@@ -132,6 +133,19 @@ def tiny_archive(store: str | Path, configs_dir: str | Path, name: str, version:
     path.write_text(yaml.safe_dump({"name": name, "version": version, "checkpoint": str(Path(checkpoint).resolve()),
                                     "runtime": "eager", "description": "tiny test model", "torchserve": block}))
     return build_archive(load_config(path), store)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of Prometheus metric `name` whose labels include `labels` (0.0 when none does)."""
+    import re
+
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) + 1:line.rindex("}")]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def gray_png(seed: int = 0, size: int = 28) -> bytes:

@@ -143,7 +143,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
                           image_size=recipe.img_size, limit=recipe.limit)
     info = splits.info
     size = recipe.img_size or info.size
-    preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size)
+    preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size,
+                                 background=recipe.background or info.background)
     transform = None if info.in_memory else imagefolder_train_transform(preprocess)
     train_loader, val_loader, test_loader = make_loaders(splits, recipe.batch_size, device, recipe.seed,
                                                          num_workers=recipe.num_workers, train_transform=transform)
