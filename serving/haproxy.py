@@ -19,10 +19,10 @@ from string import Template
 
 import psutil
 
-from serving.config import CONFIG_DIR
+from serving.config import config_file
 from serving.server import ServingError
 
-TEMPLATE = CONFIG_DIR / "haproxy.cfg.template"
+TEMPLATE = config_file("haproxy.cfg.template")
 BACKEND = "nodes"
 
 

@@ -59,11 +59,6 @@ def project_version() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-def threads_per_worker(cpu: int, cfg: ArchiveConfig) -> int:
-    """The pod's CPU limit shared among the version's workers (the handler reads OMP_NUM_THREADS per worker)."""
-    return max(1, cpu // max(1, cfg.torchserve["maxWorkers"]))
-
-
 def pod_config(cfg: ArchiveConfig) -> str:
     """config.properties for a pod serving one version: inference and metrics on the pod's interfaces (the
     NetworkPolicy admits only the gateway and monitoring), management and gRPC on its loopback, the version
@@ -108,8 +103,8 @@ def deployment(o: Options, cfg: ArchiveConfig, name: str, track: str, config_map
                  "--model-store", "/models"],
         "ports": [{"name": "http-inference", "containerPort": POD_PORTS.inference},
                   {"name": "metrics", "containerPort": POD_PORTS.metrics}],
-        # Threads per worker from the CPU limit below (LOG_LOCATION etc. come from the image).
-        "env": [{"name": "OMP_NUM_THREADS", "value": str(threads_per_worker(o.cpu, cfg))}],
+        # The CPU limit is the pod's cgroup quota; the handler's CPU budget (handlers/cpu.py) shares it among the
+        # version's workers. Nothing here (no OMP_NUM_THREADS) overrides that.
         "resources": {"requests": resources, "limits": resources},
         "startupProbe": {"exec": {"command": probe[:4] + ["ready"] + probe[4:]}, "periodSeconds": 5,
                          "timeoutSeconds": 4, "failureThreshold": 60},

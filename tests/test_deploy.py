@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -93,7 +91,19 @@ def test_validation_catches_mistakes():
             validate(broken)
 
 
-def test_names_versions_and_batch_settings_come_from_the_archive_configs():
+def threads_in_pod(tmp: Path, cpus: int, workers: int) -> int:
+    """Threads per worker the handler's CPU budget gives in a pod whose cgroup v2 quota is `cpus` CPUs."""
+    from handlers.cpu import cgroup_cpu_limit
+    from tests.test_cpu import fake_proc
+
+    fs = tmp / "cgroup" / "kubepods" / "pod"
+    fs.mkdir(parents=True)
+    (fs / "cpu.max").write_text(f"{cpus * 100000} 100000\n")  # what the kubelet writes for limits.cpu
+    limit = cgroup_cpu_limit(fake_proc(tmp, "0::/kubepods/pod\n", [(str(tmp / "cgroup"), "/", "cgroup2", "rw")]))
+    return max(1, int(limit) // max(1, workers))
+
+
+def test_names_versions_and_batch_settings_come_from_the_archive_configs(tmp_path):
     o = mf.Options()
     objs = objects(DEPLOY / "overlays" / "canary")
     maps = {m["metadata"]["name"]: m["data"]["config.properties"] for m in by_kind(objs, "ConfigMap")}
@@ -112,8 +122,11 @@ def test_names_versions_and_batch_settings_come_from_the_archive_configs():
         (ts,) = spec["containers"]
         limits = ts["resources"]["limits"]
         assert ts["resources"]["requests"] == limits  # Guaranteed QoS: the limit is the CPU budget
-        env = {e["name"]: e["value"] for e in ts["env"]}
-        assert int(env["OMP_NUM_THREADS"]) == max(1, int(limits["cpu"]) // cfg.torchserve["maxWorkers"])
+        # Worker threads come from the CPU limit: it becomes the pod's cgroup quota (cpu.max), which the handler's
+        # CPU budget reads and shares among maxWorkers; an OMP_NUM_THREADS here would override it.
+        assert "OMP_NUM_THREADS" not in {e["name"] for e in ts.get("env", [])}
+        assert threads_in_pod(tmp_path / version, int(limits["cpu"]), cfg.torchserve["maxWorkers"]) == \
+            max(1, int(limits["cpu"]) // cfg.torchserve["maxWorkers"])
         assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
         assert props["management_address"].startswith("http://127.0.0.1:")  # never reachable from outside
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -151,8 +164,13 @@ def test_the_dockerfile_matches_the_manifests():
     version = re.search(r'org\.opencontainers\.image\.version="([^"]+)"', text).group(1)
     assert ts["image"] == f"vision-serve:{version}" and version == mf.project_version()
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-    for src in re.findall(r"^COPY (\S+) ", text, re.M):
+    copied = [src for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for src in line.split()]
+    assert {"pyproject.toml", "requirements.txt"} <= set(copied)
+    for src in copied:
         assert (ROOT / src).exists() and f"!{src}" in ignore, src
+    from tests.test_packaging import SOURCES  # what `pip install .` is built from
+
+    assert {s.rstrip("/") for s in copied} == set(SOURCES)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
@@ -185,28 +203,6 @@ def test_stage_copies_only_verified_archives(tiny_store, tmp_path):
         pod.stage(store, tmp_path / "models", [("tiny", "9.9")])
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-1.0.mar"]
     assert pod.main(["stage", "--store", str(store), "--dest", str(tmp_path / "m2"), "tiny:2.0"]) == 1
-
-
-def test_the_pod_helpers_run_with_only_serving_on_the_path_as_in_the_image(tiny_store, tmp_path):
-    image = tmp_path / "opt"  # what deploy/Dockerfile copies; training/ and handlers/ must not be needed
-    shutil.copytree(ROOT / "serving", image / "serving", ignore=shutil.ignore_patterns("__pycache__"))
-    (image / "archive_configs").mkdir()
-    shutil.copy(ROOT / "archive_configs" / "config.properties.template", image / "archive_configs")
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "serving.pod", *args], capture_output=True, text=True,
-                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(image)}, timeout=60)
-
-    r = run("stage", "--store", str(tiny_store), "--dest", str(tmp_path / "models"), "tiny:1.0")
-    assert r.returncode == 0 and "staged" in r.stdout, r.stderr
-    r = run("stage", "--store", str(tiny_store), "--dest", str(tmp_path / "models"), "tiny:9.9")
-    assert r.returncode == 1 and r.stderr.startswith("error: tiny 9.9 is not in") and "Traceback" not in r.stderr
-    config = tmp_path / "config.properties"
-    text = mf.pod_config(load_config(tiny_store.parent / "configs" / "tiny" / "1.0.yaml"))
-    config.write_text(text.replace(":8080", f":{server.free_ports(1)[0]}"))
-    r = run("probe", "live", "--config", str(config))
-    assert r.returncode == 1 and "TorchServe does not answer" in r.stderr  # nothing listens there
-    assert "training" not in r.stderr and "handlers" not in r.stderr
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (run make setup)")

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import requests
 
-from load_tests.fleet_reliability import _retried, start_fleet, under_load
+from load_tests.fleet_reliability import DOC, JSON_OUT, _retried, start_fleet, summary_md, under_load
 from serving import fleet_ops as ops
 from serving import haproxy, server
 from serving.fleet import Fleet, down, status
@@ -39,6 +39,18 @@ def test_replayed_requests_are_counted_from_haproxys_log(tmp_path):
     log.write_text("Server nodes/node-1 is DOWN, reason: Layer4 connection problem\n" + "".join(lines))
     assert _retried(log, 0) == 2  # "+1": redispatched to another node; "2": two retries
     assert _retried(log, log.stat().st_size) == 0  # only what was logged after the offset
+
+
+def test_the_docs_figures_are_generated_from_the_committed_json():
+    """docs/fleet.md's figures block is exactly what docs/fleet-reliability.json generates, or says it awaits a run."""
+    import re
+
+    block = re.search(r"<!-- fleet-figures:begin -->\n(.*?)\n<!-- fleet-figures:end -->", DOC.read_text(), re.S)
+    assert block, "docs/fleet.md lost its figures block"
+    if not JSON_OUT.is_file():
+        assert block.group(1).startswith("Awaiting a run on a quiet machine"), "figures without their JSON"
+        pytest.skip("awaits `make reliability-fleet` on a quiet machine")
+    assert block.group(1) == summary_md(json.loads(JSON_OUT.read_text()))
 
 
 @pytest.fixture(scope="module")
