@@ -42,6 +42,7 @@ from tests.torchserve import TorchServe  # noqa: E402
 
 DOC = ROOT / "docs" / "fleet.md"
 JSON_OUT = ROOT / "docs" / "fleet-reliability.json"
+BUSY_LOAD = 2.0  # 1-min load average above which the run's latency and throughput are a busy machine's
 
 
 def target(fleet: Fleet) -> SimpleNamespace:
@@ -91,7 +92,7 @@ def under_load(fleet: Fleet, images: Path, out: Path, scenario: str, users: int,
             "probe_requests": len(probe.seen), "probe_failed": sum(s != 200 for _, s, _ in probe.seen),
             "probe_versions": dict(Counter(versions)), "probe_versions_after": dict(Counter(after)),
             "last_version": versions[-1] if versions else None,
-            "replayed_by_haproxy": _retried(log, offset), **detail}
+            "replayed_by_haproxy": _retried(log, offset), "loadavg_end": round(os.getloadavg()[0], 2), **detail}
 
 
 def kill_node(fleet: Fleet, name: str, users: int) -> dict[str, Any]:
@@ -156,26 +157,34 @@ def summary_md(results: dict[str, Any]) -> str:
              f"{results['torchserve']}, HAProxy {results['haproxy']}; tiny LeNet-5 (batch 8 / 5 ms, 1-2 workers "
              f"per node), 2 nodes, locust {results['users']} users, closed loop; each run: 4 s of load, the operation, "
              f"{results['seconds'] / 2:.0f} s more. Source: docs/fleet-reliability.json.", "",
-             "| scenario | requests (req/s) | **failed** | p99 / max ms | replayed by HAProxy | operation took | "
-             "versions answering the probe after it |", "|" + " --- |" * 7]
+             "| scenario | requests (req/s) | **failed** (load + probe) | p99 / max ms | replayed by HAProxy | "
+             "operation took | versions answering the probe after it | load avg after |", "|" + " --- |" * 8]
     for r in results["planned"]:
         extra = ""
         if "in_flight_at_kill" in r:
             extra = (f" (in flight on it: {r['in_flight_at_kill']} by HAProxy's count at the kill, at most "
                      f"{r['max_in_flight']}; marked down after {r['marked_down_s']} s, back after {r['back_up_s']} s)")
         seen = ", ".join(f"{v}: {n}" for v, n in sorted(r["probe_versions_after"].items()))
-        lines.append(f"| {r['scenario']}{extra} | {r['requests']} ({r['rps']}) | **{r['failed']}** | "
-                     f"{r['p99_ms']:.0f} / {r['max_ms']:.0f} | {r['replayed_by_haproxy']} | {r['op_s']} s | "
-                     f"{seen} |")
-    lines += ["", "| nodes | requests (req/s) | failed | p99 ms |", "| --- | --- | --- | --- |"]
+        lines.append(f"| {r['scenario']}{extra} | {r['requests']} ({r['rps']}) | **{r['failed']} + "
+                     f"{r['probe_failed']}** | {r['p99_ms']:.0f} / {r['max_ms']:.0f} | {r['replayed_by_haproxy']} | "
+                     f"{r['op_s']} s | {seen} | {r.get('loadavg_end', '?')} |")
+    lines += ["", "| nodes | requests (req/s) | failed | p99 ms | load avg after |", "|" + " --- |" * 5]
     for r in results["throughput"]:
-        lines.append(f"| {r['nodes']} | {r['requests']} ({r['rps']}) | {r['failed']} | {r['p99_ms']:.0f} |")
+        lines.append(f"| {r['nodes']} | {r['requests']} ({r['rps']}) | {r['failed']} | {r['p99_ms']:.0f} | "
+                     f"{r.get('loadavg_end', '?')} |")
     failed = sum(r["failed"] + r["probe_failed"] for r in results["planned"] if "in_flight_at_kill" not in r)
     crash = next((r for r in results["planned"] if "in_flight_at_kill" in r), None)
     verdict = f"Planned operations: {failed} failed request(s) in total (goal 0)."
     if crash:
-        verdict += (f" SIGKILL of a node: {crash['failed']} failed (bound: the requests in flight on it, at most "
-                    f"{crash['max_in_flight']}); HAProxy replayed {crash['replayed_by_haproxy']} on the other node.")
+        verdict += (f" SIGKILL of a node: {crash['failed'] + crash['probe_failed']} failed (bound: the requests in "
+                    f"flight on it, at most {crash['max_in_flight']}); HAProxy replayed "
+                    f"{crash['replayed_by_haproxy']} on the other node.")
+    loads = [results["loadavg_start"], results["loadavg_end"]]
+    loads += [r["loadavg_end"] for r in results["planned"] + results["throughput"] if "loadavg_end" in r]
+    if max(loads) > BUSY_LOAD:
+        verdict += (f" The machine was shared during this run (1-min load average up to {max(loads)} on "
+                    f"{m['cpus']} cores): the failed-request counts stand, but p99 and throughput are a busy "
+                    f"machine's, not a quiet one's.")
     return "\n".join(lines + ["", verdict])
 
 

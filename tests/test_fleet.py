@@ -53,6 +53,17 @@ def test_the_docs_figures_are_generated_from_the_committed_json():
     assert block.group(1) == summary_md(json.loads(JSON_OUT.read_text()))
 
 
+def test_the_figures_say_when_the_machine_was_busy():
+    row = {"scenario": "rolling rollout", "requests": 900, "rps": 45.0, "failed": 0, "probe_failed": 0, "p99_ms": 80,
+           "max_ms": 120, "replayed_by_haproxy": 0, "op_s": 6.1, "probe_versions_after": {"2.0": 30}}
+    run = {"date": "2026-11-28", "machine": {"cpus": 2, "cpu": "x"}, "torchserve": "0.12.0", "haproxy": "2.6",
+           "users": 8, "seconds": 20, "loadavg_start": 0.4, "loadavg_end": 0.9,
+           "planned": [{**row, "loadavg_end": 0.8}], "throughput": [{**row, "nodes": 1, "loadavg_end": 1.1}]}
+    assert "busy machine" not in summary_md(run)
+    run["throughput"][0]["loadavg_end"] = 6.5
+    assert "load average up to 6.5 on 2 cores" in summary_md(run)
+
+
 @pytest.fixture(scope="module")
 def env(tiny_store, tmp_path_factory):
     if shutil.which("java") is None or not (shutil.which("haproxy") or os.path.exists("/usr/sbin/haproxy")):
