@@ -42,7 +42,7 @@ def add_parser(sub: Any) -> None:
     _gates(p)
     p = add("canary", "send PERCENT %% of the default path's requests to VERSION (on every node)")
     _model_version(p)
-    p.add_argument("--percent", type=int, required=True, help="1..100")
+    p.add_argument("--percent", type=int, required=True, help="1..99")
     _gates(p)
     p = add("promote", "make the canary version the default on every node (a rollout), then end the canary")
     p.add_argument("model")
