@@ -9,23 +9,28 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> None:
+    from training import distributed
     from training.models import list_models
     from training.recipe import RecipeError, load_recipe
     from training.train import train
 
     overrides = {"arch": args.arch, "dataset": args.dataset, "epochs": args.epochs, "data_root": args.data_root,
                  "batch_size": args.batch_size, "lr": args.lr, "limit": args.limit, "seed": args.seed,
-                 "img_size": args.img_size}
+                 "img_size": args.img_size, "init_from": args.init_from,
+                 "pretrained_weights": args.pretrained_weights, "freeze": args.freeze}
     recipe = load_recipe(args.recipe or "default", overrides)
     if recipe.arch not in list_models():
         raise RecipeError(f"unknown arch {recipe.arch!r}; known: {', '.join(list_models())}")
     out = Path(args.out or f"checkpoints/{recipe.arch}-{recipe.dataset}.pt")
     log_dir = None if args.no_tensorboard else (args.log_dir or f"runs/{out.stem}")
-    ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet)
+    ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet,
+                 stop_after_epoch=args.stop_after_epoch)
     m = ckpt["metrics"]
-    print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, "test_acc": m.get("test_acc"),
-                      "val_acc": m.get("val_acc"), "train_time_s": round(m["train_time_s"], 1),
-                      "hardware": m["hardware"], "tensorboard": log_dir}))
+    if distributed.rank() == 0:
+        print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, "test_acc": m.get("test_acc"),
+                          "val_acc": m.get("val_acc"), "train_time_s": round(m["train_time_s"], 1),
+                          "hardware": m["hardware"], "tensorboard": log_dir}))
+    distributed.shutdown()
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -74,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="checkpoint path (default checkpoints/<arch>-<dataset>.pt)")
     t.add_argument("--resume", help="continue from this checkpoint")
+    t.add_argument("--stop-after-epoch", type=int, help="end this run after epoch N (the schedule still spans "
+                   "--epochs; --resume continues it)")
+    t.add_argument("--init-from", help="start from one of our checkpoints (a new head when the classes differ)")
+    t.add_argument("--pretrained-weights", help="start from a torchvision-format state-dict file")
+    t.add_argument("--freeze", help="none | linear_probe | layer4_head | gradual")
     t.add_argument("--log-dir", help="TensorBoard log dir (default runs/<checkpoint name>)")
     t.add_argument("--no-tensorboard", action="store_true")
     t.add_argument("--quiet", action="store_true")
@@ -103,16 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training import distributed
     from training.checkpoint import CheckpointError
     from training.data import DatasetError
+    from training.distributed import DistributedError
     from training.recipe import RecipeError
 
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (DatasetError, RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    except (DatasetError, RecipeError, CheckpointError, DistributedError, FileNotFoundError, ValueError,
+            KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        rank = distributed.rank()
+        if rank == 0 or not getattr(e, "all_ranks", False):  # an error every process saw: rank 0 says it
+            print(f"error: {f'rank {rank}: ' if rank else ''}{msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
