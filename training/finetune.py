@@ -112,6 +112,9 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
 
 def init_weights(model: nn.Module, recipe: Recipe, classes: list[str]) -> dict[str, Any] | None:
     """Apply the recipe's starting weights, if any; returns what was loaded (for the checkpoint and the log)."""
+    if recipe.freeze != "none" and not (recipe.init_from or recipe.pretrained_weights):
+        raise WeightsError(f"freeze: {recipe.freeze} keeps layers at their starting weights: give them with "
+                           "--pretrained-weights FILE (torchvision format) or --init-from CHECKPOINT")
     if recipe.pretrained_weights:
         state, digest = read_state_dict(recipe.pretrained_weights)
         report = load_weights(model, state, source=recipe.pretrained_weights, head=recipe.head)

@@ -90,9 +90,6 @@ class Recipe:
             (self.unfreeze_every >= 1, "unfreeze_every must be >= 1 (epochs)"),
             (self.backbone_lr_factor > 0, "backbone_lr_factor must be > 0 (freeze layers with `freeze` instead)"),
             (not (self.init_from and self.pretrained_weights), "give init_from or pretrained_weights, not both"),
-            (self.freeze == "none" or bool(self.init_from or self.pretrained_weights),
-             f"freeze: {self.freeze} keeps layers at their starting weights, so it needs init_from or "
-             "pretrained_weights"),
             (self.train_img_size is None or self.train_img_size >= 8, "train_img_size must be >= 8"),
             (0 < self.crop_scale_min <= 1, "crop_scale_min must be in (0, 1]"),
             (self.color_jitter >= 0, "color_jitter must be >= 0"),

@@ -249,9 +249,10 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     return ckpt
 
 
-def _describe(splits: Splits) -> tuple:
+def _describe(splits: Splits) -> str:
     """What every process of a distributed run must agree on about its dataset."""
-    return (splits.info.name, len(splits.info.classes), len(splits.train), len(splits.val), len(splits.test))
+    return (f"{splits.info.name}, {len(splits.info.classes)} classes, {len(splits.train)} train / "
+            f"{len(splits.val)} val / {len(splits.test)} test images")
 
 
 def _scored(result: tuple) -> tuple[float, float, int]:

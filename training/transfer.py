@@ -1,0 +1,203 @@
+"""The transfer experiment (`make experiment-transfer`): does a pretrained backbone help with little data?
+
+Fashion-MNIST stands in for ImageNet and a user's small dataset. A ResNet-50 is pretrained on classes 0-4
+(T-shirt, trouser, pullover, dress, coat), then fine-tuned on classes 5-9 (sandal, shirt, sneaker, bag, ankle
+boot) with 10, 20 and 50 images per class, four ways: from scratch, linear probe, layer4 + head (the
+`resnet50_finetune_imagefolder` recipe's default) and full fine-tuning; every run is scored on the same
+held-out test images. Both datasets are written as real ImageFolder trees (PNG files), so the runs go
+through the same loader, augmentation and checkpoints as a user's photos.
+
+Resumable: the trees, the pretraining checkpoint and one JSON per fine-tuning run are reused when present.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.data import FASHION_MNIST_CLASSES, load_dataset
+from training.recipe import load_recipe, make_recipe
+from training.train import hardware_name, train
+
+PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
+TARGET_CLASSES = (5, 6, 7, 8, 9)
+SHOTS = (10, 20, 50)
+METHODS = ("scratch", "linear_probe", "layer4_head", "full")
+FINETUNE_RECIPE = "resnet50_finetune_imagefolder"
+
+
+def experiment_config(quick: bool = False) -> dict[str, Any]:
+    """Every knob of the experiment in one place (recorded in the results). `quick` shrinks it for tests."""
+    cfg = {
+        "arch": "resnet50", "width": 16, "img_size": 28,  # ResNet-50's bottleneck 3-4-6-3 at a quarter width
+        "pretrain_per_class": 2400, "pretrain_epochs": 4, "pretrain_batch": 128, "pretrain_lr": 0.1,
+        "val_per_class": 10, "test_per_class": 400,
+        "shots": list(SHOTS), "methods": list(METHODS), "seeds": [0, 1, 2],
+        "finetune_steps": 150, "finetune_batch": 16, "head_lr": 0.05, "backbone_lr_factor": 0.1,
+    }
+    if quick:
+        cfg.update(width=4, pretrain_per_class=16, pretrain_epochs=1, pretrain_batch=16, test_per_class=4,
+                   val_per_class=2, shots=[2], seeds=[0], finetune_steps=2, finetune_batch=4)
+    return cfg
+
+
+def slug(name: str) -> str:
+    """A class name as a folder name: 'T-shirt/top' -> 't-shirt-top'."""
+    return name.lower().replace("/", "-").replace(" ", "-")
+
+
+def _write_images(folder: Path, images: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...]) -> None:
+    for c in classes:
+        (folder / slug(FASHION_MNIST_CLASSES[c])).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels.tolist())):
+        Image.fromarray(img[0].numpy(), "L").save(folder / slug(FASHION_MNIST_CLASSES[label]) / f"{i:05d}.png")
+
+
+def _pick(labels: torch.Tensor, classes: tuple[int, ...], per_class: int, rng: np.random.Generator,
+          exclude: set[int] | None = None) -> list[int]:
+    """`per_class` random indices of each class (never from `exclude`), in a seeded order."""
+    out = []
+    for c in classes:
+        pool = [i for i in torch.nonzero(labels == c).flatten().tolist() if not exclude or i not in exclude]
+        if len(pool) < per_class:
+            raise ValueError(f"class {c} has {len(pool)} images, {per_class} needed")
+        out += rng.permutation(pool)[:per_class].tolist()
+    return out
+
+
+def write_trees(out: Path, cfg: dict[str, Any], data_root: str | None = None) -> dict[str, Any]:
+    """pretrain/{train,val,test}/<class>/ (classes 0-4) and finetune/<k>shot-seed<s>/{train,val,test}/<class>/
+    (classes 5-9). Shots are drawn from Fashion-MNIST's training images (nested: the 10 images of a seed are
+    among its 20 and 50); val images are disjoint from every shot; test is Fashion-MNIST's own test split,
+    the same images for every run. Returns where everything is."""
+    done = out / "trees.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    splits = load_dataset("fashion_mnist", data_root, val_fraction=0.01, seed=0)
+    train_x, train_y = splits.train.images, splits.train.labels
+    test_x, test_y = splits.test.images, splits.test.labels
+    rng = np.random.default_rng(0)
+    pre = _pick(train_y, PRETRAIN_CLASSES, cfg["pretrain_per_class"] + cfg["val_per_class"], rng)
+    n_val = cfg["val_per_class"]
+    per = cfg["pretrain_per_class"] + n_val
+    pre_val = [i for k in range(len(PRETRAIN_CLASSES)) for i in pre[k * per:k * per + n_val]]
+    pre_train = sorted(set(pre) - set(pre_val))
+    _write_images(out / "pretrain" / "train", train_x[pre_train], train_y[pre_train], PRETRAIN_CLASSES)
+    _write_images(out / "pretrain" / "val", train_x[pre_val], train_y[pre_val], PRETRAIN_CLASSES)
+    pre_test = _pick(test_y, PRETRAIN_CLASSES, cfg["test_per_class"], rng)
+    _write_images(out / "pretrain" / "test", test_x[pre_test], test_y[pre_test], PRETRAIN_CLASSES)
+    val = _pick(train_y, TARGET_CLASSES, n_val, rng)
+    test = _pick(test_y, TARGET_CLASSES, cfg["test_per_class"], rng)
+    trees = {}
+    for seed in cfg["seeds"]:
+        shots = _pick(train_y, TARGET_CLASSES, max(cfg["shots"]), np.random.default_rng(1000 + seed), set(val))
+        for k in cfg["shots"]:
+            chosen = [i for c in range(len(TARGET_CLASSES)) for i in shots[c * max(cfg["shots"]):][:k]]
+            root = out / "finetune" / f"{k}shot-seed{seed}"
+            _write_images(root / "train", train_x[chosen], train_y[chosen], TARGET_CLASSES)
+            _write_images(root / "val", train_x[val], train_y[val], TARGET_CLASSES)
+            _write_images(root / "test", test_x[test], test_y[test], TARGET_CLASSES)
+            trees[f"{k}-{seed}"] = str(root)
+    info = {"pretrain": str(out / "pretrain"), "finetune": trees, "test_images": len(test),
+            "val_images": len(val), "pretrain_images": len(pre_train)}
+    done.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True) -> dict[str, Any]:
+    """ResNet-50 on classes 0-4 (resumes an interrupted run; reuses a finished one)."""
+    recipe = make_recipe({
+        "arch": cfg["arch"], "dataset": "imagefolder", "data_root": tree, "img_size": cfg["img_size"],
+        "model_args": {"width": cfg["width"]}, "epochs": cfg["pretrain_epochs"], "batch_size": cfg["pretrain_batch"],
+        "optimizer": "sgd", "lr": cfg["pretrain_lr"], "weight_decay": 5e-4, "warmup_epochs": 0.5,
+        "label_smoothing": 0.1, "seed": 0})
+    path = out / "pretrain.pt"
+    resume = None
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["epoch"] >= recipe.epochs:
+            return state
+        resume = path
+    return train(recipe, path, resume=resume, progress=progress)
+
+
+def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, seed: int, pretrained: str):
+    """The shipped fine-tuning recipe, resized for this experiment; `method` picks the starting weights and
+    the freeze policy. Every method gets the same head LR, schedule length (in steps) and augmentation."""
+    steps_per_epoch = max(1, 5 * shots // cfg["finetune_batch"])
+    epochs = max(1, round(cfg["finetune_steps"] / steps_per_epoch))
+    overrides: dict[str, Any] = {
+        "data_root": tree, "img_size": cfg["img_size"], "resize": cfg["img_size"], "arch": cfg["arch"],
+        "model_args": {"width": cfg["width"]}, "epochs": epochs, "batch_size": cfg["finetune_batch"],
+        "lr": cfg["head_lr"], "warmup_epochs": 0.1 * epochs, "seed": seed, "num_workers": 0,
+        "pretrained_weights": None, "init_from": pretrained, "backbone_lr_factor": cfg["backbone_lr_factor"],
+        "freeze": {"scratch": "none", "full": "none"}.get(method, method),
+    }
+    if method == "scratch":
+        overrides.update(init_from=None, backbone_lr_factor=1.0)
+    return load_recipe(FINETUNE_RECIPE, overrides)
+
+
+def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+    """Trees, pretraining, every (shots, method, seed) fine-tuning run; writes results.json in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = experiment_config(quick)
+    t0 = time.perf_counter()
+    trees = write_trees(out, cfg, data_root)
+    base = pretrain(out, cfg, trees["pretrain"], progress)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    runs = []
+    for seed in cfg["seeds"]:
+        for shots in cfg["shots"]:
+            for method in cfg["methods"]:
+                path = runs_dir / f"{shots}shot-{method}-seed{seed}.json"
+                if not path.is_file():
+                    if progress:
+                        print(f"== {shots} images/class, {method}, seed {seed}", flush=True)
+                    recipe = finetune_recipe(cfg, method, trees["finetune"][f"{shots}-{seed}"], shots, seed,
+                                             str(out / "pretrain.pt"))
+                    ck = train(recipe, runs_dir / f"{shots}shot-{method}-seed{seed}.pt", progress=False)
+                    m = ck["metrics"]
+                    row = {"shots": shots, "method": method, "seed": seed, "test_acc": m["test_acc"],
+                           "train_time_s": m["train_time_s"], "epochs": recipe.epochs, "history": m["history"],
+                           "init": ck.get("init"), "hardware": m["hardware"]}
+                    path.write_text(json.dumps(row, indent=2))
+                    if progress:
+                        print(f"   test accuracy {m['test_acc']:.4f} ({m['train_time_s']:.0f} s)", flush=True)
+                runs.append(json.loads(path.read_text()))
+    pm = base["metrics"]
+    results = {"config": cfg, "trees": trees, "pretrain": {"test_acc": pm["test_acc"], "history": pm["history"],
+               "train_time_s": pm["train_time_s"]}, "runs": runs,
+               "hardware": hardware_name(torch.device("cpu")), "torch": torch.__version__,
+               "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The small summary committed under docs/: mean, std and n of test accuracy per (shots, method)."""
+    cells = {}
+    for shots in results["config"]["shots"]:
+        for method in results["config"]["methods"]:
+            accs = [r["test_acc"] for r in results["runs"] if r["shots"] == shots and r["method"] == method]
+            times = [r["train_time_s"] for r in results["runs"] if r["shots"] == shots and r["method"] == method]
+            cells[f"{shots}/{method}"] = {
+                "shots": shots, "method": method, "n": len(accs), "mean": statistics.fmean(accs),
+                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accs": accs,
+                "train_time_s": statistics.fmean(times)}
+    cfg = results["config"]
+    total_train = results["pretrain"]["train_time_s"] + sum(r["train_time_s"] for r in results["runs"])
+    return {"config": cfg, "hardware": results["hardware"], "torch": results["torch"],
+            "pretrain_test_acc": results["pretrain"]["test_acc"],
+            "pretrain_train_time_s": results["pretrain"]["train_time_s"], "train_time_s_total": total_train,
+            "test_images": results["trees"]["test_images"], "cells": cells}
