@@ -1,4 +1,6 @@
-"""`python -m training {zoo,train,eval,experiment-depth}`. Errors end with one clear line and exit code 2."""
+"""`python -m training {zoo,train,eval,samples,experiment-depth,experiment-transfer}`.
+
+Errors end with one clear line and exit code 2."""
 
 from __future__ import annotations
 
@@ -56,6 +58,22 @@ def _depth(args: argparse.Namespace) -> None:
     depth_experiment(args.out_dir, epochs=args.epochs, limit=args.limit, data_root=args.data_root)
 
 
+def _transfer(args: argparse.Namespace) -> None:
+    from training.transfer import run_experiment, summarize, verdict, write_docs
+
+    results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick)
+    summary = summarize(results)
+    (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.docs:
+        write_docs(summary, args.docs)
+    for cell in summary["cells"].values():
+        print(f"{cell['shots']:>3} images/class  {cell['method']:<13} {100 * cell['mean']:5.1f} ± "
+              f"{100 * cell['std']:.1f} % (n={cell['n']})")
+    print(verdict(summary))
+    print(f"wrote {args.out_dir}/results.json, summary.json" + (f"; {args.docs}/transfer.json, transfer.png, "
+                                                               "training.md" if args.docs else ""))
+
+
 def _samples(args: argparse.Namespace) -> None:
     from training.samples import export_samples
 
@@ -109,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=12000)
     d.add_argument("--data-root")
     d.set_defaults(fn=_depth)
+    x = sub.add_parser("experiment-transfer", help="pretrain on Fashion-MNIST 0-4, fine-tune on 5-9 with "
+                       "10/20/50 images per class four ways (resumable)")
+    x.add_argument("--out-dir", default="reports/transfer")
+    x.add_argument("--data-root")
+    x.add_argument("--docs", help="also write the figures into this docs folder (docs/)")
+    x.add_argument("--quick", action="store_true", help="a tiny version that checks the pipeline in seconds")
+    x.set_defaults(fn=_transfer)
     return p
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from training.data import FASHION_MNIST_CLASSES, load_dataset
 from training.recipe import load_recipe, make_recipe
+from training.samples import slug
 from training.train import hardware_name, train
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
@@ -46,11 +47,6 @@ def experiment_config(quick: bool = False) -> dict[str, Any]:
         cfg.update(width=4, pretrain_per_class=16, pretrain_epochs=1, pretrain_batch=16, test_per_class=4,
                    val_per_class=2, shots=[2], seeds=[0], finetune_steps=2, finetune_batch=4)
     return cfg
-
-
-def slug(name: str) -> str:
-    """A class name as a folder name: 'T-shirt/top' -> 't-shirt-top'."""
-    return name.lower().replace("/", "-").replace(" ", "-")
 
 
 def _write_images(folder: Path, images: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...]) -> None:
@@ -201,3 +197,80 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "pretrain_test_acc": results["pretrain"]["test_acc"],
             "pretrain_train_time_s": results["pretrain"]["train_time_s"], "train_time_s_total": total_train,
             "test_images": results["trees"]["test_images"], "cells": cells}
+
+
+METHOD_NAMES = {"scratch": "from scratch", "linear_probe": "linear probe", "layer4_head": "layer4 + head",
+                "full": "full fine-tuning"}
+GOAL_POINTS = 10.0  # layer4 + head must beat from scratch by this many points at the fewest images per class
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """The goal's outcome, computed from the figures."""
+    k = min(summary["config"]["shots"])
+    gap = 100 * (summary["cells"][f"{k}/layer4_head"]["mean"] - summary["cells"][f"{k}/scratch"]["mean"])
+    met = "met" if gap >= GOAL_POINTS else "not met"
+    return (f"At {k} images per class, layer4 + head beats from scratch by {gap:+.1f} points "
+            f"(goal: >= {GOAL_POINTS:.0f}): **{met}**.")
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The figures block of docs/training.md, generated from docs/transfer.json."""
+    cfg, cells = summary["config"], summary["cells"]
+    n = max(c["n"] for c in cells.values())
+    head = "| images per class | " + " | ".join(METHOD_NAMES[m] for m in cfg["methods"]) + " |"
+    rows = [head, "|---" * (len(cfg["methods"]) + 1) + "|"]
+    for k in cfg["shots"]:
+        vals = [cells[f"{k}/{m}"] for m in cfg["methods"]]
+        rows.append(f"| {k} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in vals) + " |")
+    most = max(cfg["shots"])
+    times = " / ".join(f"{cells[f'{most}/{m}']['train_time_s']:.0f}" for m in cfg["methods"])
+    return "\n".join([
+        f"Test accuracy (%) on the same {summary['test_images']} held-out test images (Fashion-MNIST test split, "
+        f"classes 5-9), mean ± std over {n} seeds (each seed draws its own training images and initialises "
+        "its own head):",
+        "",
+        *rows,
+        "",
+        verdict(summary),
+        "",
+        f"Pretraining ({cfg['arch']} at width {cfg['width']}, {cfg['img_size']} px, {cfg['pretrain_epochs']} "
+        f"epochs on {cfg['pretrain_per_class']} images per class of classes 0-4): "
+        f"{100 * summary['pretrain_test_acc']:.1f} % test accuracy on those classes, "
+        f"{summary['pretrain_train_time_s'] / 60:.1f} min. Training time of one fine-tuning run at "
+        f"{max(cfg['shots'])} images per class ({' / '.join(METHOD_NAMES[m] for m in cfg['methods'])}): "
+        f"{times} s. All training together: {summary['train_time_s_total'] / 60:.0f} min on {summary['hardware']} "
+        f"(torch {summary['torch']}). Figures: [transfer.json](transfer.json).",
+        "",
+        "![transfer learning curves](transfer.png)",
+    ])
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, cells = summary["config"], summary["cells"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in cfg["methods"]:
+        ys = [100 * cells[f"{k}/{m}"]["mean"] for k in cfg["shots"]]
+        errs = [100 * cells[f"{k}/{m}"]["std"] for k in cfg["shots"]]
+        ax.errorbar(cfg["shots"], ys, yerr=errs, marker="o", capsize=3, label=METHOD_NAMES[m],
+                    linestyle="--" if m == "scratch" else "-")
+    ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy (%)",
+           title="Fine-tuning on Fashion-MNIST classes 5-9 after pretraining on 0-4")
+    ax.set_xticks(cfg["shots"], [str(k) for k in cfg["shots"]])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_docs(summary: dict[str, Any], docs_dir: str | Path) -> None:
+    """docs/transfer.json (the figures), docs/transfer.png and the figures block in docs/training.md."""
+    from training.docblock import write_doc_block
+
+    docs = Path(docs_dir)
+    (docs / "transfer.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, docs / "transfer.png")
+    write_doc_block(docs / "training.md", "transfer-figures", markdown(summary))

@@ -1,0 +1,78 @@
+"""The transfer experiment's pipeline at a tiny scale (trees, pretraining, the four fine-tuning methods,
+resuming, the generated figures), and a fine-tuned checkpoint served through the archive and the handler's
+pipeline like any other."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from tests.datagen import write_fashion_mnist
+from tests.torchserve import tiny_archive
+from training.checkpoint import build_model, load_checkpoint
+from training.presets import eval_batch
+from training.transfer import METHODS, markdown, run_experiment, summarize, write_docs
+
+TARGET = ["ankle-boot", "bag", "sandal", "shirt", "sneaker"]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("transfer")
+    fm = write_fashion_mnist(tmp / "fm", n_train=400, n_test=60)
+    return tmp, fm, run_experiment(tmp / "exp", data_root=str(fm), quick=True, progress=False)
+
+
+def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick, tmp_path):
+    _, fm, results = quick
+    out = Path(results["trees"]["pretrain"]).parent
+    tree = Path(results["trees"]["finetune"]["2-0"])
+    assert sorted(p.name for p in (tree / "train").iterdir()) == TARGET
+    assert [len(list((tree / "train" / c).iterdir())) for c in TARGET] == [2] * 5
+    assert sorted(p.name for p in (Path(results["trees"]["pretrain"]) / "train").iterdir()) == \
+        ["coat", "dress", "pullover", "t-shirt-top", "trouser"]
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == set(METHODS)
+    assert runs["scratch"]["init"] is None
+    assert runs["layer4_head"]["init"]["head"] == "new" and runs["full"]["init"]["source"] == str(out / "pretrain.pt")
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    again = run_experiment(out, data_root=str(fm), quick=True, progress=False)  # everything is reused
+    assert again["runs"] == results["runs"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps
+
+    summary = summarize(results)
+    assert summary["cells"]["2/layer4_head"]["n"] == 1
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "training.md").write_text("# T\n<!-- transfer-figures:begin -->\nold\n<!-- transfer-figures:end -->\n")
+    write_docs(summary, docs)
+    page = (docs / "training.md").read_text()
+    assert "old" not in page and markdown(summary) in page
+    assert "layer4 + head beats from scratch by" in page and (docs / "transfer.png").stat().st_size > 1000
+
+
+def test_a_fine_tuned_checkpoint_archives_and_serves_like_any_other(quick, tmp_path):
+    _, _, results = quick
+    ckpt_path = Path(results["trees"]["pretrain"]).parent / "runs" / "2shot-layer4_head-seed0.pt"
+    entry = tiny_archive(tmp_path / "store", tmp_path / "configs", "fmnist-transfer", "1.0", ckpt_path)
+    assert entry["arch"] == "resnet50" and (tmp_path / "store" / "fmnist-transfer-1.0.mar").is_file()
+
+    from handlers.pipeline import ImagePipeline
+
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["preprocess"]["channels"] == 3 and ckpt["classes"] == TARGET
+    png = sorted((Path(results["trees"]["finetune"]["2-0"]) / "test" / "bag").iterdir())[0].read_bytes()
+    status, body = ImagePipeline.from_file(ckpt_path, topk=1).handle_requests([{"body": png}])[0]
+    # What `python -m training eval` computes for the same file: decode as the loader does, then eval_batch.
+    x = pil_to_tensor(Image.open(io.BytesIO(png)).convert("RGB"))
+    with torch.no_grad():
+        probs = build_model(ckpt)(eval_batch([x], ckpt["preprocess"])).softmax(1)[0]
+    assert status == 200
+    [top] = body["predictions"]
+    assert top["label"] == TARGET[int(probs.argmax())] and abs(top["probability"] - float(probs.max())) < 1e-4
