@@ -1,4 +1,4 @@
-"""`python -m training {zoo,train,eval,samples,experiment-depth,experiment-transfer}`.
+"""`python -m training {zoo,train,eval,samples,experiment-depth,experiment-transfer,imagenet-val}`.
 
 Errors end with one clear line and exit code 2."""
 
@@ -74,6 +74,14 @@ def _transfer(args: argparse.Namespace) -> None:
                                                                "training.md" if args.docs else ""))
 
 
+def _imagenet_val(args: argparse.Namespace) -> None:
+    from training.imagenet import reorganise_val
+
+    r = reorganise_val(args.val_dir, args.ground_truth, mode=args.mode)
+    print(f"{args.val_dir}: {r['sorted_now']} images sorted now, {r['images']} in {r['classes']} class folders"
+          + (f"; {r['labels_without_image']} labelled images are not there" if r["labels_without_image"] else ""))
+
+
 def _samples(args: argparse.Namespace) -> None:
     from training.samples import export_samples
 
@@ -134,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--docs", help="also write the figures into this docs folder (docs/)")
     x.add_argument("--quick", action="store_true", help="a tiny version that checks the pipeline in seconds")
     x.set_defaults(fn=_transfer)
+    v = sub.add_parser("imagenet-val", help="sort ImageNet's flat val/ folder into val/<wnid>/ from its ground truth")
+    v.add_argument("val_dir")
+    v.add_argument("--ground-truth", required=True, help="LOC_val_solution.csv, '<file> <wnid>' lines, or the "
+                   "devkit's ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it)")
+    v.add_argument("--mode", choices=["move", "copy", "link"], default="move")
+    v.set_defaults(fn=_imagenet_val)
     return p
 
 
