@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from handlers.errors import BadInput
+
 # A truncated file must be an error, not a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -24,17 +26,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # (Multi-picture JPEGs open through the JPEG plugin and report format "MPO".)
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
-
-
-class BadInput(Exception):
-    """A client error: `status` is the HTTP code (4xx), `type` a short name, `message` what to send instead."""
-
-    def __init__(self, status: int, type_: str, message: str):
-        super().__init__(message)
-        self.status, self.type, self.message = status, type_, message
-
-    def body(self) -> dict:
-        return {"code": self.status, "type": self.type, "message": self.message}
 
 
 @dataclass(frozen=True)

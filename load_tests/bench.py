@@ -1,7 +1,7 @@
 """Side-by-side benchmark, one model, one image set, one run on one machine:
 
   (a) model forward in-process            (batch sweep)
-  (b) our handler pipeline in-process     (batch sweep; bytes -> top-k JSON, handlers.pipeline.ImagePipeline)
+  (b) our handler pipeline in-process     (batch sweep; bytes -> top-k JSON, handlers.image.ImagePipeline)
   (c) TorchServe + our handler, REST      (concurrency sweep, locust closed loop)
   (d) TorchServe + stock image_classifier (same weights, same preprocessing, same batch settings)
 
@@ -145,7 +145,7 @@ def run_rest(a: argparse.Namespace, ckpt: dict[str, Any], ckpt_path: Path, image
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    from handlers.pipeline import ImagePipeline
+    from handlers.image import ImagePipeline
 
     started = datetime.now(UTC)
     if a.threads:  # before the server starts: its workers inherit the environment

@@ -1,6 +1,6 @@
 """Device check for the serving pipeline: ResNet-50 @ 224 on one GPU, the model alone vs JPEG bytes -> top-5.
 
-For a GPU machine with torch + torchvision + pillow and no TorchServe or Java (handlers.pipeline imports no `ts`).
+For a GPU machine with torch + torchvision + pillow and no TorchServe or Java (handlers.image imports no `ts`).
 Random weights and synthetic 500x375 JPEGs, so it needs no files and no network. Prints one JSON object:
   model_img_s     (a) forward only, bf16 autocast + channels_last, batch `--batch`, random input on the GPU
   pipeline_img_s  (b) ImagePipeline.handle_requests: `--batch` raw-JPEG requests -> nvjpeg batch decode ->
@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from handlers.pipeline import ImagePipeline  # noqa: E402
+from handlers.image import ImagePipeline  # noqa: E402
 from training.models import get_model  # noqa: E402
 from training.presets import eval_batch, make_preprocess  # noqa: E402
 

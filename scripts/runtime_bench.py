@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from handlers.pipeline import ImagePipeline  # noqa: E402
+from handlers.image import ImagePipeline  # noqa: E402
 from handlers.runtimes import RUNTIMES, WrappedModel  # noqa: E402
 from training.checkpoint import build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from training.models import get_model  # noqa: E402
@@ -44,7 +44,7 @@ _CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
-from handlers.pipeline import ImagePipeline
+from handlers.image import ImagePipeline
 p = ImagePipeline.from_file({path!r}, runtime={rt!r}, runtime_cache={cache!r}, cpu_threads={threads})
 print(json.dumps(dict(p.runtime_info, load_s=round(time.perf_counter() - t0, 2))))
 """

@@ -113,9 +113,11 @@ def stage_sources(dest: Path, root: Path = ROOT) -> Path:
     for name in TRAINING_FILES:
         shutil.copy2(root / "training" / name, dest / "training" / name)
     shutil.copytree(root / "training" / "models", dest / "training" / "models", ignore=ignore)
+    from handlers import PIPELINES
+
     (dest / "handlers").mkdir()
     for src in sorted((root / "handlers").glob("*.py")):
-        if src.name != "classifier.py":  # the handler itself goes in through --handler, at the archive root
+        if src.name not in PIPELINES:  # handler entry files go in through --handler, at the archive root
             shutil.copy2(src, dest / "handlers" / src.name)
     return dest
 

@@ -68,21 +68,26 @@ def _resolve(path: str, root: Path) -> Path:
     return p if p.is_absolute() else (root / p)
 
 
-def _handler_options(source: str, opts: Any) -> dict[str, Any]:
-    """The model-config `handler:` block, checked against the options the handler itself accepts
-    (handlers.pipeline.OPTIONS, one list for both). `runtime` comes from the top-level key."""
-    from handlers.pipeline import OPTIONS, pipeline_options
+def _handler_options(source: str, opts: Any, handler: Path) -> dict[str, Any]:
+    """The model-config `handler:` block, checked against the options that handler's pipeline accepts
+    (its class's OPTIONS, one list for both). `runtime` comes from the top-level key."""
+    from handlers import pipeline_class
+    from handlers.pipeline import check_options
 
     if not isinstance(opts, dict):
         raise ConfigError(f"{source}: torchserve.handler must be a mapping of handler options")
     if "runtime" in opts:
         raise ConfigError(f"{source}: key 'torchserve.handler.runtime' is not allowed; set the top-level runtime")
-    unknown = sorted(set(opts) - set(OPTIONS))
+    try:
+        options = pipeline_class(handler.name).OPTIONS
+    except KeyError as e:
+        raise ConfigError(f"{source}: handler {handler.name}: {e.args[0]}") from None
+    unknown = sorted(set(opts) - set(options))
     if unknown:
         raise ConfigError(f"{source}: unknown key 'torchserve.handler.{unknown[0]}' "
-                          f"(allowed: {', '.join(sorted(set(OPTIONS) - {'runtime'}))})")
+                          f"(allowed: {', '.join(sorted(set(options) - {'runtime'}))})")
     try:
-        pipeline_options(opts)
+        check_options(opts, options)
     except ValueError as e:
         raise ConfigError(f"{source}: torchserve.handler: {e}") from None
     for key, value in opts.items():
@@ -128,10 +133,11 @@ def parse_config(data: Any, source: str = "<config>", root: Path = ROOT) -> Arch
         raise ConfigError(f"{source}: torchserve.deviceType must be one of {', '.join(DEVICE_TYPES)}")
     block["deviceType"] = ts["deviceType"]
 
-    opts = _handler_options(source, ts.get("handler") or {})
+    handler = _resolve(data.get("handler", DEFAULT_HANDLER), root)
+    opts = _handler_options(source, ts.get("handler") or {}, handler)
 
     return ArchiveConfig(name=name, version=version, checkpoint=_resolve(data["checkpoint"], root),
-                         handler=_resolve(data.get("handler", DEFAULT_HANDLER), root), runtime=data["runtime"],
+                         handler=handler, runtime=data["runtime"],
                          description=data.get("description", ""), torchserve=block, handler_options=opts)
 
 

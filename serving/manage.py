@@ -16,7 +16,7 @@ import requests
 
 from serving.archive import DEFAULT_STORE, find_entry, sha256_file
 from serving.config import version_key
-from serving.server import DEFAULT_RUNTIME, Endpoints, ServingError, endpoints, read_keys
+from serving.server import DEFAULT_RUNTIME, Endpoints, ServingError, endpoints, renew_key
 
 HISTORY_FILE = "default_history.json"
 
@@ -51,14 +51,7 @@ class Client:
         return r
 
     def _refresh_token(self, token_type: str) -> None:
-        try:
-            requests.get(f"{self.ep.management_url}/token", params={"type": token_type}, timeout=10,
-                         headers={"Authorization": f"Bearer {self.ep.api_key}"})
-        except requests.RequestException:
-            return
-        keys = read_keys(self.runtime_dir)
-        self.ep = Endpoints(self.ep.inference_url, self.ep.management_url, self.ep.metrics_url,
-                            keys["inference"], keys["management"], keys["api"])
+        self.ep = renew_key(self.ep, self.runtime_dir, token_type)
 
     def _mgmt(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw: Any) -> Any:
         r = self._request(method, f"{self.ep.management_url}{path}", "management", **kw)

@@ -128,6 +128,19 @@ def endpoints(runtime_dir: Path = DEFAULT_RUNTIME) -> Endpoints:
                      keys["inference"], keys["management"], keys["api"])
 
 
+def renew_key(ep: Endpoints, runtime_dir: Path, token_type: str) -> Endpoints:
+    """Ask the server for a fresh `token_type` key with the (non-expiring) API key; TorchServe rewrites
+    key_file.json, which is read again. Keys expire after token_expiration_min."""
+    try:
+        requests.get(f"{ep.management_url}/token", params={"type": token_type}, timeout=10,
+                     headers={"Authorization": f"Bearer {ep.api_key}"})
+    except requests.RequestException:
+        return ep
+    keys = read_keys(runtime_dir)
+    return Endpoints(ep.inference_url, ep.management_url, ep.metrics_url, keys["inference"], keys["management"],
+                     keys["api"])
+
+
 def server_env(runtime_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     logs, tmp = runtime_dir / "logs", runtime_dir / "tmp"
@@ -224,6 +237,8 @@ def _start(store: Path, runtime_dir: Path, ports: Ports, extra: dict[str, Any] |
                              headers={"Authorization": f"Bearer {ep.management_key}"})
             if r.status_code == 200:
                 return ep
+            if r.status_code == 400:  # a slow start can outlive a short token_expiration_min
+                renew_key(ep, runtime_dir, "management")
         except (ServingError, requests.RequestException):
             pass
         time.sleep(0.3)

@@ -114,7 +114,7 @@ def test_in_process_measurements_run_the_real_pipeline(tmp_path):
 
     import numpy as np
 
-    from handlers.pipeline import ImagePipeline
+    from handlers.image import ImagePipeline
 
     ckpt = bench_checkpoint(tmp_path / "lenet.pt", arch="lenet5", img_size=28)
     assert ckpt["preprocess"]["resize"] == 32 and ckpt["preprocess"]["mean"] == [0.485, 0.456, 0.406]

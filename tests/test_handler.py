@@ -198,7 +198,7 @@ def test_non_ascii_error_text_keeps_the_wire_protocol_in_step(model_dir, monkeyp
 
 
 def test_reason_phrase_is_ascii_single_line_and_bounded():
-    from handlers.classifier import reason_phrase
+    from handlers.adapter import reason_phrase
 
     phrase = reason_phrase("width \u00d7 height\nover \u2014 limit " + "x" * 500)
     assert phrase.isascii() and "\n" not in phrase and len(phrase) <= 200

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from handlers.decode import BadInput, DecodeLimits, decode_image, decode_jpegs, orient, to_tensor
-from handlers.pipeline import ImagePipeline, pipeline_options
+from handlers.image import ImagePipeline, pipeline_options
 from tests.images import (
     animated_gif,
     b64,
@@ -292,6 +292,59 @@ def test_options_are_validated(rgb_ckpt):
     with pytest.raises(ValueError, match="runtime"):
         ImagePipeline(rgb_ckpt, runtime="tensorrt")
     assert ImagePipeline(rgb_ckpt, topk=50).topk == 10  # the default is clamped to the class count
+
+
+def test_units_run_in_chunks_of_max_batch(rgb_ckpt):
+    """However many images a worker batch carries, decode -> forward runs max_batch units at a time, and the
+    answers equal those of one big batch."""
+    small = ImagePipeline(rgb_ckpt, max_batch=3)
+    seen = []
+    small.model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    imgs = [encode(photo(40 + i, 33), "PNG") for i in range(7)]
+    requests = [{"data": imgs[0]}, {"body": {"images": [b64(d) for d in imgs[1:5]]}}, {"data": imgs[5]},
+                {"data": imgs[6]}]
+    answers = small.handle_requests(requests)
+    assert seen == [3, 3, 1]
+    big = ImagePipeline(rgb_ckpt).handle_requests(requests)
+    for a, b in zip(answers, big):
+        pa, pb = ok(a), ok(b)
+        ra, rb = pa.get("results") or [pa], pb.get("results") or [pb]
+        assert len(ra) == len(rb) and all(close(x["predictions"], y["predictions"], 1e-5) for x, y in zip(ra, rb))
+    assert set(small.timings) == {"decode", "preprocess", "inference", "postprocess", "answer"}
+    assert small.timings["inference"] > 0 and small.timings["decode"] > 0
+
+
+def test_a_bad_unit_fails_only_its_request_and_its_later_units_are_skipped(rgb_ckpt):
+    small = ImagePipeline(rgb_ckpt, max_batch=2)
+    seen = []
+    small.model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    good = [b64(encode(photo(30 + i, 30), "PNG")) for i in range(4)]
+    multi = {"body": {"images": [good[0], b64(b"not an image"), good[1], good[2]]}}
+    answers = small.handle_requests([{"data": encode(photo(), "PNG")}, multi, {"data": encode(photo(31, 29), "PNG")}])
+    ok(answers[0])
+    assert err(answers[1], 400, "InvalidImage").startswith("images[1]: ")
+    ok(answers[2])
+    assert sum(seen) <= 3  # the good first image of each single request (+ at most one unit decoded before the error)
+
+
+def test_a_unit_source_that_fails_mid_way_fails_its_request_only(rgb_ckpt):
+    """A job's units may come from a stream (video frames): an error raised by the stream answers that request."""
+    from handlers.errors import BadInput as Bad
+    from handlers.pipeline import Job
+
+    class Streamed(ImagePipeline):
+        def parse(self, item):
+            if item == "stream":
+                def frames():
+                    yield torch.zeros(3, 32, 32, dtype=torch.uint8)
+                    raise Bad(400, "InvalidVideo", "the stream is corrupt at frame 1")
+                return Job(frames(), {"topk": 1, "multi": True})
+            return super().parse(item)
+
+    pipe = Streamed(rgb_ckpt, max_batch=4)
+    answers = pipe.handle_requests(["stream", {"data": encode(photo(), "PNG")}])
+    assert err(answers[0], 400, "InvalidVideo") == "the stream is corrupt at frame 1"
+    ok(answers[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -10,7 +10,7 @@ from PIL import Image
 
 import handlers.runtimes as runtimes
 from handlers.decode import to_tensor
-from handlers.pipeline import ImagePipeline, pipeline_options
+from handlers.image import ImagePipeline, pipeline_options
 from handlers.runtimes import RUNTIMES, calibration_batches, file_sha256, prepare_runtime
 from tests.images import photo, tiny_checkpoint
 from training.checkpoint import build_model, save_checkpoint

@@ -1,0 +1,107 @@
+"""The TorchServe side of every handler: (data, context) -> a pipeline's handle_requests -> per-item answers.
+
+A handler entry file (classifier.py, ...) subclasses `PipelineHandler` and names its pipeline class. Inside a
+.mar the entry file sits at the archive root next to the packages `handlers/` and `training/`; the worker puts the
+model dir on sys.path, so the absolute imports work there and in the repo. Handler options come from the
+model-config YAML `handler:` block (see docs/serving.md, "## Handler").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, ClassVar
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.pipeline import Pipeline, check_options
+
+log = logging.getLogger(__name__)
+
+
+def reason_phrase(message: str, limit: int = 200) -> str:
+    """An HTTP reason phrase that cannot break the worker protocol: TorchServe 0.12 frames the phrase with its
+    length in characters but writes UTF-8 bytes, so one non-ASCII character (say, from an echoed form field
+    name) desynchronises the socket and kills the worker. ASCII only, one line, bounded; the full message
+    stays in the JSON body."""
+    text = " ".join(message.split())
+    text = text.encode("ascii", "replace").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def cpu_threads(option: int | None, yaml_config: dict[str, Any]) -> int:
+    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the cores shared among maxWorkers
+    (or minWorkers), so several CPU workers do not oversubscribe the machine."""
+    if option:
+        return max(1, option)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+class PipelineHandler(BaseHandler):
+    """Loads the archive's checkpoint into `pipeline_class` and answers each request item on its own."""
+
+    pipeline_class: ClassVar[type[Pipeline]]
+
+    def initialize(self, context: Any) -> None:
+        # BaseHandler.initialize would try to load a TorchScript/eager model itself: we rebuild ours from the
+        # checkpoint through the training registry instead.
+        self.context, self.manifest = context, context.manifest
+        props = context.system_properties
+        model_meta = (context.manifest or {}).get("model", {})
+        yaml_config = dict(getattr(context, "model_yaml_config", None) or {})
+        options = check_options(yaml_config.get("handler"), self.pipeline_class.OPTIONS)
+        threads = cpu_threads(options.pop("cpu_threads", None), yaml_config)
+
+        serialized = model_meta.get("serializedFile")
+        if not serialized:
+            raise RuntimeError("the archive has no serialized file; build it with the checkpoint as --serialized-file")
+        path = os.path.join(props.get("model_dir") or ".", serialized)
+        gpu_id = props.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device(f"cuda:{gpu_id}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(threads)
+        self.map_location = self.device.type
+        self.model_pt_path = path
+        self.pipeline = self.pipeline_class.from_file(path, self.device, model_name=model_meta.get("modelName"),
+                                                      model_version=model_meta.get("modelVersion"), **options)
+        self.model = self.pipeline.model
+        self.mapping = dict(enumerate(self.pipeline.classes))
+        self.initialized = True
+        log.info("loaded %s version %s on %s (runtime %s, %d CPU threads)", self.pipeline.model_name,
+                 self.pipeline.model_version, self.device, self.pipeline.runtime, torch.get_num_threads())
+
+    def handle(self, data: list[Any], context: Any) -> list[Any]:
+        """One body per request item; a failed item gets its HTTP status via set_response_status(code, msg, idx)."""
+        start = time.time()
+        self.context = context
+        if self._is_describe():
+            return [self.describe_handle() for _ in data]
+        answers = self.pipeline.handle_requests(data)
+        has_processor = getattr(context, "request_processor", None) is not None
+        bodies = []
+        for idx, (status, body) in enumerate(answers):
+            if status != 200:
+                context.set_response_status(status, reason_phrase(body["message"]), idx)
+            if has_processor:
+                context.set_response_content_type(idx, "application/json")
+            bodies.append(body)
+        if getattr(context, "metrics", None) is not None:
+            context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        return bodies
+
+    def _is_describe(self) -> bool:
+        # BaseHandler's version indexes the request processors unguarded; a bare context has none.
+        if self.context is None or getattr(self.context, "request_processor", None) is None:
+            return False
+        return super()._is_describe()
+
+    def describe_handle(self) -> dict[str, Any]:
+        return self.pipeline.describe()
