@@ -63,7 +63,7 @@ def test_a_fine_tuned_checkpoint_archives_and_serves_like_any_other(quick, tmp_p
     entry = tiny_archive(tmp_path / "store", tmp_path / "configs", "fmnist-transfer", "1.0", ckpt_path)
     assert entry["arch"] == "resnet50" and (tmp_path / "store" / "fmnist-transfer-1.0.mar").is_file()
 
-    from handlers.pipeline import ImagePipeline
+    from handlers.image import ImagePipeline
 
     ckpt = load_checkpoint(ckpt_path)
     assert ckpt["preprocess"]["channels"] == 3 and ckpt["classes"] == TARGET
