@@ -25,7 +25,8 @@ TARGET = ["ankle-boot", "bag", "sandal", "shirt", "sneaker"]
 def quick(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("transfer")
     fm = write_fashion_mnist(tmp / "fm", n_train=400, n_test=60)
-    return tmp, fm, run_experiment(tmp / "exp", data_root=str(fm), quick=True, progress=False)
+    return tmp, fm, run_experiment(tmp / "exp", data_root=str(fm), quick=True, progress=False,
+                                   serve_checkpoint=tmp / "served.pt")
 
 
 def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick, tmp_path):
@@ -58,8 +59,9 @@ def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick
 
 
 def test_a_fine_tuned_checkpoint_archives_and_serves_like_any_other(quick, tmp_path):
-    _, _, results = quick
-    ckpt_path = Path(results["trees"]["pretrain"]).parent / "runs" / "2shot-layer4_head-seed0.pt"
+    tmp, _, results = quick
+    ckpt_path = tmp / "served.pt"  # a copy of the layer4 + head run with the most images per class
+    assert load_checkpoint(ckpt_path)["init"]["source"].endswith("pretrain.pt")
     entry = tiny_archive(tmp_path / "store", tmp_path / "configs", "fmnist-transfer", "1.0", ckpt_path)
     assert entry["arch"] == "resnet50" and (tmp_path / "store" / "fmnist-transfer-1.0.mar").is_file()
 

@@ -61,7 +61,8 @@ def _depth(args: argparse.Namespace) -> None:
 def _transfer(args: argparse.Namespace) -> None:
     from training.transfer import run_experiment, summarize, verdict, write_docs
 
-    results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick)
+    results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick,
+                             serve_checkpoint=args.checkpoint_out)
     summary = summarize(results)
     (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.docs:
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data-root")
     x.add_argument("--docs", help="also write the figures into this docs folder (docs/)")
     x.add_argument("--quick", action="store_true", help="a tiny version that checks the pipeline in seconds")
+    x.add_argument("--checkpoint-out", help="copy the model to archive and serve here (layer4 + head, 50 images "
+                   "per class); archive_configs/fmnist-transfer-resnet50 reads checkpoints/resnet50-fmnist-transfer.pt")
     x.set_defaults(fn=_transfer)
     v = sub.add_parser("imagenet-val", help="sort ImageNet's flat val/ folder into val/<wnid>/ from its ground truth")
     v.add_argument("val_dir")

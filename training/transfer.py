@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import FASHION_MNIST_CLASSES, load_dataset
 from training.recipe import load_recipe, make_recipe
 from training.samples import slug
@@ -142,8 +143,10 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
 
 
 def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Trees, pretraining, every (shots, method, seed) fine-tuning run; writes results.json in out_dir."""
+                   progress: bool = True, serve_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Trees, pretraining, every (shots, method, seed) fine-tuning run; writes results.json in out_dir.
+    `serve_checkpoint`: where to copy the model that is archived and served (layer4 + head, most images per
+    class, first seed; archive_configs/fmnist-transfer-resnet50)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = experiment_config(quick)
@@ -177,6 +180,9 @@ def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: boo
                "hardware": hardware_name(torch.device("cpu")), "torch": torch.__version__,
                "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    if serve_checkpoint:
+        best = runs_dir / f"{max(cfg['shots'])}shot-layer4_head-seed{cfg['seeds'][0]}.pt"
+        save_checkpoint(load_checkpoint(best), serve_checkpoint)
     return results
 
 
