@@ -84,6 +84,13 @@ def test_wrappers_and_ddp_prefix_are_accepted(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
+def test_an_old_file_without_batchnorm_step_counters_loads():
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if "num_batches_tracked" not in k}
+    model = get_model("resnet18", num_classes=1000, in_channels=3, img_size=224)
+    assert load_weights(model, state, source="resnet18-5c106cde.pth")["head"] == "loaded"
+    assert torch.equal(model.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+
+
 def test_weights_of_another_architecture_are_listed():
     state = torchvision.models.resnet18().state_dict()
     with pytest.raises(WeightsError) as e:

@@ -94,7 +94,8 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
                            f"{own[prefix + 'weight'].shape[0]} classes; use head: auto or new to train a new head")
     # A replaced head may differ in its class count only; a different input width means another architecture.
     skip = set(head_keys) if new_head else set()
-    missing = [k for k in own if k not in state and k not in skip]
+    # Files saved before PyTorch 0.4.1 lack BatchNorm's step counter; torch loads them without it too.
+    missing = [k for k in own if k not in state and k not in skip and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in state and state[k].shape != own[k].shape

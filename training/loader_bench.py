@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from training.data import load_dataset, make_loaders
 from training.presets import imagefolder_train_transform, make_preprocess
 from training.recipe import load_recipe
+from training.train import cpu_name
 
 RECIPE = "resnet50_imagenet"
 
@@ -98,7 +98,7 @@ def run(root: str | Path, out_dir: str | Path, repeats: int = 3) -> dict[str, An
     load_start = os.getloadavg()[0]
     rows = [measure(tree, d, 0, False, repeats=repeats) for d in ("pil", "torchvision")]
     rows += [measure(tree, d, w, True, repeats=repeats) for d in ("pil", "torchvision") for w in (0, 1, 2)]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine, "torch": torch.__version__,
               "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2), "recipe": RECIPE,
               "tree": json.loads((tree / ".complete.json").read_text()), "rows": rows}

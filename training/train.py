@@ -36,10 +36,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_name() -> str:
+    """The CPU model (e.g. 'AMD EPYC 9R14 96-Core Processor'), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return f"{platform.processor() or platform.machine()} CPU"
+
+
 def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
