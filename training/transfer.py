@@ -24,7 +24,7 @@ from PIL import Image
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import FASHION_MNIST_CLASSES, load_dataset
-from training.recipe import load_recipe, make_recipe
+from training.recipe import Recipe, load_recipe, make_recipe
 from training.samples import slug
 from training.train import hardware_name, train
 
@@ -125,7 +125,8 @@ def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True) -
     return train(recipe, path, resume=resume, progress=progress)
 
 
-def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, seed: int, pretrained: str):
+def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, seed: int,
+                    pretrained: str) -> Recipe:
     """The shipped fine-tuning recipe, resized for this experiment; `method` picks the starting weights and
     the freeze policy. Every method gets the same head LR, schedule length (in steps) and augmentation."""
     steps_per_epoch = max(1, 5 * shots // cfg["finetune_batch"])
