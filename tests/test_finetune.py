@@ -223,7 +223,7 @@ def _cli(tmp: Path, *args: str, **recipe) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "weights file not found: /nonexistent/resnet50-11ad3fa6.pth"),
-    ("other_arch", "does not fit this ResNet: 198 missing (layer1.0.conv3.weight"),
+    ("other_arch", "does not fit this ResNet: 165 missing (layer1.0.conv3.weight"),
     ("head_keep", "head/class mismatch"),
     ("freeze", "unknown freeze policy 'layer5'; choose one of: none, linear_probe, layer4_head, gradual"),
 ])

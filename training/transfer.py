@@ -13,6 +13,7 @@ Resumable: the trees, the pretraining checkpoint and one JSON per fine-tuning ru
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from PIL import Image
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import FASHION_MNIST_CLASSES, load_dataset
+from training.finetune import sha256_of
 from training.recipe import Recipe, load_recipe, make_recipe
 from training.samples import slug
 from training.train import hardware_name, train
@@ -39,10 +41,13 @@ def experiment_config(quick: bool = False) -> dict[str, Any]:
     """Every knob of the experiment in one place (recorded in the results). `quick` shrinks it for tests."""
     cfg = {
         "arch": "resnet50", "width": 16, "img_size": 28,  # ResNet-50's bottleneck 3-4-6-3 at a quarter width
-        "pretrain_per_class": 2400, "pretrain_epochs": 4, "pretrain_batch": 128, "pretrain_lr": 0.1,
+        "pretrain_per_class": 5000, "pretrain_epochs": 4, "pretrain_batch": 128, "pretrain_lr": 0.1,
         "val_per_class": 10, "test_per_class": 400,
         "shots": list(SHOTS), "methods": list(METHODS), "seeds": [0, 1, 2],
-        "finetune_steps": 150, "finetune_batch": 16, "head_lr": 0.05, "backbone_lr_factor": 0.1,
+        "finetune_steps": 300, "finetune_batch": 16, "head_lr": 0.05, "backbone_lr_factor": 0.1,
+        # 28 px augmentation: crops of at least half the area, no TrivialAugmentWide (its translations reach
+        # 32 px, more than the whole image); the recipe's flip, random erasing and label smoothing stay.
+        "crop_scale_min": 0.5, "auto_augment": "none",
     }
     if quick:
         cfg.update(width=4, pretrain_per_class=16, pretrain_epochs=1, pretrain_batch=16, test_per_class=4,
@@ -75,9 +80,12 @@ def write_trees(out: Path, cfg: dict[str, Any], data_root: str | None = None) ->
     among its 20 and 50); val images are disjoint from every shot; test is Fashion-MNIST's own test split,
     the same images for every run. Returns where everything is."""
     done = out / "trees.json"
-    if done.is_file():
+    shape = {k: cfg[k] for k in ("pretrain_per_class", "val_per_class", "test_per_class", "shots", "seeds")}
+    if done.is_file() and json.loads(done.read_text()).get("shape") == shape:
         return json.loads(done.read_text())
-    splits = load_dataset("fashion_mnist", data_root, val_fraction=0.01, seed=0)
+    for stale in ("pretrain", "finetune"):  # trees of another shape: rewrite them
+        shutil.rmtree(out / stale, ignore_errors=True)
+    splits = load_dataset("fashion_mnist", data_root, val_fraction=0.0, seed=0)
     train_x, train_y = splits.train.images, splits.train.labels
     test_x, test_y = splits.test.images, splits.test.labels
     rng = np.random.default_rng(0)
@@ -102,7 +110,7 @@ def write_trees(out: Path, cfg: dict[str, Any], data_root: str | None = None) ->
             _write_images(root / "val", train_x[val], train_y[val], TARGET_CLASSES)
             _write_images(root / "test", test_x[test], test_y[test], TARGET_CLASSES)
             trees[f"{k}-{seed}"] = str(root)
-    info = {"pretrain": str(out / "pretrain"), "finetune": trees, "test_images": len(test),
+    info = {"shape": shape, "pretrain": str(out / "pretrain"), "finetune": trees, "test_images": len(test),
             "val_images": len(val), "pretrain_images": len(pre_train)}
     done.write_text(json.dumps(info, indent=2))
     return info
@@ -114,14 +122,15 @@ def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True) -
         "arch": cfg["arch"], "dataset": "imagefolder", "data_root": tree, "img_size": cfg["img_size"],
         "model_args": {"width": cfg["width"]}, "epochs": cfg["pretrain_epochs"], "batch_size": cfg["pretrain_batch"],
         "optimizer": "sgd", "lr": cfg["pretrain_lr"], "weight_decay": 5e-4, "warmup_epochs": 0.5,
-        "label_smoothing": 0.1, "seed": 0})
+        "label_smoothing": 0.1, "crop_scale_min": cfg["crop_scale_min"], "seed": 0})
     path = out / "pretrain.pt"
     resume = None
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["epoch"] >= recipe.epochs:
-            return state
-        resume = path
+        state = load_checkpoint(path)
+        if state["recipe"] == recipe.to_dict():  # else another configuration's: train anew
+            if state["epoch"] >= recipe.epochs:
+                return state
+            resume = path
     return train(recipe, path, resume=resume, progress=progress)
 
 
@@ -137,6 +146,7 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
         "lr": cfg["head_lr"], "warmup_epochs": 0.1 * epochs, "seed": seed, "num_workers": 0,
         "pretrained_weights": None, "init_from": pretrained, "backbone_lr_factor": cfg["backbone_lr_factor"],
         "freeze": {"scratch": "none", "full": "none"}.get(method, method),
+        "crop_scale_min": cfg["crop_scale_min"], "auto_augment": cfg["auto_augment"],
     }
     if method == "scratch":
         overrides.update(init_from=None, backbone_lr_factor=1.0)
@@ -154,6 +164,7 @@ def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: boo
     t0 = time.perf_counter()
     trees = write_trees(out, cfg, data_root)
     base = pretrain(out, cfg, trees["pretrain"], progress)
+    base_sha = sha256_of(out / "pretrain.pt")
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
     runs = []
@@ -161,16 +172,17 @@ def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: boo
         for shots in cfg["shots"]:
             for method in cfg["methods"]:
                 path = runs_dir / f"{shots}shot-{method}-seed{seed}.json"
-                if not path.is_file():
+                recipe = finetune_recipe(cfg, method, trees["finetune"][f"{shots}-{seed}"], shots, seed,
+                                         str(out / "pretrain.pt"))
+                key = {"recipe": recipe.to_dict(), "pretrain_sha256": base_sha}
+                if not path.is_file() or {k: json.loads(path.read_text()).get(k) for k in key} != key:
                     if progress:
                         print(f"== {shots} images/class, {method}, seed {seed}", flush=True)
-                    recipe = finetune_recipe(cfg, method, trees["finetune"][f"{shots}-{seed}"], shots, seed,
-                                             str(out / "pretrain.pt"))
                     ck = train(recipe, runs_dir / f"{shots}shot-{method}-seed{seed}.pt", progress=False)
                     m = ck["metrics"]
                     row = {"shots": shots, "method": method, "seed": seed, "test_acc": m["test_acc"],
                            "train_time_s": m["train_time_s"], "epochs": recipe.epochs, "history": m["history"],
-                           "init": ck.get("init"), "hardware": m["hardware"]}
+                           "init": ck.get("init"), "hardware": m["hardware"], **key}
                     path.write_text(json.dumps(row, indent=2))
                     if progress:
                         print(f"   test accuracy {m['test_acc']:.4f} ({m['train_time_s']:.0f} s)", flush=True)
