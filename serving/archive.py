@@ -97,7 +97,11 @@ def _update_index(store: Path, entry: dict[str, Any]) -> None:
 def check_checkpoint(cfg: ArchiveConfig) -> dict[str, Any]:
     """Load weights-only and rebuild the model, so a broken checkpoint fails here and not in a worker."""
     from training.checkpoint import CheckpointError, build_model, load_checkpoint
+    from training.commands import train_command
 
+    if not cfg.checkpoint.is_file():
+        raise ArchiveError(f"{cfg.source or cfg.name}: checkpoint {cfg.checkpoint} not found; train it first: "
+                           f"{train_command(cfg.checkpoint)}")
     try:
         ckpt = load_checkpoint(cfg.checkpoint)
         build_model(ckpt)
@@ -188,6 +192,7 @@ def archive_all(paths: list[Path], store: str | Path = DEFAULT_STORE, root: Path
     With skip_missing, a config whose checkpoint is not trained yet is skipped (and reported), not an error.
     Returns (index entries built, messages about skipped configs)."""
     from serving.config import load_config
+    from training.commands import train_command
 
     configs = [load_config(p, root=root) for p in paths]
     seen: dict[tuple[str, str], Path | None] = {}
@@ -199,8 +204,8 @@ def archive_all(paths: list[Path], store: str | Path = DEFAULT_STORE, root: Path
     built, skipped = [], []
     for cfg in configs:
         if skip_missing and not cfg.checkpoint.is_file():
-            skipped.append(f"skipped {cfg.name} {cfg.version}: no checkpoint {_display_path(cfg.checkpoint, root)} "
-                           "(train it first: python -m training train ...)")
+            skipped.append(f"skipped {cfg.name} {cfg.version}: no checkpoint {_display_path(cfg.checkpoint, root)}; "
+                           f"train it first: {train_command(cfg.checkpoint)}")
             continue
         built.append(build_archive(cfg, store, root))
     return built, skipped

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from serving.config import ConfigError, version_key
+from serving.config import ConfigError, archive_hint, version_key
 from serving.server import DEFAULT_RUNTIME, DEFAULT_STORE, ServingError
 
 DEFAULT_MODEL = "fmnist-lenet5"
@@ -117,7 +117,7 @@ def _parse_models(spec: str, store: Path) -> list[tuple[str, str]]:
         if not version:
             versions = [e["version"] for e in read_index(store) if e.get("name") == name]
             if not versions:
-                raise ServingError(f"{name} has no archive in {store}; run `python -m serving archive` first")
+                raise ServingError(f"{name} has no archive in {store}; {archive_hint(name, None, store)}")
             version = max(versions, key=version_key)
         out.append((name, version))
     return out

@@ -171,3 +171,32 @@ def venv_tool(name: str) -> str | None:
     """A console script of this environment (torchserve, torch-model-archiver), else one on PATH."""
     exe = Path(sys.executable).parent / name
     return str(exe) if exe.is_file() else shutil.which(name)
+
+
+def archive_hint(name: str, version: str | None = None, store: Path | None = None,
+                 config_dir: Path = CONFIG_DIR) -> str:
+    """What to run so that name/version (None: its highest configured version) is in the store: the archive
+    command, after the training command when the config's checkpoint does not exist yet."""
+    from serving.archive import DEFAULT_STORE
+    from training.commands import project_command, python_command, shown_path, train_args
+
+    configured = sorted((p.stem for p in (config_dir / name).glob("*.yaml")), key=version_key)
+    if not configured:
+        models = sorted(p.parent.name for p in find_configs(config_dir))
+        return (f"there is no archive config for {name} in {shown_path(config_dir)}/ "
+                f"(configured models: {', '.join(dict.fromkeys(models)) or 'none'})")
+    version = version or configured[-1]
+    if version not in configured:
+        return f"{name} has no archive config for version {version} (configured: {', '.join(configured)})"
+    path = config_dir / name / f"{version}.yaml"
+    store_arg = "" if store is None or Path(store).resolve() == DEFAULT_STORE.resolve() else \
+        f" --store {shown_path(store)}"
+    archive = f"serving archive --config {shown_path(path)}{store_arg}"
+    try:
+        checkpoint = load_config(path).checkpoint
+    except ConfigError as e:
+        return f"fix its archive config first: {e}"
+    if checkpoint.is_file():
+        return f"archive it: {project_command(archive)}"
+    return (f"train and archive it: {project_command(train_args(checkpoint))} && "
+            f"{python_command()} -m {archive}")

@@ -15,7 +15,7 @@ from typing import Any
 import requests
 
 from serving.archive import DEFAULT_STORE, find_entry, sha256_file
-from serving.config import version_key
+from serving.config import archive_hint, version_key
 from serving.server import DEFAULT_RUNTIME, Endpoints, ServingError, endpoints, renew_key
 
 HISTORY_FILE = "default_history.json"
@@ -101,8 +101,8 @@ class Client:
         """The .mar's file name in the store, after checking its sha256 against index.json and .sha256."""
         entry = find_entry(self.store, name, version)
         if entry is None:
-            raise ServingError(f"{name} {version} is not in {self.store / 'index.json'}; archive it first "
-                               f"(`python -m serving archive --config archive_configs/{name}/{version}.yaml`)")
+            raise ServingError(f"{name} {version} is not in {self.store / 'index.json'}; "
+                               f"{archive_hint(name, version, self.store)}")
         mar = self.store / entry["mar"]
         if Path(entry["mar"]).name != entry["mar"] or not mar.is_file():
             raise ServingError(f"archive {mar} is missing")

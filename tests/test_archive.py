@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -166,3 +167,35 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     assert r.stderr.strip() == f"error: {path}: unknown key 'maxWorkerz' (allowed: checkpoint, description, " \
                                "handler, name, runtime, torchserve, version)"
     assert not Path(tmp_path / "store").exists()
+
+
+def test_hints_for_an_untrained_or_unarchived_version_are_commands(tmp_path):
+    """Every hint names the exact command, recipe and paths filled in; never a literal `...`."""
+    from serving.archive import archive_all
+    from serving.config import archive_hint
+    from training.commands import python_command
+
+    py = python_command()
+    configs, ck = tmp_path / "configs", tmp_path / "ck" / "vit_tiny-fashion_mnist.pt"
+    path = configs / "m" / "1.0.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(_with(checkpoint=str(ck))))
+    train = f"{py} -m training train --recipe vit_tiny_fmnist --out {ck}"
+    assert archive_hint("m", "1.0", tmp_path / "store", configs) == (
+        f"train and archive it: {train} && {py} -m serving archive --config {path} --store {tmp_path / 'store'}")
+    assert archive_hint("m", None, None, configs).endswith(f"-m serving archive --config {path}")  # highest
+    built, skipped = archive_all([path], tmp_path / "store", skip_missing=True)
+    assert built == [] and skipped == [f"skipped m 1.0: no checkpoint {ck}; train it first: {train}"]
+    with pytest.raises(ArchiveError, match=f"not found; train it first: {re.escape(train)}$"):
+        archive_all([path], tmp_path / "store")
+    tiny_checkpoint(ck)
+    assert archive_hint("m", "1.0", None, configs) == f"archive it: {py} -m serving archive --config {path}"
+    assert archive_hint("m", "2.0", None, configs) == "m has no archive config for version 2.0 (configured: 1.0)"
+    assert archive_hint("x", "1.0", None, configs).endswith("(configured models: m)")
+    # The CLI: serving a model that has no archive names the commands that build it.
+    r = subprocess.run([sys.executable, "-m", "serving", "serve", "--models", "fmnist-lenet5", "--store",
+                        str(tmp_path / "store")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "..." not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"it: {py} -m " in r.stderr
+    assert f"-m serving archive --config archive_configs/fmnist-lenet5/2.0.yaml --store {tmp_path / 'store'}" \
+        in r.stderr

@@ -206,7 +206,11 @@ def test_rollout_then_rollback_switch_the_default(env):
 def test_rollout_with_retire_old_unregisters_the_previous_default(env):
     r = _cli(env, "rollout", MODEL, "3.0", "--retire-old")  # 3.0 is registered already: smoke + switch
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["retired"] == "1.0"
+    out = json.loads(r.stdout)
+    assert out["retired"] == "1.0"
+    # The smoke check reads as a check, not as a (meaningless) prediction for the synthetic pattern.
+    assert out["smoke_check"] == {"result": "passed", "request": f"POST /predictions/{MODEL}/3.0", "status": 200,
+                                  "answers": 3, "image": "synthetic test pattern (any label passes)"}
     assert env.client.versions(MODEL) == ["2.0", "3.0"] and env.client.default_version(MODEL) == "3.0"
 
 

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from training.checkpoint import build_model, load_checkpoint
+from training.commands import python_command
 from training.recipe import Recipe, RecipeError, load_recipe, make_recipe
 from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+PY = python_command()  # what hints print for this interpreter (.venv/bin/python in the project's venv)
 
 
 def test_every_shipped_recipe_validates():
@@ -111,6 +113,30 @@ def test_eval_writes_metrics_and_plots(tmp_path):
     assert sum(map(sum, r["confusion_matrix"])) == r["n"] == 512
     for name in ("confusion.png", "samples.png", "metrics.json"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
+    # The grid leads with the most confident mistake, next to a correct image of the class it named.
+    first, second = r["samples"][:2]
+    assert first["label"] != first["predicted"] and second["label"] == second["predicted"] == first["predicted"]
+    wrong = [s for s in r["samples"] if s["label"] != s["predicted"]]
+    assert [s["probability"] for s in wrong] == sorted((s["probability"] for s in wrong), reverse=True)
+
+
+def test_sample_grid_shows_the_most_confident_mistakes_next_to_correct_ones():
+    from training.evaluate import confusion_figure, pick_samples, sample_grid_figure
+
+    labels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 0])
+    preds = torch.tensor([0, 0, 2, 1, 1, 1, 1, 0])  # wrong: 1 (called 0), 4 (called 1), 5 (called 1)
+    conf = torch.tensor([0.9, 0.6, 0.8, 0.7, 0.95, 0.5, 0.99, 0.3])
+    assert pick_samples(labels, preds, conf, n=6) == [4, 6, 1, 0, 5, 3]
+    # A mistake whose named class has no correct image stands alone; correct images fill the grid.
+    assert pick_samples(torch.tensor([0, 1]), torch.tensor([2, 1]), torch.tensor([0.9, 0.8]), n=4) == [0, 1]
+    title = "lenet5 | lenet5-fashion_mnist.pt | test accuracy 62.50% on 8 images"
+    images = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
+    fig = sample_grid_figure(images, labels, preds, conf, ["a", "b", "c"], title)
+    assert fig._suptitle.get_text().startswith(title)
+    texts = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert texts[0] == "b 0.95\n(true: a)" and texts[1] == "b 0.99"
+    cm = torch.eye(3, dtype=torch.long)
+    assert confusion_figure(cm, ["a", "b", "c"], title).axes[0].get_title() == title
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -122,7 +148,11 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     (["train", "--arch", "resnet9000", "--epochs", "1"], "unknown arch 'resnet9000'"),
     (["train", "--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "cifar"),
     (["train", "--recipe", "nope"], "recipe not found"),
-    (["eval", "--checkpoint", "/nonexistent/x.pt"], "checkpoint not found"),
+    (["eval", "--checkpoint", "/nonexistent/x.pt"],
+     f"checkpoint not found: /nonexistent/x.pt; train it: {PY} -m training train --recipe default "
+     "--out /nonexistent/x.pt"),
+    (["eval", "--checkpoint", "/nonexistent/resnet18-fashion_mnist.pt"],
+     f"train it: {PY} -m training train --recipe resnet18_fmnist --out /nonexistent/resnet18-fashion_mnist.pt"),
 ])
 def test_cli_errors_are_one_clear_line(args, message):
     p = _cli(*args)

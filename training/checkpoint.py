@@ -1,6 +1,6 @@
 """The checkpoint contract: a plain dict that `torch.load(path, weights_only=True)` can read.
 
-Keys: arch, model_args, state_dict, classes, preprocess, metrics, recipe (and optionally ema_state_dict,
+Keys: arch, model_args, state_dict, classes, preprocess, metrics, recipe (and optionally ema_state_dict, ema_updates,
 optimizer, scheduler, epoch for resuming). A checkpoint rebuilds its model exactly through the registry.
 """
 

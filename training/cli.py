@@ -28,22 +28,29 @@ def _train(args: argparse.Namespace) -> None:
     ckpt = train(recipe, out, log_dir=log_dir, resume=args.resume, progress=not args.quiet,
                  stop_after_epoch=args.stop_after_epoch)
     m = ckpt["metrics"]
+    both = {f"{k}_{w}": m.get(f"{k}_{w}") for k in ("test_acc", "val_acc") for w in ("raw", "ema")}
     if distributed.rank() == 0:
         print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, "test_acc": m.get("test_acc"),
-                          "val_acc": m.get("val_acc"), "train_time_s": round(m["train_time_s"], 1),
-                          "hardware": m["hardware"], "tensorboard": log_dir}))
+                          "val_acc": m.get("val_acc"), "weights": m.get("weights"),
+                          **{k: v for k, v in both.items() if v is not None}, "steps": m.get("steps"),
+                          "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"],
+                          "tensorboard": log_dir, "warnings": m.get("warnings", [])}))
     distributed.shutdown()
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from training.checkpoint import CheckpointError
+    from training.commands import train_command
     from training.evaluate import run_eval
 
+    if not Path(args.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {args.checkpoint}; train it: {train_command(args.checkpoint)}")
     out_dir = args.out_dir or f"reports/eval/{Path(args.checkpoint).stem}"
     r = run_eval(args.checkpoint, out_dir, data_root=args.data_root, limit=args.limit)
     print(f"{r['arch']}: test accuracy {r['test_acc']:.4f} on {r['n']} images")
     for name, acc in r["per_class_acc"].items():
         print(f"  {name:<14} {acc:.4f}")
-    print(f"wrote {out_dir}/metrics.json, confusion.png, samples.png")
+    print(f"wrote {out_dir}/metrics.json, confusion.png, samples.png (the most confident mistakes)")
 
 
 def _zoo(args: argparse.Namespace) -> None:

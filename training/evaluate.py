@@ -34,31 +34,56 @@ def _unnormalize_for_display(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255).permute(0, 2, 3, 1).cpu()
 
 
-def sample_grid_figure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: dict[str, Any],
-                       classes: Sequence[str], device: str | torch.device = "cpu"):
-    """A 4x4 grid of images with predicted (and true) labels; wrong answers in red."""
+def pick_samples(labels: torch.Tensor, preds: torch.Tensor, conf: torch.Tensor, n: int = 16) -> list[int]:
+    """Indices worth looking at: the most confident mistakes, each followed by the most confident correct image
+    of the class it was mistaken for (what the model thought it saw); correct images fill the rest."""
+    right = preds == labels
+    wrong = (~right).nonzero().flatten()
+    wrong = wrong[conf[wrong].argsort(descending=True, stable=True)].tolist()
+    picks: list[int] = []
+    for i in wrong:
+        if len(picks) + 2 > n:
+            break
+        picks.append(i)
+        candidates = [j for j in (right & (labels == preds[i])).nonzero().flatten().tolist() if j not in picks]
+        if candidates:
+            picks.append(max(candidates, key=lambda j: (conf[j].item(), -j)))
+    for j in right.nonzero().flatten().tolist():
+        if len(picks) >= n:
+            break
+        if j not in picks:
+            picks.append(j)
+    return picks
+
+
+def sample_grid_figure(images: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
+                       conf: torch.Tensor, classes: Sequence[str], title: str,
+                       preprocess: dict[str, Any] | None = None, picks: Sequence[int] | None = None):
+    """A grid of up to 16 images with predicted (and true) labels: `picks` (default: `pick_samples`) index
+    images/labels/preds/conf. Mistakes in red, correct answers in green; `title` names model, checkpoint, accuracy."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not isinstance(images, torch.Tensor):
-        images = torch.stack([preprocess_display(i, preprocess) for i in images])
-    probs = predict_probs(model, preprocess, images, device=device).cpu()
-    conf, pred = probs.max(1)
-    n = min(16, len(images))
-    cols = 4
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows))
-    shown = _unnormalize_for_display(images[:n])
-    for i, ax in enumerate(axes.flat):
+    picks = list(picks if picks is not None else pick_samples(labels, preds, conf))
+    shown = [images[i] for i in picks]
+    if preprocess is not None and len({tuple(i.shape) for i in shown}) > 1:
+        shown = [preprocess_display(i, preprocess) for i in shown]
+    n, cols = len(picks), 4
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows + 0.6), squeeze=False)
+    tiles = _unnormalize_for_display(torch.stack(shown)) if shown else []
+    for k, ax in enumerate(axes.flat):
         ax.axis("off")
-        if i >= n:
+        if k >= n:
             continue
-        img = shown[i]
+        i, img = picks[k], tiles[k]
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-        ok = pred[i].item() == labels[i].item()
-        ax.set_title(f"{classes[pred[i]]} {conf[i]:.2f}\n(true: {classes[labels[i]]})", fontsize=7,
-                     color="green" if ok else "red")
+        ok = preds[i].item() == labels[i].item()
+        text = f"{classes[preds[i]]} {conf[i]:.2f}" + ("" if ok else f"\n(true: {classes[labels[i]]})")
+        ax.set_title(text, fontsize=7, color="green" if ok else "red")
+    fig.suptitle(f"{title}\nred: the most confident mistakes, each next to a correct image of the class it named",
+                 fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -69,7 +94,7 @@ def preprocess_display(image: torch.Tensor, preprocess: dict[str, Any]) -> torch
     return resize_crop([image], preprocess)[0]
 
 
-def confusion_figure(cm: torch.Tensor, classes: Sequence[str]):
+def confusion_figure(cm: torch.Tensor, classes: Sequence[str], title: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -86,6 +111,7 @@ def confusion_figure(cm: torch.Tensor, classes: Sequence[str]):
     ax.set_yticks(range(n), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -108,17 +134,32 @@ def run_eval(checkpoint: str | Path, out_dir: str | Path, data_root: str | None 
         raise ValueError(f"the dataset's classes {splits.info.classes} differ from the checkpoint's {classes}")
     _, _, test_loader = make_loaders(splits, batch_size, device, seed=0)
     model = build_model(ckpt).to(device)
-    loss, acc, preds = evaluate(model, test_loader, ckpt["preprocess"], device)
+    ev = evaluate(model, test_loader, ckpt["preprocess"], device)
     labels = torch.cat([y.cpu() for _, y in test_loader])
-    cm = confusion_matrix(preds, labels, len(classes))
+    cm = confusion_matrix(ev.preds, labels, len(classes))
     per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    confusion_figure(cm, classes).savefig(out / "confusion.png", dpi=110)
-    x, y = next(iter(test_loader))
-    sample_grid_figure(model, x[:16], y[:16], ckpt["preprocess"], classes, device).savefig(out / "samples.png", dpi=110)
-    result = {"checkpoint": str(checkpoint), "arch": ckpt["arch"], "test_acc": acc, "test_loss": loss,
+    title = f"{ckpt['arch']} | {Path(checkpoint).name} | test accuracy {ev.acc:.2%} on {labels.numel()} images"
+    fig = confusion_figure(cm, classes, title)
+    fig.savefig(out / "confusion.png", dpi=110)
+    picks = pick_samples(labels, ev.preds, ev.conf)
+    test = splits.test
+    images = {i: test.images[i] if hasattr(test, "images") else test[i][0] for i in picks}
+    fig2 = sample_grid_figure(images, labels, ev.preds, ev.conf, classes, title, ckpt["preprocess"], picks)
+    fig2.savefig(out / "samples.png", dpi=110)
+    _close(fig, fig2)
+    result = {"checkpoint": str(checkpoint), "arch": ckpt["arch"], "test_acc": ev.acc, "test_loss": ev.loss,
               "n": int(labels.numel()), "per_class_acc": dict(zip(classes, per_class)),
-              "confusion_matrix": cm.tolist()}
+              "confusion_matrix": cm.tolist(),
+              "samples": [{"index": i, "label": classes[labels[i]], "predicted": classes[ev.preds[i]],
+                           "probability": round(float(ev.conf[i]), 4)} for i in picks]}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _close(*figs) -> None:
+    import matplotlib.pyplot as plt
+
+    for f in figs:
+        plt.close(f)

@@ -187,6 +187,18 @@ class FreezePolicy:
         return changed
 
 
+    def copy_frozen_bn(self, model: nn.Module, other: nn.Module) -> None:
+        """Copy the statistics of `model`'s frozen BatchNorm layers into the same layers of `other` (an EMA copy
+        whose statistics were recomputed on the training data): frozen layers keep the pretrained ones."""
+        mine = dict(other.named_modules())
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None \
+                        and not m.weight.requires_grad:
+                    for a, b in zip(mine[name].buffers(), m.buffers()):
+                        a.copy_(b)
+
+
 def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_factor: float = 1.0,
                  include_frozen: bool = False) -> list[dict[str, Any]]:
     """Optimizer groups: no weight decay on biases, norm weights, tokens and position embeddings (1-D or

@@ -7,18 +7,18 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from training import distributed
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Splits, load_dataset, make_loaders
+from training.ema import WeightEMA, ema_horizon, recalibrate_bn
 from training.finetune import FreezePolicy, init_weights, param_groups
 from training.models import get_model
 from training.presets import (
@@ -60,6 +60,33 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def short_run_warning(recipe: Recipe, n_train: int, steps_per_epoch: int, warmup_steps: int) -> str | None:
+    """One line when the run is too short for its schedule: no more optimizer steps than the LR warm-up, or
+    fewer than the EMA averages over. None when the schedule fits."""
+    steps = recipe.epochs * steps_per_epoch
+    short = []
+    if steps <= warmup_steps:
+        short.append(f"the LR warm-up ({warmup_steps} steps, warmup_epochs {recipe.warmup_epochs:g})")
+    horizon = ema_horizon(recipe.ema_decay)
+    if steps < horizon:
+        short.append(f"the EMA horizon ({horizon} steps at ema_decay {recipe.ema_decay:g})")
+    if not short:
+        return None
+    return (f"warning: {steps} optimizer steps ({n_train} images / batch {recipe.batch_size} x {recipe.epochs} "
+            f"epoch(s)) are not more than {' or '.join(short)}; expect accuracy far below the recipe's. "
+            "Quick runs: more --epochs, a larger --limit or a smaller --batch-size.")
+
+
+def near_chance_warning(test_acc: float, num_classes: int, short_run: str | None) -> str | None:
+    """One line when the test accuracy is below twice chance, with the likely reason."""
+    chance = 1.0 / num_classes
+    if test_acc >= 2 * chance:
+        return None
+    why = "the run was too short for its schedule (see the warning above)" if short_run else \
+        "check the learning rate and the data (train with more --epochs or a lower --lr)"
+    return f"warning: test accuracy {test_acc:.4f} is near chance ({chance:.2f} for {num_classes} classes): {why}."
+
+
 def make_mixer(recipe: Recipe, num_classes: int) -> T.Transform | None:
     mixers = []
     if recipe.mixup_alpha > 0:
@@ -69,12 +96,19 @@ def make_mixer(recipe: Recipe, num_classes: int) -> T.Transform | None:
     return T.RandomChoice(mixers) if mixers else None
 
 
+class Evaluation(NamedTuple):
+    loss: float
+    acc: float
+    preds: torch.Tensor  # top-1 class per image, on the CPU
+    conf: torch.Tensor  # its probability
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, preprocess: dict[str, Any], device: torch.device,
-             autocast: bool = False, channels_last: bool = False) -> tuple[float, float, torch.Tensor]:
-    """(loss, accuracy, predictions) over a loader of uint8 batches."""
+             autocast: bool = False, channels_last: bool = False) -> Evaluation:
+    """Loss, accuracy and top-1 predictions with their probabilities over a loader of uint8 batches."""
     model.eval()
-    total, correct, loss_sum, preds = 0, 0, 0.0, []
+    total, correct, loss_sum, preds, confs = 0, 0, 0.0, [], []
     for x, y in loader:
         y = y.to(device)
         x = eval_batch(x, preprocess, device=device)
@@ -83,12 +117,15 @@ def evaluate(model: nn.Module, loader, preprocess: dict[str, Any], device: torch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        pred = logits.argmax(1)
+        conf, pred = logits.softmax(1).max(1)
         correct += (pred == y).sum()
         total += y.numel()
         preds.append(pred)
+        confs.append(conf)
     loss, acc = float(loss_sum) / max(1, total), int(correct) / max(1, total)
-    return loss, acc, torch.cat(preds).cpu() if preds else torch.empty(0)
+    if not preds:
+        return Evaluation(loss, acc, torch.empty(0, dtype=torch.long), torch.empty(0))
+    return Evaluation(loss, acc, torch.cat(preds).cpu(), torch.cat(confs).cpu())
 
 
 def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
@@ -142,10 +179,12 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         opt = torch.optim.AdamW(groups, lr=recipe.lr)
     steps_per_epoch = len(train_loader)
     total_steps = recipe.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(total_steps, max(1, int(recipe.warmup_epochs * steps_per_epoch))))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True) \
-        if recipe.ema_decay > 0 else None
+    warmup_steps = max(1, int(recipe.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup_steps))
+    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
+    warning = short_run_warning(recipe, len(splits.train), steps_per_epoch, warmup_steps)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     mixer = make_mixer(recipe, len(info.classes))
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
@@ -158,7 +197,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema_state_dict"):
-            ema.module.load_state_dict(state["ema_state_dict"])
+            ema.load_state_dict(state["ema_state_dict"], updates=int(state.get("ema_updates", sched.last_epoch)))
         start_epoch = int(state["epoch"])
         init = state.get("init")
         history = list(state["metrics"].get("history", []))
@@ -169,6 +208,18 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(log_dir))
     gen = torch.Generator(device=device)
+
+    def model_input(x: torch.Tensor) -> torch.Tensor:
+        """A training batch as the model sees it (augmented, not mixed)."""
+        if info.in_memory:
+            x = x.to(device, non_blocking=True)
+            if x.shape[-1] != size or x.shape[-2] != size:  # e.g. 28 px Fashion-MNIST trained at 64 px
+                x = resize_crop(x, preprocess)
+            x = train_batch(x, preprocess, pad=recipe.crop_padding, flip=recipe.hflip, generator=gen)
+        else:
+            x = normalize(x.to(device, non_blocking=True), preprocess)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
     ckpt: dict[str, Any] = {}
     net = ctx.wrap(model)  # what the training step calls: DistributedDataParallel when distributed
     for epoch in range(start_epoch, recipe.epochs):
@@ -186,19 +237,10 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
                    disable=not (progress and sys.stderr.isatty()))
         for x, y in bar:
             y = y.to(device, non_blocking=True)
-            if info.in_memory:
-                x = x.to(device, non_blocking=True)
-                if x.shape[-1] != size or x.shape[-2] != size:  # e.g. 28 px Fashion-MNIST trained at 64 px
-                    x = resize_crop(x, preprocess)
-                x = train_batch(x, preprocess, pad=recipe.crop_padding,
-                                flip=recipe.hflip, generator=gen)
-            else:
-                x = normalize(x.to(device, non_blocking=True), preprocess)
+            x = model_input(x)
             target = y
             if mixer is not None and torch.rand(1).item() < recipe.mix_prob:
                 x, target = mixer(x, y)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = criterion(net(x).float(), target)
             opt.zero_grad(set_to_none=True)
@@ -208,7 +250,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             opt.step()
             sched.step()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update(model)
             loss_sum += loss.detach() * y.numel()
             seen += y.numel()
             if not bar.disable and bar.n % 20 == 0:
@@ -217,35 +259,59 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
         eval_model = ema.module if ema is not None else model
+        if ema is not None:  # BN statistics measured with the averaged weights, not the raw ones
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                recalibrate_bn(ema.module, (model_input(x) for x, _ in train_loader))
+            freeze.copy_frozen_bn(model, ema.module)  # frozen layers keep their pretrained statistics
         val_loss, val_acc = ctx.mean_by_count(*_scored(evaluate(eval_model, val_loader, preprocess, device,
                                                                  autocast, channels_last)))
         loss_total, seen_total = ctx.sum(loss_sum, seen)
         row = {"epoch": epoch + 1, "train_loss": loss_total / max(1, seen_total), "val_loss": val_loss,
                "val_acc": val_acc, "lr": sched.get_last_lr()[0], "train_time_s": train_time}
+        if ema is not None:
+            row["val_acc_raw"] = ctx.mean_by_count(*_scored(evaluate(model, val_loader, preprocess, device,
+                                                                     autocast, channels_last)))[1]
         history.append(row)
         if progress:
+            raw = f" (raw {row['val_acc_raw']:.4f})" if ema is not None else ""
             print(f"epoch {epoch + 1}/{recipe.epochs}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}"
-                  f"  val_acc {val_acc:.4f}  time {train_time:.1f}s", flush=True)
+                  f"  val_acc {val_acc:.4f}{raw}  time {train_time:.1f}s", flush=True)
         if writer is not None:
             for key in ("train_loss", "val_loss", "val_acc", "lr"):
                 writer.add_scalar(key, row[key], epoch + 1)
         final = epoch + 1 == recipe.epochs
         metrics = {"history": history, "val_acc": val_acc, "train_time_s": train_time,
-                   "hardware": hardware_name(device), "epochs": epoch + 1, "processes": ctx.world_size}
+                   "hardware": hardware_name(device), "epochs": epoch + 1, "steps": sched.last_epoch,
+                   "weights": "ema" if ema is not None else "raw", "warnings": [warning] if warning else [],
+                   "processes": ctx.world_size}
+        if ema is not None:
+            metrics.update(val_acc_ema=val_acc, val_acc_raw=row["val_acc_raw"])
         if final:
             test_loss, test_acc = ctx.mean_by_count(*_scored(evaluate(eval_model, test_loader, preprocess, device,
                                                                       autocast, channels_last)))
             metrics.update(test_acc=test_acc, test_loss=test_loss)
+            if ema is not None:
+                metrics.update(test_acc_ema=test_acc,
+                               test_acc_raw=ctx.mean_by_count(*_scored(evaluate(
+                                   model, test_loader, preprocess, device, autocast, channels_last)))[1])
+            near_chance = near_chance_warning(test_acc, len(info.classes), warning)
+            if near_chance:
+                metrics["warnings"].append(near_chance)
+                print(near_chance, file=sys.stderr, flush=True)
             if progress:
-                print(f"test_acc {test_acc:.4f}  test_loss {test_loss:.4f}  train time {train_time:.1f}s", flush=True)
+                raw = f" (raw {metrics['test_acc_raw']:.4f})" if ema is not None else ""
+                print(f"test_acc {test_acc:.4f}{raw}  test_loss {test_loss:.4f}  train time {train_time:.1f}s",
+                      flush=True)
             if writer is not None:
                 writer.add_scalar("test_acc", test_acc, epoch + 1)
-                _log_sample_predictions(writer, eval_model, test_loader, preprocess, info.classes, device, epoch + 1)
+                _log_sample_predictions(writer, eval_model, test_loader, preprocess, info.classes, device, epoch + 1,
+                                        title=f"{recipe.arch} | {Path(out).name} | test accuracy {test_acc:.2%}")
         ckpt = {
             "arch": recipe.arch, "model_args": model_args, "classes": list(info.classes), "preprocess": preprocess,
             "state_dict": _cpu_state(model), "ema_state_dict": _cpu_state(ema.module) if ema is not None else None,
             "metrics": metrics, "recipe": recipe.to_dict(), "dataset": info.name, "epoch": epoch + 1,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "init": init,
+            "ema_updates": ema.updates if ema is not None else 0,
         }
         if ctx.is_main:
             save_checkpoint(ckpt, out)
@@ -274,9 +340,11 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
-def _log_sample_predictions(writer, model, loader, preprocess, classes, device, step) -> None:
-    from training.evaluate import sample_grid_figure
+def _log_sample_predictions(writer, model, loader, preprocess, classes, device, step, title: str) -> None:
+    """The most confident mistakes of the first test batch, each next to a correct image of the class it named."""
+    from training.evaluate import predict_probs, sample_grid_figure
 
     x, y = next(iter(loader))
-    fig = sample_grid_figure(model, x[:16], y[:16], preprocess, classes, device)
-    writer.add_figure("sample_predictions", fig, step)
+    conf, pred = predict_probs(model, preprocess, x, device=device).cpu().max(1)
+    writer.add_figure("sample_predictions", sample_grid_figure(x, y.cpu(), pred, conf, classes, title, preprocess),
+                      step)
