@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,6 +134,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def wait_for_quiet(max_load: float, timeout_s: float) -> float:
+    """Wait (up to timeout_s) until the 1-minute load average is at most max_load; returns the last reading."""
+    deadline = time.monotonic() + timeout_s
+    while (load := os.getloadavg()[0]) > max_load and time.monotonic() < deadline:
+        time.sleep(15)
+    return load
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -143,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="reports/loader")
     p.add_argument("--docs", help="also write docs/loader.json and the figures block of docs/distributed.md")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-minute load average at most this")
+    p.add_argument("--wait", type=float, default=900, help="seconds to wait for it before giving up")
     a = p.parse_args(argv)
+    load = wait_for_quiet(a.max_load, a.wait)
+    if load > a.max_load:
+        print(f"error: load average {load:.2f} > {a.max_load} after {a.wait:.0f} s; throughput figures need a quiet "
+              "machine (rerun later, or pass a higher --max-load and say so)", file=sys.stderr)
+        return 3
     result = run(a.tree, a.out_dir, repeats=a.repeats)
     md = markdown(result)
     print(md)
