@@ -11,14 +11,24 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from typing import Any, ClassVar
 
 import torch
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.artifacts import require_artifact
+from handlers.cpu import threads_per_worker
+from handlers.errors import BadInput
 from handlers.pipeline import Pipeline, check_options
+from handlers.request import check_content_type
 
 log = logging.getLogger(__name__)
+
+# Counter of answers by the version that produced them (TorchServe's own ts_inference_requests_total says
+# model_version="default" for requests to /predictions/<model>): labels ModelName, ModelVersion, Status.
+ANSWERS_METRIC = "handler_answers_total"
 
 
 def reason_phrase(message: str, limit: int = 200) -> str:
@@ -32,14 +42,22 @@ def reason_phrase(message: str, limit: int = 200) -> str:
 
 
 def cpu_threads(option: int | None, yaml_config: dict[str, Any]) -> int:
-    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the cores shared among maxWorkers
-    (or minWorkers), so several CPU workers do not oversubscribe the machine."""
+    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the CPU budget (affinity, cgroup
+    quota) shared among maxWorkers (or minWorkers), so several CPU workers do not oversubscribe it."""
     if option:
         return max(1, option)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return threads_per_worker(workers)
+
+
+def request_header(context: Any, idx: int, name: str) -> str | None:
+    """A request's HTTP header, any capitalisation (None without TorchServe's per-request processors)."""
+    if getattr(context, "request_processor", None) is None:
+        return None
+    headers = context.get_all_request_header(idx) or {}
+    return next((v for k, v in headers.items() if k.lower() == name and isinstance(v, str)), None)
 
 
 class PipelineHandler(BaseHandler):
@@ -55,6 +73,7 @@ class PipelineHandler(BaseHandler):
         model_meta = (context.manifest or {}).get("model", {})
         yaml_config = dict(getattr(context, "model_yaml_config", None) or {})
         options = check_options(yaml_config.get("handler"), self.pipeline_class.OPTIONS)
+        require_artifact(options)  # onnx/int8 load what the archive step built; a worker never builds it
         threads = cpu_threads(options.pop("cpu_threads", None), yaml_config)
 
         serialized = model_meta.get("serializedFile")
@@ -84,7 +103,15 @@ class PipelineHandler(BaseHandler):
         self.context = context
         if self._is_describe():
             return [self.describe_handle() for _ in data]
-        answers = self.pipeline.handle_requests(data)
+        answers: list[Any] = [None] * len(data)
+        for idx in range(len(data)):
+            try:
+                check_content_type(request_header(context, idx, "content-type"))
+            except BadInput as e:
+                answers[idx] = (e.status, e.body())
+        todo = [i for i, a in enumerate(answers) if a is None]
+        for idx, answer in zip(todo, self.pipeline.handle_requests([data[i] for i in todo]) if todo else []):
+            answers[idx] = answer
         has_processor = getattr(context, "request_processor", None) is not None
         bodies = []
         for idx, (status, body) in enumerate(answers):
@@ -95,7 +122,16 @@ class PipelineHandler(BaseHandler):
             bodies.append(body)
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+            self.count_answers(context.metrics, [status for status, _ in answers])
         return bodies
+
+    def count_answers(self, metrics: Any, statuses: list[int]) -> None:
+        """ANSWERS_METRIC += the batch's answers, per status, under this worker's model name and version."""
+        for status, n in sorted(Counter(statuses).items()):
+            metrics.add_counter(ANSWERS_METRIC, n, None, [
+                Dimension("ModelName", self.pipeline.model_name),
+                Dimension("ModelVersion", self.pipeline.model_version),
+                Dimension("Status", str(status)), Dimension("Level", "Model")])
 
     def _is_describe(self) -> bool:
         # BaseHandler's version indexes the request processors unguarded; a bare context has none.

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from handlers.errors import BadInput
+from training.presets import DEFAULT_BACKGROUND
 
 # A truncated file must be an error, not a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -25,7 +26,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Formats we open. Restricting Image.open keeps e.g. EPS (which would run Ghostscript) out of reach.
 # (Multi-picture JPEGs open through the JPEG plugin and report format "MPO".)
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-_ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,16 @@ def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
 
 
 def decode_image(data: bytes, channels: int, limits: DecodeLimits = DecodeLimits(),
-                 min_side: int | None = None) -> torch.Tensor:
+                 min_side: int | None = None, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> torch.Tensor:
     """Bytes -> uint8 (channels, H, W) on CPU. `min_side` (the preprocess resize) allows JPEG draft decoding
-    at a reduced scale that still leaves the shorter side >= min_side."""
+    at a reduced scale that still leaves the shorter side >= min_side; transparency goes on `background`."""
     img = open_image(data, limits)
     if limits.jpeg_draft and min_side and img.format in ("JPEG", "MPO"):
         _draft(img, channels, min_side)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
-        return to_tensor(to_mode(img, channels))
+        return to_tensor(to_mode(img, channels, background))
     except (BadInput, MemoryError):
         raise
     except Exception as e:  # truncated or corrupt pixel data (OSError, SyntaxError, ValueError, ...)
@@ -86,10 +86,11 @@ def _draft(img: Image.Image, channels: int, min_side: int) -> None:
     img.draft("L" if channels == 1 else "RGB", req)
 
 
-def to_mode(img: Image.Image, channels: int) -> Image.Image:
+def to_mode(img: Image.Image, channels: int, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:
     """Any PIL mode -> "L" (channels=1) or "RGB" (channels=3).
 
-    Alpha (RGBA, LA, PA, palette or colour-key transparency) is composited on white; 16/32-bit integer and
+    Alpha (RGBA, LA, PA, palette or colour-key transparency) is composited on `background` (the checkpoint's
+    `preprocess["background"]`, white for checkpoints that record none); 16/32-bit integer and
     float images are scaled to 8 bits (not clipped); CMYK/YCbCr/LAB go through PIL's converters.
     """
     target = "L" if channels == 1 else "RGB"
@@ -101,8 +102,7 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
         img = img.convert("L")
     if img.has_transparency_data:
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _ALPHA_BACKGROUND + (255,))
-        img = Image.alpha_composite(background, rgba)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, tuple(background) + (255,)), rgba)
     if img.mode == target:
         return img
     if img.mode not in ("L", "RGB", "RGBA"):
@@ -152,7 +152,8 @@ def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def decode_jpegs(datas: Sequence[bytes], channels: int, device: torch.device | str,
-                 limits: DecodeLimits = DecodeLimits(), min_side: int | None = None) -> list[torch.Tensor | BadInput]:
+                 limits: DecodeLimits = DecodeLimits(), min_side: int | None = None,
+                 background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> list[torch.Tensor | BadInput]:
     """Decode many images with torchvision.io.decode_jpeg in one batched call on `device` (nvjpeg on CUDA).
 
     Every item is header-checked with PIL first; baseline RGB/gray JPEGs go to the batched decoder, the rest
@@ -188,7 +189,7 @@ def decode_jpegs(datas: Sequence[bytes], channels: int, device: torch.device | s
     for i, data in enumerate(datas):
         if out[i] is None:
             try:
-                out[i] = decode_image(data, channels, limits, min_side).to(device)
+                out[i] = decode_image(data, channels, limits, min_side, background).to(device)
             except BadInput as e:
                 out[i] = e
     return out  # type: ignore[return-value]

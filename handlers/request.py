@@ -26,6 +26,16 @@ class ParsedRequest:
 
 
 FIELD_MAX_CHARS = 256  # a request field (form field or query parameter) longer than this is a payload, not an option
+FORM_ENCODED = "application/x-www-form-urlencoded"
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Refuse a form-encoded body (curl's default for -d and --data-binary): TorchServe has already split it at
+    '&' and '=' and turned '+' into spaces, so neither image bytes nor base64 survive. Raises BadInput (415)."""
+    if content_type and content_type.split(";")[0].strip().lower() == FORM_ENCODED:
+        raise BadInput(415, "FormEncodedBody", "form-encoded body (curl's default for -d/--data-binary) mangles "
+                       "images; resend with -H 'Content-Type: application/octet-stream' (image bytes), text/plain "
+                       "(base64) or application/json (JSON)")
 
 
 def split_item(item: Any, fields: frozenset[str] = frozenset({"topk"})) -> tuple[Any, dict[str, str]]:

@@ -36,6 +36,7 @@ def main() -> None:
         ckpt = train(recipe, Path(a.out_dir) / f"{name}.pt", progress=False)
         m = ckpt["metrics"]
         print(json.dumps({"recipe": name, "arch": recipe.arch, "epochs": recipe.epochs, "test_acc": m["test_acc"],
+                          "weights": m.get("weights"), "test_acc_raw": m.get("test_acc_raw"),
                           "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"],
                           "torch": torch.__version__}), flush=True)
 

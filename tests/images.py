@@ -57,6 +57,16 @@ def rgba(w: int = 40, h: int = 30) -> Image.Image:
     return Image.fromarray(a, "RGBA")
 
 
+def cutout(item: np.ndarray, threshold: int = 100) -> tuple[bytes, bytes]:
+    """(opaque PNG, RGBA PNG) of a white-on-black grayscale item (Fashion-MNIST style): the opaque one shows the
+    item on pure black; the RGBA cut-out keeps the item opaque and makes the rest transparent, with white under
+    the transparent pixels (what an editor's "remove background" leaves behind)."""
+    item = np.where(item < threshold, 0, item).astype(np.uint8)
+    alpha = np.where(item > 0, 255, 0).astype(np.uint8)
+    rgba = np.stack([np.where(item > 0, item, 255)] * 3 + [alpha], -1).astype(np.uint8)
+    return encode(Image.fromarray(item, "L"), "PNG"), encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
 def palette_with_transparency(w: int = 40, h: int = 30) -> Image.Image:
     """A "P" image whose palette index 0 is transparent (the classic GIF/PNG-8 case)."""
     img = photo(w, h).quantize(16)

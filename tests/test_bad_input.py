@@ -40,6 +40,7 @@ pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe
 DOC = ROOT / "docs" / "reliability.md"
 GOOD = gray_png(seed=3)
 FRONTEND = "(frontend)"  # answered by TorchServe's Java frontend, never reaches a worker
+FORM = "application/x-www-form-urlencoded"  # curl's default Content-Type for -d and --data-binary
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,12 @@ def _cases() -> list[Case]:
              "application/json"),
         Case("data_url_not_base64", "data:image/png,abc (no ;base64)", b"data:image/png,abc", 400,
              "InvalidBase64", "text/plain"),
+        Case("form_base64", "base64 text sent form-encoded (curl -d without -H)", b64(GOOD).encode(), 415,
+             "FormEncodedBody", FORM),
+        Case("form_json", '{"image": ...} sent form-encoded (curl -d without -H)', _json({"image": b64(GOOD)}), 415,
+             "FormEncodedBody", FORM),
+        Case("form_binary", "PNG bytes sent form-encoded (curl --data-binary without -H): TorchServe's form decoder "
+             "fails before any handler", GOOD, 500, "ErrorDataDecoderException", FORM),
         Case("topk_huge", "topk 1000000", _json({"image": b64(GOOD), "topk": 1_000_000}), 400, "InvalidTopK",
              "application/json"),
         Case("topk_negative", "topk -1", _json({"image": b64(GOOD), "topk": -1}), 400, "InvalidTopK",

@@ -211,3 +211,23 @@ def test_gpu_device_from_context(model_dir):
     assert handler.device == torch.device("cuda:0")
     out, statuses = serve(handler, ctx, [{"body": encode(photo(), "JPEG")}, {"body": b"x"}])
     assert [s for s, _ in statuses] == [200, 400] and len(out[0]["predictions"]) == 5
+
+
+def test_form_encoded_bodies_get_415_and_answers_are_counted_per_version(model_dir, caplog):
+    """A form-encoded body (curl -d's default) is refused with a short ASCII message naming the fix; every answer
+    is counted under the version that produced it (the manifest's 2.0), whatever endpoint was called."""
+    handler, ctx = loaded(model_dir)
+    png = encode(photo(), "PNG")
+    caplog.set_level("INFO", logger="ts.metrics.caching_metric")
+    out, statuses = serve(handler, ctx, [{"body": b64(png)}, {"body": b64(png)}],
+                          headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+    assert [s for s, _ in statuses] == [415, 415] and out[0]["type"] == "FormEncodedBody"
+    message = statuses[0][1]
+    assert message.isascii() and "-H 'Content-Type: application/octet-stream'" in message and len(message) <= 300
+    out, statuses = serve(handler, ctx, [{"body": png}, {"body": b""}], headers={"content-type": "image/png"})
+    assert [s for s, _ in statuses] == [200, 400] and out[0]["version"] == "2.0"
+    lines = [r.getMessage() for r in caplog.records if "handler_answers_total" in r.getMessage()]
+    counts = {line.split("|#")[1].split(",Level")[0]: float(line.split(":")[1].split("|")[0]) for line in lines}
+    assert counts == {"ModelName:tiny,ModelVersion:2.0,Status:415": 2.0,
+                      "ModelName:tiny,ModelVersion:2.0,Status:200": 1.0,
+                      "ModelName:tiny,ModelVersion:2.0,Status:400": 1.0}, lines

@@ -13,6 +13,7 @@ from handlers.image import ImagePipeline, pipeline_options
 from tests.images import (
     animated_gif,
     b64,
+    cutout,
     data_url,
     encode,
     gray16,
@@ -252,6 +253,23 @@ def test_preprocessing_comes_from_the_checkpoint():
     pipe.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     ok(pipe.handle_requests([{"data": data}])[0])
     assert not torch.allclose(seen[-1], seen[0])
+
+
+def test_alpha_is_composited_on_the_background_the_model_was_trained_on():
+    a = decode_image(encode(rgba(), "PNG"), 3, background=(0, 0, 0))  # transparent right half -> black
+    assert (a[:, :, 20:] == 0).all() and torch.equal(a[:, :, :20], rgb_of(rgba())[:, :, :20])
+    opaque, transparent = cutout(np.array(photo(28, 28, seed=3).convert("L")))
+    ckpt = tiny_checkpoint(1, 28)
+    ckpt["preprocess"] = make_preprocess(28, 1, [0.5], [0.25], background=(0, 0, 0))  # as Fashion-MNIST records
+    pipe = ImagePipeline(ckpt, topk=10)
+    on_black = [ok(a)["predictions"] for a in pipe.handle_requests([{"body": opaque}, {"body": transparent}])]
+    assert on_black[0] == on_black[1]  # same pixels, same answer
+    # A checkpoint that records no background (written before the key existed) keeps compositing on white.
+    old = ImagePipeline(tiny_checkpoint(1, 28), topk=10)
+    assert "background" not in old.preprocess
+    on_white = [ok(a)["predictions"] for a in old.handle_requests([{"body": opaque}, {"body": transparent}])]
+    assert on_white[0] != on_white[1]
+    assert pipe.describe()["preprocess"]["background"] == [0, 0, 0]  # clients can see it
 
 
 @pytest.mark.parametrize("which", ["rgb", "gray"])

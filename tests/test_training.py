@@ -39,6 +39,8 @@ def test_unknown_key_is_an_error():
     ({"epochs": "ten"}, "epochs must be a int"),
     ({"hflip": "yes"}, "hflip must be true or false"),
     ({"label_smoothing": 1.5}, "label_smoothing"),
+    ({"background": [0, 0, 256]}, "background must be three integers 0..255"),
+    ({"background": "black"}, "background must be three integers 0..255"),
 ])
 def test_bad_values_are_errors(values, message):
     with pytest.raises(RecipeError, match=message):
@@ -74,6 +76,7 @@ def test_tiny_run_lowers_the_loss_and_writes_a_weights_only_checkpoint(tmp_path)
     for key in ("arch", "model_args", "state_dict", "classes", "preprocess", "metrics", "recipe"):
         assert key in loaded
     assert len(loaded["classes"]) == 10 and loaded["preprocess"]["channels"] == 1
+    assert loaded["preprocess"]["background"] == [0, 0, 0]  # Fashion-MNIST items are white on black
     model = build_model(loaded)
     x = torch.randn(2, 1, 28, 28)
     assert model(x).shape == (2, 10)

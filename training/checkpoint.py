@@ -67,6 +67,12 @@ def validate_checkpoint(ckpt: Any, source: str = "checkpoint") -> None:
         raise CheckpointError(f"{source}: preprocess lacks {missing}")
     if len(pre["mean"]) != pre["channels"] or len(pre["std"]) != pre["channels"]:
         raise CheckpointError(f"{source}: preprocess mean/std must have one value per channel")
+    if "background" in pre:
+        from training.presets import check_background
+        try:
+            check_background(pre["background"])
+        except ValueError as e:
+            raise CheckpointError(f"{source}: preprocess {e}") from None
     if not ckpt["classes"]:
         raise CheckpointError(f"{source}: empty class list")
 

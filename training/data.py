@@ -49,6 +49,7 @@ class DatasetInfo:
     mean: list[float]         # per channel, 0..1 units
     std: list[float]
     in_memory: bool           # splits are TensorSplit (uint8 tensors) rather than ImageFolderSplit
+    background: tuple[int, int, int] = (255, 255, 255)  # RGB behind the objects (served alpha goes on it)
 
 
 @dataclass
@@ -157,7 +158,8 @@ def _load_fashion_mnist(root, val_fraction, seed, image_size, limit) -> Splits:
     full = _tensor_split(arrays["train-images-idx3"][:, None], arrays["train-labels-idx1"], 10, root / "train-*")
     test = _tensor_split(arrays["t10k-images-idx3"][:, None], arrays["t10k-labels-idx1"], 10, root / "t10k-*")
     info = DatasetInfo("fashion_mnist", list(FASHION_MNIST_CLASSES), 1, image_size or full.images.shape[-1],
-                       [0.2860], [0.3530], True)  # mean/std measured on the 60k training images
+                       [0.2860], [0.3530], True,  # mean/std measured on the 60k training images
+                       background=(0, 0, 0))  # white-on-black items
     return _split_in_memory(info, full, test, val_fraction, seed, limit)
 
 

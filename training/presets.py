@@ -16,15 +16,38 @@ import torchvision.transforms.v2.functional as TF
 
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
            "nearest": T.InterpolationMode.NEAREST}
+# Where transparent input pixels go when a checkpoint records no `background` (checkpoints written before the
+# key existed): white, the way a browser shows an image on a white page.
+DEFAULT_BACKGROUND = (255, 255, 255)
 
 
 def make_preprocess(size: int, channels: int, mean: Sequence[float], std: Sequence[float],
-                    resize: int | None = None, interpolation: str = "bilinear") -> dict[str, Any]:
-    """The `preprocess` block of a checkpoint: shorter side -> `resize`, center crop -> `size`, normalize."""
+                    resize: int | None = None, interpolation: str = "bilinear",
+                    background: Sequence[int] | None = None) -> dict[str, Any]:
+    """The `preprocess` block of a checkpoint: shorter side -> `resize`, center crop -> `size`, normalize.
+    `background` (RGB, 0..255) is what the training images show behind their objects: a served image with
+    transparency is composited on it (black for Fashion-MNIST's white-on-black items)."""
     if interpolation not in _INTERP:
         raise ValueError(f"interpolation must be one of {sorted(_INTERP)}")
-    return {"size": int(size), "resize": int(resize or size), "channels": int(channels),
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "interpolation": interpolation}
+    pre = {"size": int(size), "resize": int(resize or size), "channels": int(channels),
+           "mean": [float(m) for m in mean], "std": [float(s) for s in std], "interpolation": interpolation}
+    if background is not None:
+        pre["background"] = check_background(background)
+    return pre
+
+
+def check_background(value: Any) -> list[int]:
+    """An RGB colour as three integers 0..255; ValueError otherwise."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)):
+        raise ValueError(f"background must be three integers 0..255 (RGB), got {value!r}")
+    return [int(v) for v in value]
+
+
+def alpha_background(preprocess: dict[str, Any]) -> tuple[int, int, int]:
+    """The colour transparent pixels are composited on: the checkpoint's `background`, else DEFAULT_BACKGROUND."""
+    bg = preprocess.get("background")
+    return tuple(check_background(bg)) if bg is not None else DEFAULT_BACKGROUND  # type: ignore[return-value]
 
 
 def resize_crop(images: Sequence[torch.Tensor] | torch.Tensor, preprocess: dict[str, Any]) -> torch.Tensor:

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from training.presets import check_background
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
@@ -30,6 +32,7 @@ class Recipe:
     img_size: int | None = None         # None: the dataset's natural size (28 FMNIST, 32 CIFAR, 224 folders)
     resize: int | None = None           # eval: shorter side resized to this before the center crop (None = img_size)
     model_args: dict[str, Any] = field(default_factory=dict)  # extra builder kwargs, e.g. {dropout: 0.1}
+    background: list[int] | None = None  # RGB served transparent pixels go on; None: the dataset's (black for FMNIST)
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"              # sgd (nesterov) | adamw
@@ -101,6 +104,11 @@ class Recipe:
         for ok, msg in checks:
             if not ok:
                 raise RecipeError(msg)
+        if self.background is not None:
+            try:
+                check_background(self.background)
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

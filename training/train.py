@@ -153,7 +153,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
                           "batches (crop_padding, hflip)")
     size = recipe.img_size or info.size
     preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size,
-                                 interpolation=recipe.interpolation)
+                                 interpolation=recipe.interpolation,
+                                 background=recipe.background or info.background)
     transform = None if info.in_memory else imagefolder_train_transform(
         preprocess, size=recipe.train_img_size, scale_min=recipe.crop_scale_min, color_jitter=recipe.color_jitter,
         auto_augment=recipe.auto_augment, random_erasing=recipe.random_erasing)
