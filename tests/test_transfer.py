@@ -15,6 +15,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tests.datagen import write_fashion_mnist
 from tests.torchserve import tiny_archive
 from training.checkpoint import build_model, load_checkpoint
+from training.commands import train_args
 from training.presets import eval_batch
 from training.transfer import METHODS, markdown, run_experiment, summarize, write_docs
 
@@ -78,3 +79,12 @@ def test_a_fine_tuned_checkpoint_archives_and_serves_like_any_other(quick, tmp_p
     assert status == 200
     [top] = body["predictions"]
     assert top["label"] == TARGET[int(probs.argmax())] and abs(top["probability"] - float(probs.max())) < 1e-4
+
+
+def test_the_served_checkpoints_hint_names_the_experiment():
+    """archive --all skips a config whose checkpoint is missing and says what writes it."""
+    from serving.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    ckpt = load_config(root / "archive_configs/fmnist-transfer-resnet50/1.0.yaml").checkpoint
+    assert train_args(ckpt) == "training experiment-transfer --checkpoint-out checkpoints/resnet50-fmnist-transfer.pt"
