@@ -117,3 +117,8 @@ def test_loader_benchmark_measures_and_reports(tmp_path):
                    "tree": {"classes": 2, "per_class": 4, "size": [64, 48], "quality": 90, "mean_kb": 3.0},
                    "rows": rows + [{**rows[1], "decoder": "torchvision", "images_per_s": 2 * rows[1]["images_per_s"]}]})
     assert "| pil | 0 | none (decode only) |" in md and "One core decodes and augments about" in md
+    assert "busy" not in md and "median of 1 passes" in md
+    busy = markdown({"date": "d", "machine": "m", "torch": "t", "loadavg_start": 0.5, "loadavg_end": 6.3,
+                     "tree": {"classes": 2, "per_class": 4, "size": [64, 48], "quality": 90, "mean_kb": 3.0},
+                     "rows": rows})
+    assert "The machine was busy (load average up to 6.3" in busy

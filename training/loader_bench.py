@@ -28,6 +28,7 @@ from training.recipe import load_recipe
 from training.train import cpu_name
 
 RECIPE = "resnet50_imagenet"
+BUSY_LOAD = 2.0  # a load average from here up: the figures say they were measured beside other work
 
 
 def write_synthetic_imagenet(root: str | Path, classes: int = 8, per_class: int = 48,
@@ -125,12 +126,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['loadavg_start']} at the start and {result['loadavg_end']} at the end; synthetic tree of "
         f"{t['classes']} x {t['per_class']} JPEGs at {t['size'][0]}x{t['size'][1]} (quality {t['quality']}, "
         f"{t['mean_kb']:.0f} KB on average); "
-        "median of 3 passes; one thread per process. Figures: [loader.json](loader.json).", "", *rows, "",
+        f"median of {len(result['rows'][0]['runs'])} passes; one thread per process. "
+        "Figures: [loader.json](loader.json).", "", *rows, "",
         f"One core decodes and augments about {rate:.0f} images/s ({best}; the other decoder "
         + ", ".join(f"{d}: {v:.0f}" for d, v in one_core.items() if d != best) + "). Feeding a GPU that trains "
         f"at 1000 images/s therefore takes about {1000 / rate:.0f} such cores, and 3000 images/s about "
         f"{3000 / rate:.0f}, before the GPU itself waits.",
     ]
+    load = max(result["loadavg_start"], result["loadavg_end"])
+    if load >= BUSY_LOAD:
+        lines += ["", f"The machine was busy (load average up to {load:.1f} on {result['machine']}; other work ran "
+                  "beside the benchmark, which held the benchmark lock): read these as lower bounds; "
+                  "`make bench-loader` on a quiet machine replaces them."]
     return "\n".join(lines)
 
 
