@@ -5,6 +5,7 @@ pipeline like any other."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,17 @@ def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick
     page = (docs / "training.md").read_text()
     assert "old" not in page and markdown(summary) in page
     assert "layer4 + head beats from scratch by" in page and (docs / "transfer.png").stat().st_size > 1000
+    assert summary["runs_done"] == summary["runs_planned"] == 4 and summary["wall_s_total"] > 0
+    assert summary["loadavg_max"] >= summary["loadavg_min"] >= 0
+
+    # Reporting what has finished: a run that is missing shows as not run, and no verdict is made without it.
+    (out / "runs" / "2shot-scratch-seed0.json").unlink()
+    part = summarize(run_experiment(out, data_root=str(fm), quick=True, progress=False, train_missing=False))
+    assert part["runs_done"] == 3 and part["cells"]["2/scratch"]["n"] == 0
+    md = markdown(part)
+    assert "| not run |" in md and "3 of the 4 planned runs have finished" in md
+    assert "the goal is not measured yet" in md and "beats from scratch" not in md
+    write_docs(part, docs)  # the plot leaves the missing point out
 
 
 def test_a_fine_tuned_checkpoint_archives_and_serves_like_any_other(quick, tmp_path):
@@ -88,3 +100,14 @@ def test_the_served_checkpoints_hint_names_the_experiment():
     root = Path(__file__).resolve().parents[1]
     ckpt = load_config(root / "archive_configs/fmnist-transfer-resnet50/1.0.yaml").checkpoint
     assert train_args(ckpt) == "training experiment-transfer --checkpoint-out checkpoints/resnet50-fmnist-transfer.pt"
+
+
+def test_the_docs_figures_are_generated_from_the_committed_summary():
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    page = (docs / "training.md").read_text()
+    block = page.split("<!-- transfer-figures:begin -->\n")[1].split("\n<!-- transfer-figures:end -->")[0]
+    if not (docs / "transfer.json").is_file():
+        assert block.startswith("Not measured yet")
+        return
+    assert block == markdown(json.loads((docs / "transfer.json").read_text()))
+    assert (docs / "transfer.png").is_file()

@@ -70,7 +70,8 @@ def _transfer(args: argparse.Namespace) -> None:
     from training.transfer import run_experiment, summarize, verdict, write_docs
 
     results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick,
-                             serve_checkpoint=args.checkpoint_out, full=args.full)
+                             serve_checkpoint=args.checkpoint_out, full=args.full,
+                             train_missing=not args.report_only)
     summary = summarize(results)
     (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.docs:
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data-root")
     x.add_argument("--docs", help="also write the figures into this docs folder (docs/)")
     x.add_argument("--quick", action="store_true", help="a tiny version that checks the pipeline in seconds")
+    x.add_argument("--report-only", action="store_true", help="train nothing: summarize the runs that have "
+                   "finished (the others show as not run)")
     x.add_argument("--full", action="store_true", help="the longer run: 5000 pretraining images per class, "
                    "3 seeds, 300 fine-tuning steps, 400 test images per class (hours on 2 cores)")
     x.add_argument("--checkpoint-out", help="copy the model to archive and serve here (layer4 + head, 50 images "

@@ -13,6 +13,7 @@ Resumable: the trees, the pretraining checkpoint and one JSON per fine-tuning ru
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import time
@@ -126,22 +127,36 @@ def write_trees(out: Path, cfg: dict[str, Any], data_root: str | None = None) ->
     return info
 
 
-def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True) -> dict[str, Any]:
-    """ResNet-50 on classes 0-4 (resumes an interrupted run; reuses a finished one)."""
+def _load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True,
+             train_missing: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ResNet-50 on classes 0-4 (resumes an interrupted run; reuses a finished one). Returns the checkpoint and
+    the wall time and load averages of its training, summed over the invocations that trained it."""
     recipe = make_recipe({
         "arch": cfg["arch"], "dataset": "imagefolder", "data_root": tree, "img_size": cfg["img_size"],
         "model_args": {"width": cfg["width"]}, "epochs": cfg["pretrain_epochs"], "batch_size": cfg["pretrain_batch"],
         "optimizer": "sgd", "lr": cfg["pretrain_lr"], "weight_decay": 5e-4, "warmup_epochs": 0.5,
         "label_smoothing": 0.1, "crop_scale_min": cfg["crop_scale_min"], "background": BACKGROUND, "seed": 0})
-    path = out / "pretrain.pt"
-    resume = None
+    path, wall_file = out / "pretrain.pt", out / "pretrain-wall.json"
+    resume, wall = None, {"wall_s": 0.0, "loadavg": []}
     if path.is_file():
         state = load_checkpoint(path)
         if state["recipe"] == recipe.to_dict():  # else another configuration's: train anew
+            if wall_file.is_file():
+                wall = json.loads(wall_file.read_text())
             if state["epoch"] >= recipe.epochs:
-                return state
+                return state, wall
             resume = path
-    return train(recipe, path, resume=resume, progress=progress)
+    if not train_missing:
+        raise FileNotFoundError(f"{path}: the pretraining of this configuration has not finished; nothing to report")
+    t, load = time.perf_counter(), _load1()
+    state = train(recipe, path, resume=resume, progress=progress)
+    wall = {"wall_s": wall["wall_s"] + time.perf_counter() - t, "loadavg": [*wall["loadavg"], load, _load1()]}
+    wall_file.write_text(json.dumps(wall))
+    return state, wall
 
 
 def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, seed: int,
@@ -165,16 +180,18 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
 
 def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: bool = False,
                    progress: bool = True, serve_checkpoint: str | Path | None = None,
-                   full: bool = False) -> dict[str, Any]:
+                   full: bool = False, train_missing: bool = True) -> dict[str, Any]:
     """Trees, pretraining, every (shots, method, seed) fine-tuning run; writes results.json in out_dir.
-    `serve_checkpoint`: where to copy the model that is archived and served (layer4 + head, most images per
-    class, first seed; archive_configs/fmnist-transfer-resnet50)."""
+    Each run records its wall time and the 1-minute load average before and after it. `train_missing` False:
+    report what has finished, train nothing. `serve_checkpoint`: where to copy the model that is archived and
+    served (layer4 + head, first seed, the most images per class that finished;
+    archive_configs/fmnist-transfer-resnet50)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = experiment_config(quick, full)
     t0 = time.perf_counter()
     trees = write_trees(out, cfg, data_root)
-    base = pretrain(out, cfg, trees["pretrain"], progress)
+    base, wall = pretrain(out, cfg, trees["pretrain"], progress, train_missing)
     base_sha = sha256_of(out / "pretrain.pt")
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
@@ -187,12 +204,16 @@ def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: boo
                                          str(out / "pretrain.pt"))
                 key = {"recipe": recipe.to_dict(), "pretrain_sha256": base_sha}
                 if not path.is_file() or {k: json.loads(path.read_text()).get(k) for k in key} != key:
+                    if not train_missing:
+                        continue
                     if progress:
                         print(f"== {shots} images/class, {method}, seed {seed}", flush=True)
+                    t, load = time.perf_counter(), _load1()
                     ck = train(recipe, runs_dir / f"{shots}shot-{method}-seed{seed}.pt", progress=False)
                     m = ck["metrics"]
                     row = {"shots": shots, "method": method, "seed": seed, "test_acc": m["test_acc"],
-                           "train_time_s": m["train_time_s"], "epochs": recipe.epochs, "history": m["history"],
+                           "train_time_s": m["train_time_s"], "wall_s": round(time.perf_counter() - t, 1),
+                           "loadavg": [load, _load1()], "epochs": recipe.epochs, "history": m["history"],
                            "init": ck.get("init"), "hardware": m["hardware"], **key}
                     path.write_text(json.dumps(row, indent=2))
                     if progress:
@@ -200,12 +221,13 @@ def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: boo
                 runs.append(json.loads(path.read_text()))
     pm = base["metrics"]
     results = {"config": cfg, "trees": trees, "pretrain": {"test_acc": pm["test_acc"], "history": pm["history"],
-               "train_time_s": pm["train_time_s"]}, "runs": runs,
+               "train_time_s": pm["train_time_s"], **wall}, "runs": runs,
                "hardware": hardware_name(torch.device("cpu")), "torch": torch.__version__,
                "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    if serve_checkpoint:
-        best = runs_dir / f"{max(cfg['shots'])}shot-layer4_head-seed{cfg['seeds'][0]}.pt"
+    finished = [r["shots"] for r in runs if r["method"] == "layer4_head" and r["seed"] == cfg["seeds"][0]]
+    if serve_checkpoint and finished:
+        best = runs_dir / f"{max(finished)}shot-layer4_head-seed{cfg['seeds'][0]}.pt"
         save_checkpoint(load_checkpoint(best), serve_checkpoint)
     return results
 
@@ -218,14 +240,18 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             accs = [r["test_acc"] for r in results["runs"] if r["shots"] == shots and r["method"] == method]
             times = [r["train_time_s"] for r in results["runs"] if r["shots"] == shots and r["method"] == method]
             cells[f"{shots}/{method}"] = {
-                "shots": shots, "method": method, "n": len(accs), "mean": statistics.fmean(accs),
+                "shots": shots, "method": method, "n": len(accs), "mean": statistics.fmean(accs) if accs else None,
                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accs": accs,
-                "train_time_s": statistics.fmean(times)}
-    cfg = results["config"]
-    total_train = results["pretrain"]["train_time_s"] + sum(r["train_time_s"] for r in results["runs"])
+                "train_time_s": statistics.fmean(times) if times else None}
+    cfg, pre, runs = results["config"], results["pretrain"], results["runs"]
+    total_train = pre["train_time_s"] + sum(r["train_time_s"] for r in runs)
+    loads = pre.get("loadavg", []) + [x for r in runs for x in r.get("loadavg", [])]
     return {"config": cfg, "hardware": results["hardware"], "torch": results["torch"],
-            "pretrain_test_acc": results["pretrain"]["test_acc"],
-            "pretrain_train_time_s": results["pretrain"]["train_time_s"], "train_time_s_total": total_train,
+            "pretrain_test_acc": pre["test_acc"], "pretrain_train_time_s": pre["train_time_s"],
+            "train_time_s_total": total_train,
+            "wall_s_total": pre.get("wall_s", 0.0) + sum(r.get("wall_s", 0.0) for r in runs),
+            "loadavg_min": min(loads, default=None), "loadavg_max": max(loads, default=None),
+            "runs_done": len(runs), "runs_planned": len(cfg["shots"]) * len(cfg["methods"]) * len(cfg["seeds"]),
             "test_images": results["trees"]["test_images"], "cells": cells}
 
 
@@ -237,6 +263,8 @@ GOAL_POINTS = 10.0  # layer4 + head must beat from scratch by this many points a
 def verdict(summary: dict[str, Any]) -> str:
     """The goal's outcome, computed from the figures."""
     k = min(summary["config"]["shots"])
+    if summary["cells"][f"{k}/layer4_head"]["n"] == 0 or summary["cells"][f"{k}/scratch"]["n"] == 0:
+        return f"At {k} images per class the runs have not finished: the goal is not measured yet."
     gap = 100 * (summary["cells"][f"{k}/layer4_head"]["mean"] - summary["cells"][f"{k}/scratch"]["mean"])
     met = "met" if gap >= GOAL_POINTS else "not met"
     return (f"At {k} images per class, layer4 + head beats from scratch by {gap:+.1f} points "
@@ -247,13 +275,23 @@ def markdown(summary: dict[str, Any]) -> str:
     """The figures block of docs/training.md, generated from docs/transfer.json."""
     cfg, cells = summary["config"], summary["cells"]
     n = max(c["n"] for c in cells.values())
+
+    def cell(c: dict[str, Any]) -> str:
+        if not c["n"]:
+            return "not run"
+        return f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" + (f" (n={c['n']})" if c["n"] < n else "")
+
     head = "| images per class | " + " | ".join(METHOD_NAMES[m] for m in cfg["methods"]) + " |"
     rows = [head, "|---" * (len(cfg["methods"]) + 1) + "|"]
     for k in cfg["shots"]:
         vals = [cells[f"{k}/{m}"] for m in cfg["methods"]]
-        rows.append(f"| {k} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in vals) + " |")
-    most = max(cfg["shots"])
-    times = " / ".join(f"{cells[f'{most}/{m}']['train_time_s']:.0f}" for m in cfg["methods"])
+        rows.append(f"| {k} | " + " | ".join(cell(c) for c in vals) + " |")
+    most = max([k for k in cfg["shots"] if any(cells[f"{k}/{m}"]["n"] for m in cfg["methods"])] or cfg["shots"])
+    times = " / ".join(f"{c['train_time_s']:.0f}" if c["n"] else "not run"
+                       for c in (cells[f"{most}/{m}"] for m in cfg["methods"]))
+    done = summary["runs_done"], summary["runs_planned"]
+    partial = [] if done[0] == done[1] else [f"{done[0]} of the {done[1]} planned runs have finished; "
+                                             "`make experiment-transfer` resumes the others.", ""]
     return "\n".join([
         f"Test accuracy (%) on the same {summary['test_images']} held-out test images (Fashion-MNIST test split, "
         f"classes 5-9), mean ± std over {n} seeds (each seed draws its own training images and initialises "
@@ -261,15 +299,19 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         *rows,
         "",
+        *partial,
         verdict(summary),
         "",
         f"Pretraining ({cfg['arch']} at width {cfg['width']}, {cfg['img_size']} px, {cfg['pretrain_epochs']} "
         f"epochs on {cfg['pretrain_per_class']} images per class of classes 0-4): "
         f"{100 * summary['pretrain_test_acc']:.1f} % test accuracy on those classes, "
-        f"{summary['pretrain_train_time_s'] / 60:.1f} min. Training time of one fine-tuning run at "
-        f"{max(cfg['shots'])} images per class ({' / '.join(METHOD_NAMES[m] for m in cfg['methods'])}): "
-        f"{times} s. All training together: {summary['train_time_s_total'] / 60:.0f} min on {summary['hardware']} "
-        f"(torch {summary['torch']}). Figures: [transfer.json](transfer.json).",
+        f"{summary['pretrain_train_time_s'] / 60:.1f} min of training. Training time of one fine-tuning run at "
+        f"{most} images per class ({' / '.join(METHOD_NAMES[m] for m in cfg['methods'])}): "
+        f"{times} s. All training together: {summary['train_time_s_total'] / 60:.0f} min of training loop, "
+        f"{summary['wall_s_total'] / 60:.0f} min wall time with evaluation, on {summary['hardware']} "
+        f"(torch {summary['torch']}) at the lowest priority beside other work: 1-minute load average "
+        f"{summary['loadavg_min']}-{summary['loadavg_max']} at the runs' starts and ends. "
+        "Figures: [transfer.json](transfer.json).",
         "",
         "![transfer learning curves](transfer.png)",
     ])
@@ -283,9 +325,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     cfg, cells = summary["config"], summary["cells"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m in cfg["methods"]:
-        ys = [100 * cells[f"{k}/{m}"]["mean"] for k in cfg["shots"]]
-        errs = [100 * cells[f"{k}/{m}"]["std"] for k in cfg["shots"]]
-        ax.errorbar(cfg["shots"], ys, yerr=errs, marker="o", capsize=3, label=METHOD_NAMES[m],
+        ks = [k for k in cfg["shots"] if cells[f"{k}/{m}"]["n"]]
+        ys = [100 * cells[f"{k}/{m}"]["mean"] for k in ks]
+        errs = [100 * cells[f"{k}/{m}"]["std"] for k in ks]
+        ax.errorbar(ks, ys, yerr=errs, marker="o", capsize=3, label=METHOD_NAMES[m],
                     linestyle="--" if m == "scratch" else "-")
     ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy (%)",
            title="Fine-tuning on Fashion-MNIST classes 5-9 after pretraining on 0-4")
