@@ -33,12 +33,13 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from load_tests.reliability import Probe, write_doc_block  # noqa: E402
+from load_tests.reliability import Probe  # noqa: E402
 from load_tests.soak import MODEL, Load, build_store  # noqa: E402
 from serving import fleet_ops as ops  # noqa: E402
 from serving import haproxy, server  # noqa: E402
 from serving.fleet import Fleet, down, up  # noqa: E402
 from tests.torchserve import TorchServe  # noqa: E402
+from training.docblock import write_doc_block  # noqa: E402
 
 DOC = ROOT / "docs" / "fleet.md"
 JSON_OUT = ROOT / "docs" / "fleet-reliability.json"
