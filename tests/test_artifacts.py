@@ -19,6 +19,7 @@ import handlers.runtimes as runtimes
 import training.data
 from handlers.artifacts import ArtifactError, require_artifact, verify_artifact
 from handlers.image import ImagePipeline
+from handlers.runtimes import SYNTHETIC_WARNING
 from serving.archive import ArchiveError, build_archive, read_index, sha256_file
 from serving.artifacts import ArtifactBuildError, _accuracy
 from serving.config import load_config
@@ -145,6 +146,27 @@ def test_a_worker_loads_the_packed_artifact_without_data_or_cache(archived, tmp_
     info = pipe.describe()["runtime_info"]
     assert info["artifact"] == "model.int8.onnx" and info["artifact_sha256"] == archived.entry["artifact"]["sha256"]
     assert info["calibration"]["source"] == "fashion_mnist:train" and info["accuracy"] == archived.entry["accuracy"]
+    assert "warning" not in info
+
+
+def test_an_int8_artifact_calibrated_on_synthetic_images_says_so_at_every_load(archived, tmp_path, caplog):
+    """`artifact.calibration: synthetic`: recorded in the archive, warned about when it is built, and at every
+    load in the worker's log and in what `describe` shows (runtime_info.warning)."""
+    cfg = load_config(write_config(tmp_path / "configs", "fm", "4.0", archived.ckpt, "int8", calibration="synthetic",
+                                   max_accuracy_drop=None))
+    with caplog.at_level("WARNING"):
+        entry = build_archive(cfg, tmp_path / "store")
+    assert "int8 calibrated on synthetic images" in caplog.text
+    assert entry["artifact"]["calibration"]["source"] == "synthetic" and entry["accuracy"]["budget_pt"] is None
+    with zipfile.ZipFile(tmp_path / "store" / entry["mar"]) as z:
+        z.extractall(tmp_path / "unpacked")
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="handlers.runtimes"):
+            pipe = ImagePipeline.from_file(tmp_path / "unpacked" / archived.ckpt.name, runtime="int8",
+                                           artifact="artifact.json")
+        assert SYNTHETIC_WARNING in caplog.text
+        assert pipe.describe()["runtime_info"]["warning"] == SYNTHETIC_WARNING
 
 
 def test_a_changed_artifact_or_checkpoint_is_refused_at_load(archived, tmp_path):
