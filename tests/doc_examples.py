@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARSED_SERVING = {"archive", "serve", "stop"}  # build or start/stop a server: parsed, not run
+PARSED_SERVING = {"archive", "serve", "stop",  # build or start/stop a server: parsed, not run
+                  "predict-video"}  # needs a segmentation model: run for real in tests/test_video_serving.py
 PY = re.compile(r"^(?:\.venv/bin/)?python3?$")
 
 
