@@ -15,7 +15,7 @@ def _train(args: argparse.Namespace) -> None:
 
     overrides = {"arch": args.arch, "dataset": args.dataset, "epochs": args.epochs, "data_root": args.data_root,
                  "batch_size": args.batch_size, "lr": args.lr, "limit": args.limit, "seed": args.seed,
-                 "img_size": args.img_size}
+                 "img_size": args.img_size, "teacher": args.teacher, "qat": True if args.qat else None}
     recipe = load_recipe(args.recipe or "default", overrides)
     if recipe.arch not in list_models():
         raise RecipeError(f"unknown arch {recipe.arch!r}; known: {', '.join(list_models())}")
@@ -58,6 +58,26 @@ def _depth(args: argparse.Namespace) -> None:
     depth_experiment(args.out_dir, epochs=args.epochs, limit=args.limit, data_root=args.data_root)
 
 
+def _kd(args: argparse.Namespace) -> None:
+    from training.kd_experiment import report, run
+
+    summary = (report if args.report_only else run)(args.checkpoints, args.reports, "docs")
+    print(json.dumps({"teacher": summary["teacher"], "students": summary["students"]}, indent=1))
+
+
+def _search(args: argparse.Namespace) -> None:
+    from training.search import Settings, run_search
+
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()
+                    if k in Settings.__dataclass_fields__})
+    summary = run_search(s, args.out_dir, docs=args.docs, recipe_path=args.recipe)
+    c = summary["chosen"]
+    print(f"{summary['trials']} trials, {len(summary['front'])} on the Pareto front; chosen: {c['arch']} "
+          f"{c['model_args']} (val acc {c['val_acc']:.4f}, {c['cpu_ms']:.2f} ms)"
+          + (f"; recipe {summary['recipe']}" if summary.get("recipe") else ""))
+
+
 def _samples(args: argparse.Namespace) -> None:
     from training.samples import export_samples
 
@@ -79,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=int)
     t.add_argument("--limit", type=int, help="cap each split at N images (quick runs)")
     t.add_argument("--seed", type=int)
+    t.add_argument("--teacher", metavar="CHECKPOINT", help="distill from this checkpoint (same classes)")
+    t.add_argument("--qat", action="store_true", help="int8 quantization-aware training (recipe key qat)")
     t.add_argument("--out", help="checkpoint path (default checkpoints/<arch>-<dataset>.pt)")
     t.add_argument("--resume", help="continue from this checkpoint")
     t.add_argument("--log-dir", help="TensorBoard log dir (default runs/<checkpoint name>)")
@@ -106,6 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=12000)
     d.add_argument("--data-root")
     d.set_defaults(fn=_depth)
+    r = sub.add_parser("search", help="latency-aware architecture search (Optuna): Pareto front and a recipe",
+                       description="Defaults: training/search.py Settings.")
+    r.add_argument("--trials", type=int)
+    r.add_argument("--timeout-s", type=float, help="no new trial starts after this many seconds")
+    r.add_argument("--latency-cap-ms", type=float, help="CPU latency cap at batch 1")
+    r.add_argument("--limit", type=int, help="proxy training: images per split")
+    r.add_argument("--epochs", type=int, help="proxy training: epochs")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--families", nargs="+", help="cnn, resnet and/or vit")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--data-root")
+    r.add_argument("--out-dir", default="reports/search", help="study journal (resumable), trials, PNG")
+    r.add_argument("--docs", help="also write the summary, PNG and table into this docs folder")
+    r.add_argument("--recipe", help="write the chosen architecture as a recipe here")
+    r.set_defaults(fn=_search)
+    k = sub.add_parser("experiment-kd", help="distillation: ResNet teacher, CNN and ViT students alone vs distilled")
+    k.add_argument("--checkpoints", default="checkpoints/efficiency")
+    k.add_argument("--reports", default="reports/efficiency")
+    k.add_argument("--report-only", action="store_true", help="rewrite the JSON and table from finished runs")
+    k.set_defaults(fn=_kd)
     return p
 
 

@@ -49,6 +49,12 @@ class Recipe:
     num_workers: int = 0                # DataLoader workers for folder datasets
     seed: int = 0
     threads: int | None = None          # CPU threads (None: torch default)
+    # -- distillation (training/distill.py) and quantization-aware training (training/qat.py) --
+    teacher: str | None = None          # checkpoint to distill from (same classes); None: no distillation
+    distill: str = "auto"               # auto (hard for *_distilled students, else soft) | soft | hard
+    kd_alpha: float = 0.5               # weight of the teacher's term; the labels' term gets 1 - kd_alpha
+    kd_temperature: float = 4.0         # temperature of the soft targets (the KL term is scaled by T^2)
+    qat: bool = False                   # int8 quantization-aware training (pt2e, x86 quantizer); no EMA, fp32
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +70,12 @@ class Recipe:
             (self.channels_last in ("auto", "on", "off"), "channels_last must be auto, on or off"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (isinstance(self.model_args, dict), "model_args must be a mapping"),
+            (self.distill in ("auto", "soft", "hard"), "distill must be auto, soft or hard"),
+            (0 <= self.kd_alpha <= 1, "kd_alpha must be in [0, 1]"),
+            (self.kd_temperature > 0, "kd_temperature must be > 0"),
+            (not (self.qat and self.ema_decay > 0), "qat trains without a weight EMA: set ema_decay: 0 (the "
+             "fake-quantised graph's observers have no average)"),
+            (not (self.qat and self.amp == "bf16"), "qat trains in float32 (fake quantisation): set amp: off"),
         ]
         for ok, msg in checks:
             if not ok:

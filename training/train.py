@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import load_dataset, make_loaders
+from training.distill import make_distiller
 from training.ema import WeightEMA, ema_horizon, recalibrate_bn
 from training.models import get_model
 from training.presets import (
@@ -136,7 +137,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         torch.set_num_threads(recipe.threads)
     device = pick_device()
     on_cuda = device.type == "cuda"
-    autocast = recipe.amp == "bf16" or (recipe.amp == "auto" and on_cuda)
+    autocast = (recipe.amp == "bf16" or (recipe.amp == "auto" and on_cuda)) and not recipe.qat
     channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and on_cuda)
 
     splits = load_dataset(recipe.dataset, recipe.data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
@@ -151,6 +152,10 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     model_args = {"num_classes": len(info.classes), "in_channels": info.channels, "img_size": size,
                   **recipe.model_args}
     model = get_model(recipe.arch, **model_args).to(device)
+    distiller = make_distiller(recipe, model, info.classes, preprocess, device, info.name)  # None: no teacher
+    if recipe.qat:  # fake-quantised int8 graph from the first step (training/qat.py)
+        from training.qat import prepare_qat
+        model = prepare_qat(model, preprocess, recipe.arch)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if recipe.optimizer == "sgd":
@@ -174,7 +179,11 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         state = load_checkpoint(resume, map_location=device)
         if state["arch"] != recipe.arch:
             raise ValueError(f"cannot resume: {resume} holds {state['arch']}, the recipe trains {recipe.arch}")
-        model.load_state_dict(state["state_dict"])
+        if recipe.qat:
+            from training.qat import full_state
+            model.load_state_dict(full_state(state))
+        else:
+            model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema_state_dict"):
@@ -219,7 +228,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             if mixer is not None and torch.rand(1).item() < recipe.mix_prob:
                 x, target = mixer(x, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = criterion(model(x).float(), target)
+                loss = (distiller.loss(model, x, target, criterion) if distiller
+                        else criterion(model(x).float(), target))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip > 0:
@@ -258,6 +268,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
                    "weights": "ema" if ema is not None else "raw", "warnings": [warning] if warning else []}
         if ema is not None:
             metrics.update(val_acc_ema=val_acc, val_acc_raw=row["val_acc_raw"])
+        if distiller is not None:
+            metrics["distillation"] = distiller.describe()
         if final:
             test_loss, test_acc, *_ = evaluate(eval_model, test_loader, preprocess, device, autocast, channels_last)
             metrics.update(test_acc=test_acc, test_loss=test_loss)
@@ -284,6 +296,9 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "ema_updates": ema.updates if ema is not None else 0,
         }
+        if recipe.qat:  # float weights under the registry's names + the fake quantisation's state
+            from training.qat import checkpoint_entries
+            ckpt.update(checkpoint_entries(model, ckpt["state_dict"]))
         save_checkpoint(ckpt, out)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
