@@ -15,7 +15,7 @@ WORKERS ?= 1
 SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo train eval zoo samples experiment-depth archive serve stop predict models describe register \
+.PHONY: setup demo train eval zoo samples experiment-depth experiment-kd experiment-qat search model-report archive serve stop predict models describe register \
         scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean
 
 setup:
@@ -36,6 +36,20 @@ samples: setup
 
 experiment-depth: setup
 	$(PY) -m training experiment-depth
+
+# Efficiency (docs/efficiency.md, docs/model-selection.md). Long runs are resumable; measure latency on a quiet machine.
+experiment-kd: setup
+	$(PY) -m training experiment-kd
+
+experiment-qat: setup
+	$(PY) -m training experiment-qat
+
+# A few minutes here; longer: make search SEARCH_ARGS="--trials 60 --timeout-s 3600 --limit 10000 --epochs 3"
+search: setup
+	$(PY) -m training search --docs docs --recipe training/recipes/searched_fmnist.yaml $(SEARCH_ARGS)
+
+model-report: setup
+	$(PY) -m training select $(SELECT_ARGS)
 
 archive: setup
 	$(PY) -m serving archive --all

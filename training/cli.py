@@ -65,6 +65,13 @@ def _kd(args: argparse.Namespace) -> None:
     print(json.dumps({"teacher": summary["teacher"], "students": summary["students"]}, indent=1))
 
 
+def _qat(args: argparse.Namespace) -> None:
+    from training.qat_experiment import run
+
+    summary = run(args.checkpoints, args.reports, "docs", train_only=args.train_only, reps=args.reps)
+    print("trained" if summary is None else json.dumps(summary["rows"], indent=1))
+
+
 def _search(args: argparse.Namespace) -> None:
     from training.search import Settings, run_search
 
@@ -76,6 +83,22 @@ def _search(args: argparse.Namespace) -> None:
     print(f"{summary['trials']} trials, {len(summary['front'])} on the Pareto front; chosen: {c['arch']} "
           f"{c['model_args']} (val acc {c['val_acc']:.4f}, {c['cpu_ms']:.2f} ms)"
           + (f"; recipe {summary['recipe']}" if summary.get("recipe") else ""))
+
+
+def _select(args: argparse.Namespace) -> None:
+    from training.runs import write_json
+    from training.select import Settings, discover, measure
+    from training.select_report import write
+
+    docs = Path(args.docs)
+    if args.report_only:
+        summary = json.loads((docs / "model-selection.json").read_text())
+    else:
+        given = {k: v for k, v in vars(args).items() if v is not None and k in Settings.__dataclass_fields__}
+        given["checkpoints"] = args.checkpoints or discover(args.root, args.dataset)
+        summary = measure(Settings(**{k: tuple(v) if k == "runtimes" else v for k, v in given.items()}))
+        write_json(Path(args.reports) / "model-selection.json", summary)
+    print(f"wrote {write(summary, docs)} ({len(summary['models'])} checkpoints)")
 
 
 def _samples(args: argparse.Namespace) -> None:
@@ -143,11 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--docs", help="also write the summary, PNG and table into this docs folder")
     r.add_argument("--recipe", help="write the chosen architecture as a recipe here")
     r.set_defaults(fn=_search)
+    m = sub.add_parser("select", help="model-selection report: every checkpoint per runtime, with guidance",
+                       description="Defaults: training/select.py Settings.")
+    m.add_argument("--checkpoints", nargs="+", help="default: every finished checkpoint under --root for --dataset")
+    m.add_argument("--root", default="checkpoints")
+    m.add_argument("--dataset", default="fashion_mnist")
+    m.add_argument("--runtimes", nargs="+")
+    m.add_argument("--threads", type=int)
+    m.add_argument("--reps", type=int)
+    m.add_argument("--accuracy-images", type=int, help="test images per accuracy (default: the whole split)")
+    m.add_argument("--usd-per-hour", type=float, help="assumed machine price for the cost columns")
+    m.add_argument("--data-root")
+    m.add_argument("--docs", default="docs", help="writes model-selection.md, .json and .png here")
+    m.add_argument("--reports", default="reports/select", help="raw JSON of the measurement")
+    m.add_argument("--report-only", action="store_true", help="rebuild the page from <docs>/model-selection.json")
+    m.set_defaults(fn=_select)
     k = sub.add_parser("experiment-kd", help="distillation: ResNet teacher, CNN and ViT students alone vs distilled")
     k.add_argument("--checkpoints", default="checkpoints/efficiency")
     k.add_argument("--reports", default="reports/efficiency")
     k.add_argument("--report-only", action="store_true", help="rewrite the JSON and table from finished runs")
     k.set_defaults(fn=_kd)
+    q = sub.add_parser("experiment-qat", help="PTQ vs QAT for LeNet-5 and ResNet-18: accuracy and CPU latency")
+    q.add_argument("--checkpoints", default="checkpoints/efficiency")
+    q.add_argument("--reports", default="reports/efficiency")
+    q.add_argument("--train-only", action="store_true", help="train what is missing, measure nothing")
+    q.add_argument("--reps", type=int, default=30, help="timed forward passes per latency (median)")
+    q.set_defaults(fn=_qat)
     return p
 
 

@@ -158,6 +158,8 @@ def quantized(ckpt: dict[str, Any]) -> nn.Module:
         converted = convert_pt2e(copy.deepcopy(fake_quantized(ckpt)))  # converted from the eval-mode graph
     converted.train = types.MethodType(_inference_only, converted)  # exported graphs refuse train()/eval()
     converted.eval = types.MethodType(lambda self: self, converted)
+    for m in converted.modules():
+        m.training = False
     return converted
 
 
