@@ -97,3 +97,62 @@ def test_zero_batchnorm_weights_and_non_qat_checkpoints_are_refused(qat_checkpoi
 def test_qat_recipes_that_cannot_work_are_refused(values, message):
     with pytest.raises(RecipeError, match=message):
         make_recipe(values)
+
+
+# -- served through the runtimes module: built at archive time, accuracy-guarded like int8 --------------------------
+def _config(tmp: Path, checkpoint: Path, runtime: str = "qat", **artifact) -> Path:
+    import yaml
+
+    path = tmp / "configs" / "fq" / "1.0.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({
+        "name": "fq", "version": "1.0", "checkpoint": str(checkpoint), "runtime": runtime,
+        "artifact": {"accuracy_images": 500, **artifact},
+        "torchserve": {"batchSize": 4, "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 60,
+                       "deviceType": "cpu", "handler": {"topk": 3}}}))
+    return path
+
+
+def test_the_qat_runtime_is_archived_measured_and_loaded_without_torchao(qat_checkpoint, tmp_path, monkeypatch):
+    import zipfile
+
+    import training.qat
+    from handlers.image import ImagePipeline
+    from serving.archive import build_archive
+    from serving.config import load_config
+
+    # the same accuracy guard as int8 (serving/artifacts.py): measured against the float weights, held to a budget
+    # (wide here: four training steps make a fragile model; the refusal itself is tested for int8)
+    entry = build_archive(load_config(_config(tmp_path, qat_checkpoint, max_accuracy_drop=5.0)), tmp_path / "store")
+    assert entry["artifact"]["file"] == "model.qat.onnx" and entry["artifact"]["qat"]["scheme"] == "pt2e-x86-qat"
+    acc = entry["accuracy"]
+    assert acc["runtime"] == "qat" and acc["images"] == 500 and acc["budget_pt"] == 5.0
+    assert acc["drop_pt"] == pytest.approx(100 * (acc["fp32"] - acc["qat"]), abs=0.01)
+    with zipfile.ZipFile(tmp_path / "store" / entry["mar"]) as z:
+        z.extractall(tmp_path / "unpacked")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a worker loads the packed graph: no export, no torchao")
+
+    monkeypatch.setattr(training.qat, "prepare_qat", forbidden)
+    pipe = ImagePipeline.from_file(tmp_path / "unpacked" / qat_checkpoint.name, runtime="qat",
+                                   artifact="artifact.json")
+    assert pipe.describe()["runtime_info"]["artifact"] == "model.qat.onnx"
+    monkeypatch.undo()
+    ckpt = load_checkpoint(qat_checkpoint)
+    x = eval_batch(load_dataset("fashion_mnist", limit=128).test.images[:64], ckpt["preprocess"])
+    with torch.no_grad():
+        served, int8 = pipe.model(x), quantized(ckpt)(x)
+    assert (served.argmax(1) == int8.argmax(1)).float().mean().item() >= 0.98
+
+
+def test_the_qat_runtime_refuses_a_checkpoint_trained_without_qat(qat_checkpoint, tmp_path):
+    from serving.archive import ArchiveError, build_archive
+    from serving.config import load_config
+    from training.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(qat_checkpoint)
+    ckpt.pop("qat")
+    plain = save_checkpoint(ckpt, tmp_path / "plain.pt")
+    with pytest.raises(ArchiveError, match="runtime qat: this checkpoint was not trained with qat: true.*int8"):
+        build_archive(load_config(_config(tmp_path, plain)), tmp_path / "store")

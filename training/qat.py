@@ -26,6 +26,7 @@ import io
 import logging
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,40 +123,50 @@ def checkpoint_entries(prepared: nn.Module, state: dict[str, torch.Tensor]) -> d
                     "fake_quantizers": sum(k.endswith(".scale") for k in observers)}}
 
 
-def full_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The prepared model's state dict from a QAT checkpoint (to resume or rebuild it)."""
-    qat = ckpt.get("qat")
+def qat_state(qat: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The fake quantisation's state from a checkpoint's `qat` entry (refused when there is none)."""
     if not qat:
-        raise QATError("this checkpoint was not trained with qat: true (it has no `qat` entry); quantize it "
-                       "after training with the int8 runtime instead")
+        raise QATError("this checkpoint was not trained with qat: true (it has no `qat` entry); serve it with the "
+                       "int8 runtime (post-training quantization) instead")
     if qat.get("scheme") != SCHEME:
         raise QATError(f"QAT scheme {qat.get('scheme')!r} is not {SCHEME!r}")
-    return {**ckpt["state_dict"], **qat["state"]}
+    return dict(qat["state"])
+
+
+def full_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The prepared model's state dict from a QAT checkpoint (to resume it)."""
+    return {**ckpt["state_dict"], **qat_state(ckpt.get("qat"))}
+
+
+def attach(model: nn.Module, preprocess: dict[str, Any], qat: dict[str, Any] | None, arch: str = "") -> nn.Module:
+    """A float model with a QAT checkpoint's weights + that checkpoint's `qat` entry -> the trained fake-quantised
+    graph, in eval mode, on the CPU (the model itself is left as it is)."""
+    state = {**model.state_dict(), **qat_state(qat)}
+    prepared = prepare_qat(copy.deepcopy(model).cpu(), preprocess, arch)
+    try:
+        prepared.load_state_dict(state)
+    except RuntimeError as e:
+        raise QATError(f"the checkpoint's QAT state does not fit the graph prepared here (prepared with "
+                       f"{(qat or {}).get('versions')}, this is {versions()}): {_first_line(e)}") from None
+    prepared.eval()
+    return prepared
 
 
 def fake_quantized(ckpt: dict[str, Any]) -> nn.Module:
     """The trained fake-quantised model of a QAT checkpoint, in eval mode, on the CPU."""
     from training.models import get_model
 
-    state = full_state(ckpt)
     model = get_model(ckpt["arch"], **ckpt["model_args"])
     model.load_state_dict(ckpt["state_dict"])
-    prepared = prepare_qat(model, ckpt["preprocess"], ckpt["arch"])
-    try:
-        prepared.load_state_dict(state)
-    except RuntimeError as e:
-        raise QATError(f"the checkpoint's QAT state does not fit the graph prepared here (prepared with "
-                       f"{ckpt['qat'].get('versions')}, this is {versions()}): {_first_line(e)}") from None
-    prepared.eval()
-    return prepared
+    return attach(model, ckpt["preprocess"], ckpt.get("qat"), ckpt["arch"])
 
 
-def quantized(ckpt: dict[str, Any]) -> nn.Module:
-    """The converted int8 model (quantize/dequantize ops around int8 weights), in eval mode, on the CPU."""
+def convert(prepared: nn.Module) -> nn.Module:
+    """A trained fake-quantised graph -> the int8 model (quantize/dequantize ops around int8 weights)."""
     with _quiet():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-        converted = convert_pt2e(copy.deepcopy(fake_quantized(ckpt)))  # converted from the eval-mode graph
+        converted = convert_pt2e(copy.deepcopy(prepared))  # converted from the eval-mode graph
     converted.train = types.MethodType(_inference_only, converted)  # exported graphs refuse train()/eval()
     converted.eval = types.MethodType(lambda self: self, converted)
     for m in converted.modules():
@@ -163,18 +174,25 @@ def quantized(ckpt: dict[str, Any]) -> nn.Module:
     return converted
 
 
+def quantized(ckpt: dict[str, Any]) -> nn.Module:
+    """The converted int8 model of a QAT checkpoint, on the CPU."""
+    return convert(fake_quantized(ckpt))
+
+
+def export_onnx(model: nn.Module, preprocess: dict[str, Any], qat: dict[str, Any] | None, path: str | Path) -> None:
+    """The converted model as a QDQ ONNX graph (input "x", output "logits", dynamic batch) that ONNX Runtime runs:
+    the `qat` runtime's artifact. `model`: the float model built from the checkpoint; `qat`: its `qat` entry."""
+    from handlers.runtimes import export_onnx as export
+
+    int8 = convert(attach(model, preprocess, qat))
+    with contextlib.redirect_stdout(io.StringIO()), _quiet():
+        export(int8, preprocess, path)
+
+
 def _inference_only(self: nn.Module, mode: bool = True) -> nn.Module:
     if mode:
         raise QATError("a converted int8 model runs inference only; train the QAT checkpoint instead")
     return self
-
-
-def export_onnx(ckpt: dict[str, Any], path: str) -> None:
-    """The converted model as a QDQ ONNX graph (input "x", output "logits", dynamic batch) for ONNX Runtime."""
-    from handlers.runtimes import export_onnx as export
-
-    with contextlib.redirect_stdout(io.StringIO()), _quiet():
-        export(quantized(ckpt), ckpt["preprocess"], path)
 
 
 def _first_line(e: BaseException) -> str:

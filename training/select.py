@@ -61,16 +61,8 @@ def prepare(runtime: str, ckpt: dict[str, Any], path: Path, threads: int, cache:
     """The module `runtime` serves for this checkpoint (the same code path as a worker's development build)."""
     from handlers.runtimes import file_sha256, prepare_runtime
 
-    if runtime == "qat":
-        from handlers.runtimes import OrtModule
-        from training.qat import export_onnx
-
-        onnx = cache / f"{file_sha256(path)}-qat.onnx"
-        if not onnx.is_file():
-            export_onnx(ckpt, str(onnx))
-        return OrtModule(onnx, threads)
     module, _ = prepare_runtime(runtime, build_model(ckpt), ckpt["preprocess"], "cpu", threads=threads,
-                                cache_dir=cache, key=file_sha256(path), recipe=ckpt.get("recipe"))
+                                cache_dir=cache, key=file_sha256(path), recipe=ckpt.get("recipe"), qat=ckpt.get("qat"))
     return module
 
 
@@ -89,19 +81,8 @@ def latency_ms(module: torch.nn.Module, x: torch.Tensor, reps: int, device: str 
     return 1000.0 * statistics.median(times)
 
 
-@torch.inference_mode()
-def accuracy(module: torch.nn.Module, test: Any, preprocess: dict[str, Any], limit: int | None) -> float:
-    from training.presets import eval_batch
-
-    n = len(test) if limit is None else min(limit, len(test))
-    correct = 0
-    for start in range(0, n, 256):
-        logits = module(eval_batch(test.images[start:start + 256][: n - start], preprocess))
-        correct += int((logits.float().argmax(1).cpu() == test.labels[start:start + 256][: n - start]).sum())
-    return correct / max(1, n)
-
-
 def measure_checkpoint(path: Path, s: Settings, splits: Any, cache: Path) -> dict[str, Any]:
+    from training.calibration import measure as measure_metric
     from training.presets import eval_batch
     from training.zoo import count_flops
 
@@ -125,7 +106,7 @@ def measure_checkpoint(path: Path, s: Settings, splits: Any, cache: Path) -> dic
         except Exception as e:  # a runtime that cannot run this model is a row, not a crash
             row["runtimes"][runtime] = {"error": str(e).strip().splitlines()[0][:200]}
             continue
-        r: dict[str, Any] = {"acc": accuracy(module, splits.test, pre, s.accuracy_images)}
+        r: dict[str, Any] = {"acc": measure_metric(module, ckpt, s.data_root, s.accuracy_images)["value"]}
         for b in BATCHES:
             r[f"ms_b{b}"] = latency_ms(module, eval_batch(splits.test.images[:b], pre), s.reps)
         r["img_s_b8"] = 8000.0 / r["ms_b8"]
