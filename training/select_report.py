@@ -51,6 +51,12 @@ def _name(p: dict[str, Any]) -> str:
     return f"{p['model']} ({LABEL.get(p['runtime'], p['runtime'])})"
 
 
+def _choice(label: str, p: dict[str, Any] | None, none: str) -> str:
+    if p is None:
+        return f"| {label} | {none} | | | |"
+    return f"| {label} | {_name(p)} | {100 * p['acc']:.2f} | {p['ms_b1']:.3f} | {p['usd_per_1k']:.6f} |"
+
+
 def family_lines(pts: list[dict[str, Any]]) -> list[str]:
     """CNN vs ResNet vs ViT: each family's most accurate and fastest point, and how they compare."""
     lines = []
@@ -131,16 +137,10 @@ def page(summary: dict[str, Any], kd: dict[str, Any] | None = None, transfer: di
     out += [f"- {n} does not run on {rt}: {e}" for n, rt, e in errors]
     out += ["", "## Under a latency budget (batch 1)", "", "| budget | best choice | acc % | ms | $ per 1k |",
             "|---:|---|---:|---:|---:|"]
-    for b in BUDGETS_MS:
-        p = best_under(pts, b)
-        out.append(f"| {b:g} ms | " + (f"{_name(p)} | {100 * p['acc']:.2f} | {p['ms_b1']:.3f} | "
-                                        f"{p['usd_per_1k']:.6f} |" if p else "nothing measured fits | | | |"))
+    out += [_choice(f"{b:g} ms", best_under(pts, b), "nothing measured fits") for b in BUDGETS_MS]
     out += ["", "## For an accuracy target", "", "| target | fastest that reaches it | acc % | ms | $ per 1k |",
             "|---:|---|---:|---:|---:|"]
-    for t in TARGETS:
-        p = fastest_reaching(pts, t)
-        out.append(f"| {100 * t:.0f} % | " + (f"{_name(p)} | {100 * p['acc']:.2f} | {p['ms_b1']:.3f} | "
-                                               f"{p['usd_per_1k']:.6f} |" if p else "none of these | | | |"))
+    out += [_choice(f"{100 * t:.0f} %", fastest_reaching(pts, t), "none of these") for t in TARGETS]
     out += ["", "## CNN vs ResNet vs ViT", "", *family_lines(pts), "", "## Data volume", "",
             *data_lines(summary, kd, transfer)]
     if search:
