@@ -76,8 +76,15 @@ def test_the_report_builds_from_small_checkpoints(small_checkpoints, tmp_path):
 
 
 def test_checkpoints_of_several_datasets_or_none_are_refused(small_checkpoints, tmp_path):
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
     with pytest.raises(SelectError, match="no checkpoints"):
         measure(Settings(checkpoints=[]))
+    other = load_checkpoint(small_checkpoints[0])
+    other["recipe"]["dataset"] = "cifar10"
+    save_checkpoint(other, tmp_path / "other" / "c.pt")
+    with pytest.raises(SelectError, match="several datasets.*one dataset at a time"):
+        measure(Settings(checkpoints=[small_checkpoints[0], str(tmp_path / "other" / "c.pt")]))
     p = subprocess.run([sys.executable, "-m", "training", "select", "--root", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "no checkpoints to compare" in p.stderr and "Traceback" not in p.stderr

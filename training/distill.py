@@ -137,6 +137,10 @@ class Distiller:
         kd = hard_kd_loss(dist, teacher) if self.mode == "hard" else soft_kd_loss(dist, teacher, self.temperature)
         return (1 - self.alpha) * criterion(cls.float(), target) + self.alpha * kd
 
+    def resume(self, metrics: dict[str, Any]) -> None:
+        """Carry the teacher time of the epochs before a resume, as the training time is carried."""
+        self.teacher.seconds = float((metrics.get("distillation") or {}).get("teacher_time_s", 0.0))
+
     def describe(self) -> dict[str, Any]:
         """What the checkpoint's metrics record about the distillation."""
         return {"teacher": self.teacher.path, "teacher_arch": self.teacher.arch,

@@ -191,6 +191,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         start_epoch = int(state["epoch"])
         history = list(state["metrics"].get("history", []))
         train_time = float(state["metrics"].get("train_time_s", 0.0))
+        if distiller is not None:
+            distiller.resume(state["metrics"])
 
     writer = None
     if log_dir:
