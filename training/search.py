@@ -16,6 +16,7 @@ recipe (full data, the family's schedule) that trains and serves like any other.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -151,6 +152,7 @@ def run_search(s: Settings, out_dir: str | Path = "reports/search", docs: str | 
     out.mkdir(parents=True, exist_ok=True)
     info = load_dataset(s.dataset, s.data_root, limit=1).info
     preprocess = make_preprocess(info.size, info.channels, info.mean, info.std)
+    load_start = [round(v, 2) for v in os.getloadavg()]
     floor = check_cap(s, preprocess)
     gpu = torch.cuda.is_available()
 
@@ -189,6 +191,7 @@ def run_search(s: Settings, out_dir: str | Path = "reports/search", docs: str | 
     study.optimize(objective, n_trials=max(0, s.trials - done), timeout=s.timeout_s)
     trials = [_row(t) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     summary = summarise(trials, s, floor, time.perf_counter() - start)
+    summary["machine"]["load_average_start"] = load_start
     write_json(out / "trials.json", trials)
     write_json(out / "search.json", summary)
     plot_front(trials, summary, out / "pareto.png")
@@ -240,7 +243,7 @@ def front_table(summary: dict[str, Any]) -> str:
              f"{summary['search_s'] / 60:.1f} min; proxy: {s['epochs']} epoch(s) on {s['limit']} training images, "
              f"scored on {s['limit']} validation images; latency: batch 1, eager runtime, {s['threads']} threads, "
              f"median of {s['reps']}. Measured {m['date']} on {m['hardware']} (load average "
-             f"{m['load_average'][0]:g} at the end: other jobs shared the CPU).", "",
+             f"{m.get('load_average_start', ['?'])[0]} at the start, {m['load_average'][0]:g} at the end).", "",
              "| | family | arch | knobs | val acc % | CPU ms (b=1) | params (M) |", "|---|---|---|---|---:|---:|---:|"]
     for t in summary["front"]:
         star = "**chosen**" if t["number"] == c["number"] else ""
