@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from training.models import get_model
+from handlers.image import ImagePipeline
+from tests.torchserve import gray_png
 from training.recipe import load_recipe
 from training.search import SearchError, Settings, pareto_front, run_search
+from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -42,8 +43,12 @@ def test_two_trials_end_to_end_write_a_front_a_png_and_a_recipe_that_trains(tmp_
     recipe = load_recipe(str(tmp_path / "found.yaml"))  # a recipe like any other, its evidence in the header
     assert (recipe.arch, recipe.model_args) == (summary["chosen"]["arch"], summary["chosen"]["model_args"])
     assert recipe.limit is None and "# Found by `make search`" in (tmp_path / "found.yaml").read_text()
-    model = get_model(recipe.arch, **recipe.model_args)
-    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # it trains and serves like any other recipe (here for one short epoch)
+    ckpt = train(load_recipe(str(tmp_path / "found.yaml"), {"limit": 64, "epochs": 1}), tmp_path / "found.pt",
+                 progress=False)
+    pipe = ImagePipeline(ckpt)
+    answers = pipe.handle_requests([{"body": gray_png()}])
+    assert answers[0][0] == 200 and len(answers[0][1]["predictions"]) == 5
     again = run_search(s, tmp_path / "search")  # resumed from its journal: the two trials are done
     assert again["trials"] == 2 and again["chosen"] == summary["chosen"]
 
