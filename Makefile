@@ -39,10 +39,10 @@ experiment-depth: setup
 
 # Efficiency (docs/efficiency.md, docs/model-selection.md). Long runs are resumable; measure latency on a quiet machine.
 experiment-kd: setup
-	$(PY) -m training experiment-kd
+	$(PY) -m training experiment-kd $(KD_ARGS)
 
 experiment-qat: setup
-	$(PY) -m training experiment-qat
+	$(PY) -m training experiment-qat $(QAT_ARGS)
 
 # A few minutes here; longer: make search SEARCH_ARGS="--trials 60 --timeout-s 3600 --limit 10000 --epochs 3"
 search: setup

@@ -62,14 +62,18 @@ def _depth(args: argparse.Namespace) -> None:
 def _kd(args: argparse.Namespace) -> None:
     from training.kd_experiment import report, run
 
-    summary = (report if args.report_only else run)(args.checkpoints, args.reports, "docs")
+    if args.report_only:
+        summary = report(args.checkpoints, args.reports, "docs", args.profile)
+    else:
+        summary = run(args.checkpoints, args.reports, "docs", only=args.only, profile=args.profile)
     print(json.dumps({"teacher": summary["teacher"], "students": summary["students"]}, indent=1))
 
 
 def _qat(args: argparse.Namespace) -> None:
     from training.qat_experiment import run
 
-    summary = run(args.checkpoints, args.reports, "docs", train_only=args.train_only, reps=args.reps)
+    summary = run(args.checkpoints, args.reports, "docs", train_only=args.train_only, reps=args.reps,
+                  profile=args.profile)
     print("trained" if summary is None else json.dumps(summary["rows"], indent=1))
 
 
@@ -198,11 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--checkpoints", default="checkpoints/efficiency")
     k.add_argument("--reports", default="reports/efficiency")
     k.add_argument("--report-only", action="store_true", help="rewrite the JSON and table from finished runs")
+    k.add_argument("--profile", choices=("full", "quick"), default="full",
+                   help="full: 10,000 images, 10 epochs (hours); quick: 2,000 images, a few epochs (under an hour)")
+    k.add_argument("--only", nargs="+", metavar="RUN", help="train these runs (and the teacher when one needs it)")
     k.set_defaults(fn=_kd)
     q = sub.add_parser("experiment-qat", help="PTQ vs QAT for LeNet-5 and ResNet-18: accuracy and CPU latency")
     q.add_argument("--checkpoints", default="checkpoints/efficiency")
     q.add_argument("--reports", default="reports/efficiency")
     q.add_argument("--train-only", action="store_true", help="train what is missing, measure nothing")
+    q.add_argument("--profile", choices=("full", "quick"), default="full",
+                   help="the experiment-kd profile to start from")
     q.add_argument("--reps", type=int, default=30, help="timed forward passes per latency (median)")
     q.set_defaults(fn=_qat)
     return p

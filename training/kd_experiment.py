@@ -1,11 +1,12 @@
 """The distillation experiment: a ResNet-18 teacher and three students (LeNet-5, a small CNN, ViT-Tiny), each
-student trained alone and distilled from the teacher, all on the same 10,000 Fashion-MNIST training images.
+student trained alone and distilled from the teacher, all on the same seeded subset of Fashion-MNIST.
 
 The CNN students learn the teacher's soft targets (T = 4, alpha = 0.5); ViT-Tiny gets DeiT's distillation token
-with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5). Sized for the 2-core CPU: the teacher is ResNet-18 at
-half width (32) and ViT-Tiny uses 7x7 patches (16 tokens). Every run is resumable (training/runs.py); the raw
-results go to reports/efficiency/kd.json, the summary to docs/efficiency/kd.json and the table into
-docs/efficiency.md.
+with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5); ViT-Tiny uses 7x7 patches (16 tokens). Two sizes
+(PROFILES): `full` (10,000 images, a half-width ResNet-18 teacher, 10 epochs each: hours on 2 cores) and `quick`
+(2,000 images per split, a quarter-width teacher, a few epochs: under an hour). Every run is resumable
+(training/runs.py) and lives under <checkpoints>/<profile>/; the raw results go to reports/efficiency/kd.json,
+the summary (with the profile that ran) to docs/efficiency/kd.json and the table into docs/efficiency.md.
 """
 
 from __future__ import annotations
@@ -17,16 +18,21 @@ from training.checkpoint import load_checkpoint
 from training.recipe import Recipe
 from training.runs import machine, train_or_resume, write_json
 
-DATA = {"dataset": "fashion_mnist", "limit": 10000, "seed": 0, "threads": 2}
-TEACHER = {"arch": "resnet18", "model_args": {"width": 32}, "epochs": 10, "batch_size": 128, "optimizer": "sgd",
-           "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1.0, "crop_padding": 2, "hflip": True}
-CNN = {"epochs": 10, "batch_size": 128, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 0.5,
-       "crop_padding": 2, "hflip": True}
-VIT = {"model_args": {"patch_size": 7}, "epochs": 10, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3,
-       "weight_decay": 0.05, "warmup_epochs": 2.0, "crop_padding": 2, "hflip": True, "grad_clip": 1.0}
+# limit caps every split (train, val, test); teacher_* and *_epochs size the runs
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {"limit": 10000, "teacher_width": 32, "teacher_epochs": 10, "cnn_epochs": 10, "vit_epochs": 10,
+             "teacher_opt": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4}},
+    "quick": {"limit": 2000, "teacher_width": 16, "teacher_epochs": 8, "cnn_epochs": 8, "vit_epochs": 5,
+              "teacher_opt": {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05}},
+}
+DATA = {"dataset": "fashion_mnist", "seed": 0, "threads": 2}
+AUGMENT = {"batch_size": 128, "crop_padding": 2, "hflip": True}
+CNN = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 0.5}
+VIT = {"model_args": {"patch_size": 7}, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2.0,
+       "grad_clip": 1.0}
 SOFT = {"distill": "soft", "kd_alpha": 0.5, "kd_temperature": 4.0}
 HARD = {"distill": "hard", "kd_alpha": 0.5}
-TEACHER_FILE = "resnet18w32-teacher.pt"
+TEACHER_FILE = "resnet18-teacher.pt"
 # student -> (run name, recipe values, distilled?) in training order, cheapest first
 STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "LeNet-5": [("lenet5", {**CNN, "arch": "lenet5"}, False),
@@ -39,35 +45,44 @@ STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
 GOAL = 0.5  # the distilled ViT-Tiny should close at least half of its gap to the teacher
 
 
-def recipes(ckpt_dir: Path) -> dict[str, Recipe]:
+def recipes(ckpt_dir: Path, profile: str = "full") -> dict[str, Recipe]:
     """Every run's recipe by run name (the teacher first)."""
-    teacher = str(ckpt_dir / TEACHER_FILE)
-    out = {"teacher": Recipe(**DATA, **TEACHER)}
+    size = PROFILES[profile]
+    data = {**DATA, "limit": size["limit"]}
+    # zero_init_residual off: experiment-qat trains the same recipe with qat, which folds the BatchNorm scales
+    teacher_args = {"width": size["teacher_width"], "zero_init_residual": False}
+    out = {"teacher": Recipe(**data, **AUGMENT, **size["teacher_opt"], arch="resnet18", model_args=teacher_args,
+                             epochs=size["teacher_epochs"], warmup_epochs=1.0)}
     for runs in STUDENTS.values():
         for name, values, distilled in runs:
-            out[name] = Recipe(**DATA, **values, **({"teacher": teacher} if distilled else {}))
+            epochs = size["vit_epochs" if values["arch"].startswith("vit") else "cnn_epochs"]
+            teacher = {"teacher": str(run_path(ckpt_dir, profile, "teacher"))} if distilled else {}
+            out[name] = Recipe(**data, **AUGMENT, **values, epochs=epochs, **teacher)
     return out
 
 
+def run_path(ckpt_dir: Path, profile: str, name: str) -> Path:
+    return Path(ckpt_dir) / profile / (TEACHER_FILE if name == "teacher" else f"{name}.pt")
+
+
 def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
-        docs: str | Path = "docs", only: list[str] | None = None) -> dict[str, Any]:
-    """Train (or resume, or reuse) every run, then write the raw and summary JSON and the docs table."""
-    ckpt_dir = Path(ckpt_dir)
-    plan = recipes(ckpt_dir)
+        docs: str | Path = "docs", only: list[str] | None = None, profile: str = "full") -> dict[str, Any]:
+    """Train (or resume, or reuse) every run (or those in `only`, the teacher first when one needs it), then write
+    the raw and summary JSON and the docs table."""
+    plan = recipes(Path(ckpt_dir), profile)
     for name, recipe in plan.items():
-        if only and name not in only and name != "teacher":
+        if only and name not in only and not (name == "teacher" and any(plan[n].teacher for n in only)):
             continue
-        path = ckpt_dir / (TEACHER_FILE if name == "teacher" else f"{name}.pt")
-        train_or_resume(recipe, path)
-    return report(ckpt_dir, reports, docs)
+        train_or_resume(recipe, run_path(Path(ckpt_dir), profile, name))
+    return report(ckpt_dir, reports, docs, profile)
 
 
-def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path) -> dict[str, Any]:
+def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile: str = "full") -> dict[str, Any]:
     """Summarise whatever runs have finished (a missing run shows as not run yet)."""
-    ckpt_dir, plan = Path(ckpt_dir), recipes(Path(ckpt_dir))
+    plan = recipes(Path(ckpt_dir), profile)
     raw: dict[str, Any] = {}
     for name, recipe in plan.items():
-        path = ckpt_dir / (TEACHER_FILE if name == "teacher" else f"{name}.pt")
+        path = run_path(Path(ckpt_dir), profile, name)
         if path.is_file() and int((c := load_checkpoint(path)).get("epoch", 0)) >= recipe.epochs:
             m = c["metrics"]
             raw[name] = {"arch": c["arch"], "model_args": c["model_args"], "test_acc": m["test_acc"],
@@ -76,7 +91,7 @@ def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path) -> dict[
                          "epochs": c["epoch"], "hardware": m["hardware"], "recipe": c["recipe"],
                          "distillation": m.get("distillation"), "history": m["history"]}
     write_json(Path(reports) / "kd.json", raw)
-    summary = summarise(raw)
+    summary = summarise(raw, profile)
     summary["machine"] = machine()
     write_json(Path(docs) / "efficiency" / "kd.json", summary)
     from training.docblock import write_doc_block
@@ -89,7 +104,7 @@ def _is_buffer(key: str) -> bool:
     return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
-def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+def summarise(raw: dict[str, Any], profile: str = "full") -> dict[str, Any]:
     """Per student: alone, distilled, the teacher, and the share of the alone-to-teacher gap distillation closed."""
     teacher = raw.get("teacher")
     rows = []
@@ -103,8 +118,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
             row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
         rows.append(row)
-    return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL,
-            "data": {**DATA, "note": "10,000 training images (seeded subset), full 10,000-image test split"}}
+    return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL, "profile": profile,
+            "size": PROFILES[profile], "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
 
 
 def _brief(run: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -122,7 +137,11 @@ def kd_table(summary: dict[str, Any]) -> str:
     t = summary["teacher"]
     if not t:
         return "_Awaiting a run: `make experiment-kd`._"
-    lines = [f"Teacher: {t['arch']} {_args(t)} — **{100 * t['test_acc']:.2f} %** test accuracy, "
+    size = summary["size"]
+    lines = [f"Profile `{summary['profile']}`: {size['limit']:,} images in each of the train, validation and test "
+             f"splits (seeded subsets); the teacher {size['teacher_epochs']} epochs, the CNN students "
+             f"{size['cnn_epochs']}, the ViTs {size['vit_epochs']}.", "",
+             f"Teacher: {t['arch']} {_args(t)} — **{100 * t['test_acc']:.2f} %** test accuracy, "
              f"{t['params'] / 1e6:.2f} M parameters, {t['epochs']} epochs, {t['train_time_s'] / 60:.0f} min.", "",
              "| student | params | alone % | distilled % | how | gain pt | gap to teacher pt | gap closed | "
              "train min (alone / distilled, teacher share) |", "|---|---:|---:|---:|---|---:|---:|---:|---|"]
@@ -149,8 +168,10 @@ def kd_table(summary: dict[str, Any]) -> str:
                                 f"{r['gap_pt']:.2f}-point gap to the teacher: short of the goal "
                                 f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy.")
     m = summary.get("machine", {})
+    load = m.get("load_average", ["?"])[0]
     lines += ["", *verdicts, "", f"Measured {m.get('date', '?')} on {m.get('hardware', '?')} ({m.get('cores')} cores, "
-              "shared with other jobs: times are upper bounds); one run each, seed 0. Source: "
+              f"shared with other jobs — load average {load} when the table was written: times are upper bounds); "
+              "one run each, seed 0. Source: "
               "[efficiency/kd.json](efficiency/kd.json)."]
     return "\n".join(lines)
 

@@ -1,80 +1,75 @@
 """Post-training quantization vs quantization-aware training, side by side, for LeNet-5 and ResNet-18.
 
 Each base is a float checkpoint of the distillation experiment (training/kd_experiment.py: LeNet-5 alone and the
-ResNet-18 teacher, both on the same 10,000 Fashion-MNIST images). From it:
+ResNet-18 teacher of the same profile). From it:
 
 - PTQ: the `int8` runtime on the base (ONNX Runtime static int8, 64 calibration images of the training split);
-- QAT: `qat_epochs` more epochs with fake quantisation (`qat: true`, `init_from` the base), served by the `qat`
-  runtime (the converted pt2e graph as QDQ ONNX on ONNX Runtime);
-- the control: the same extra epochs without fake quantisation, then PTQ, so QAT's gain is not just more training.
+- QAT: the base's recipe with `qat: true` — the same data, epochs and schedule, with int8 fake quantisation from the
+  first step — served by the `qat` runtime (the converted pt2e graph as QDQ ONNX on ONNX Runtime). The base is the
+  control: QAT's accuracy is compared with the same training without fake quantisation.
 
-Accuracy is the whole test split through each runtime; latency the model forward at batch 1 and 8 (2 threads),
-measured in one process by training/select.py. Raw results in reports/efficiency/qat.json, the summary in
-docs/efficiency/qat.json, the table in docs/efficiency.md.
+Accuracy is the whole test split of the profile through each runtime; latency the model forward at batch 1 and 8
+(2 threads), measured in one process by training/select.py. Raw results in reports/efficiency/qat.json, the summary
+in docs/efficiency/qat.json, the table in docs/efficiency.md.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from training.kd_experiment import DATA, TEACHER_FILE, recipes
+from training.kd_experiment import recipes, run_path
 from training.recipe import Recipe
 from training.runs import machine, train_or_resume, write_json
 
-BASES = {"LeNet-5": "lenet5", "ResNet-18 (width 32)": "teacher"}  # kd_experiment run names
-FINE_TUNE = {"lenet5": {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.05},
-             "resnet18": {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4}}
-QAT_EPOCHS = 2
+BASES = {"LeNet-5": "lenet5", "ResNet-18": "teacher"}  # kd_experiment run names
 
 
-def plan(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
-    """model -> {base: (recipe, path), qat: (recipe, path), control: (recipe, path)}."""
-    kd = recipes(ckpt_dir)
+def plan(ckpt_dir: Path, profile: str = "full") -> dict[str, dict[str, tuple[Recipe, Path]]]:
+    """model -> {base: (recipe, path), qat: (recipe, path)}."""
+    kd = recipes(ckpt_dir, profile)
     out = {}
     for label, run in BASES.items():
-        base = kd[run]
-        base_path = ckpt_dir / (TEACHER_FILE if run == "teacher" else f"{run}.pt")
-        common = {**DATA, "arch": base.arch, "model_args": base.model_args, "epochs": QAT_EPOCHS,
-                  "batch_size": base.batch_size, "warmup_epochs": 0.1, "crop_padding": base.crop_padding,
-                  "hflip": base.hflip, "init_from": str(base_path), **FINE_TUNE[base.arch]}
+        base, base_path = kd[run], run_path(ckpt_dir, profile, run)
+        if base.model_args.get("width"):
+            label = f"{label} (width {base.model_args['width']})"
         out[label] = {"base": (base, base_path),
-                      "qat": (Recipe(**common, qat=True), ckpt_dir / f"{run}-qat.pt"),
-                      "control": (Recipe(**common), ckpt_dir / f"{run}-more.pt")}
+                      "qat": (replace(base, qat=True), base_path.with_name(f"{base_path.stem}-qat.pt"))}
     return out
 
 
 def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
-        docs: str | Path = "docs", train_only: bool = False, reps: int = 30) -> dict[str, Any] | None:
+        docs: str | Path = "docs", train_only: bool = False, reps: int = 30,
+        profile: str = "full") -> dict[str, Any] | None:
     """Train what is missing (the bases come from `make experiment-kd`), then measure and write the table."""
     ckpt_dir = Path(ckpt_dir)
-    for runs in plan(ckpt_dir).values():
+    for runs in plan(ckpt_dir, profile).values():
         base_recipe, base_path = runs["base"]
         train_or_resume(base_recipe, base_path)
-        for key in ("qat", "control"):
-            train_or_resume(*runs[key])
+        train_or_resume(*runs["qat"])
     if train_only:
         return None
-    return measure(ckpt_dir, reports, docs, reps)
+    return measure(ckpt_dir, reports, docs, reps, profile)
 
 
-def measure(ckpt_dir: Path, reports: str | Path, docs: str | Path, reps: int) -> dict[str, Any]:
+def measure(ckpt_dir: Path, reports: str | Path, docs: str | Path, reps: int, profile: str) -> dict[str, Any]:
     from training.docblock import write_doc_block
     from training.select import Settings
     from training.select import measure as measure_runtimes
 
     rows = []
-    for label, runs in plan(ckpt_dir).items():
+    for label, runs in plan(ckpt_dir, profile).items():
         paths = {k: str(p) for k, (_, p) in runs.items()}
         got = measure_runtimes(Settings(checkpoints=list(paths.values()), runtimes=("eager", "int8", "qat"),
                                         reps=reps))
         by_path = {m["checkpoint"]: m for m in got["models"]}
-        base, qat, control = (by_path[paths[k]] for k in ("base", "qat", "control"))
-        rows.append({"model": label, "params": base["params"], "base": base, "qat": qat, "control": control,
+        base, qat = by_path[paths["base"]], by_path[paths["qat"]]
+        rows.append({"model": label, "params": base["params"], "base": base, "qat": qat, "epochs": base["epochs"],
                      "qat_fake_quant_acc": qat["test_acc"], "machine": got["machine"]})
     raw = {"rows": rows}
     write_json(Path(reports) / "qat.json", raw)
-    summary = {"rows": [_brief(r) for r in rows], "qat_epochs": QAT_EPOCHS, "machine": machine(),
+    summary = {"rows": [_brief(r) for r in rows], "profile": profile, "machine": machine(),
                "measured": rows[0]["machine"] if rows else None}
     write_json(Path(docs) / "efficiency" / "qat.json", summary)
     write_doc_block(Path(docs) / "efficiency.md", "qat-table", qat_table(summary))
@@ -88,8 +83,7 @@ def _side(m: dict[str, Any], runtime: str) -> dict[str, Any]:
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
     return {"model": r["model"], "params": r["params"], "fp32": _side(r["base"], "eager"),
-            "ptq": _side(r["base"], "int8"), "control_fp32": _side(r["control"], "eager"),
-            "control_ptq": _side(r["control"], "int8"), "qat": _side(r["qat"], "qat"),
+            "ptq": _side(r["base"], "int8"), "qat": _side(r["qat"], "qat"), "epochs": r["epochs"],
             "qat_fake_quant_acc": r["qat_fake_quant_acc"]}
 
 
@@ -103,11 +97,9 @@ def qat_table(summary: dict[str, Any]) -> str:
     verdicts = []
     for r in summary["rows"]:
         fp32 = r["fp32"]
-        sides = [("fp32 base", "eager, fp32 PyTorch", fp32), ("PTQ", "int8 ONNX Runtime, 64 calibration images",
-                                                               r["ptq"]),
-                 (f"fp32 + {summary['qat_epochs']} epochs", "eager, fp32 PyTorch", r["control_fp32"]),
-                 (f"PTQ of fp32 + {summary['qat_epochs']} epochs", "int8 ONNX Runtime", r["control_ptq"]),
-                 (f"QAT, {summary['qat_epochs']} epochs", "int8 ONNX Runtime (converted pt2e graph)", r["qat"])]
+        sides = [(f"fp32, {r['epochs']} epochs", "eager, fp32 PyTorch", fp32),
+                 ("PTQ of the fp32 model", "int8 ONNX Runtime, 64 calibration images", r["ptq"]),
+                 (f"QAT, {r['epochs']} epochs", "int8 ONNX Runtime (converted pt2e graph)", r["qat"])]
         for side, runtime, x in sides:
             if x.get("error"):
                 lines.append(f"| {r['model']} | {side} | {runtime} | — | | | | | | ({x['error']})")
@@ -115,12 +107,11 @@ def qat_table(summary: dict[str, Any]) -> str:
             lines.append(f"| {r['model']} | {side} | {runtime} | {100 * x['acc']:.2f} | "
                          f"{100 * (x['acc'] - fp32['acc']):+.2f} | {x['ms_b1']:.3f} | {x['ms_b8']:.3f} | "
                          f"{fp32['ms_b8'] / x['ms_b8']:.2f} | {x['file_mb']:.2f} |")
-        if not (r["qat"].get("error") or r["control_ptq"].get("error")):
-            diff = 100 * (r["qat"]["acc"] - r["control_ptq"]["acc"])
+        if not (r["qat"].get("error") or r["ptq"].get("error")):
+            diff = 100 * (r["qat"]["acc"] - r["ptq"]["acc"])
             verdicts.append(f"- {r['model']}: QAT {'gains' if diff >= 0 else 'loses'} {abs(diff):.2f} points over "
-                            f"PTQ after the same extra training ({100 * r['qat']['acc']:.2f} vs "
-                            f"{100 * r['control_ptq']['acc']:.2f} %), and "
-                            f"{100 * (r['qat']['acc'] - r['ptq']['acc']):+.2f} over PTQ of the base; int8 runs "
+                            f"PTQ of the same training without fake quantisation ({100 * r['qat']['acc']:.2f} vs "
+                            f"{100 * r['ptq']['acc']:.2f} %; fp32 {100 * fp32['acc']:.2f} %); int8 runs "
                             f"{fp32['ms_b8'] / r['qat']['ms_b8']:.1f}x (QAT) and "
                             f"{fp32['ms_b8'] / r['ptq']['ms_b8']:.1f}x (PTQ) the fp32 speed at batch 8.")
     lines += ["", *verdicts, "", f"Measured {m['date']} on {m['hardware']}, {m['threads']} threads, load average "
