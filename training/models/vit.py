@@ -143,6 +143,12 @@ def vit_small(**kwargs) -> ViT:
 
 
 @register_model
+def vit_base(**kwargs) -> ViT:
+    """ViT-B; at img_size > 64 the default patch is 16, i.e. ViT-B/16 (86 M parameters at 224 px)."""
+    return _vit(dict(dim=768, depth=12, heads=12, mlp_dim=3072), kwargs)
+
+
+@register_model
 def vit_tiny_distilled(**kwargs) -> ViT:
     """ViT-Tiny with DeiT's distillation token (DeiT-Ti distilled): train it with a teacher (recipe key `teacher`)."""
     return vit_tiny(**{**kwargs, "distilled": True})
