@@ -93,6 +93,7 @@ def test_zero_batchnorm_weights_and_non_qat_checkpoints_are_refused(qat_checkpoi
 @pytest.mark.parametrize("values, message", [
     ({"qat": True, "ema_decay": 0.99}, "without a weight EMA"),
     ({"qat": True, "amp": "bf16"}, "float32"),
+    ({"qat": True, "freeze": "linear_probe"}, "whole fake-quantised graph"),
 ])
 def test_qat_recipes_that_cannot_work_are_refused(values, message):
     with pytest.raises(RecipeError, match=message):

@@ -112,6 +112,8 @@ class Recipe:
             (not (self.qat and self.ema_decay > 0), "qat trains without a weight EMA: set ema_decay: 0 (the "
              "fake-quantised graph's observers have no average)"),
             (not (self.qat and self.amp == "bf16"), "qat trains in float32 (fake quantisation): set amp: off"),
+            (not (self.qat and (self.freeze != "none" or self.backbone_lr_factor != 1.0)), "qat trains the whole "
+             "fake-quantised graph: set freeze: none and backbone_lr_factor: 1"),
         ]
         for ok, msg in checks:
             if not ok:
