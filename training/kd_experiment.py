@@ -81,17 +81,21 @@ def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile:
     """Summarise whatever runs have finished (a missing run shows as not run yet)."""
     plan = recipes(Path(ckpt_dir), profile)
     raw: dict[str, Any] = {}
+    unfinished: dict[str, Any] = {}  # run -> its validation accuracy per epoch so far
     for name, recipe in plan.items():
         path = run_path(Path(ckpt_dir), profile, name)
-        if path.is_file() and int((c := load_checkpoint(path)).get("epoch", 0)) >= recipe.epochs:
+        if path.is_file() and int((c := load_checkpoint(path)).get("epoch", 0)) < recipe.epochs:
+            unfinished[name] = {"epochs_done": c["epoch"], "epochs": recipe.epochs,
+                                "val_acc": [h["val_acc"] for h in c["metrics"]["history"]]}
+        elif path.is_file():
             m = c["metrics"]
             raw[name] = {"arch": c["arch"], "model_args": c["model_args"], "test_acc": m["test_acc"],
                          "val_acc": m["val_acc"], "train_time_s": round(m["train_time_s"], 1),
                          "params": sum(v.numel() for k, v in c["state_dict"].items() if not _is_buffer(k)),
                          "epochs": c["epoch"], "hardware": m["hardware"], "recipe": c["recipe"],
                          "distillation": m.get("distillation"), "history": m["history"]}
-    write_json(Path(reports) / "kd.json", raw)
-    summary = summarise(raw, profile)
+    write_json(Path(reports) / "kd.json", {**raw, "unfinished": unfinished})
+    summary = summarise(raw, profile, unfinished)
     summary["machine"] = machine()
     write_json(Path(docs) / "efficiency" / "kd.json", summary)
     from training.docblock import write_doc_block
@@ -104,8 +108,11 @@ def _is_buffer(key: str) -> bool:
     return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
-def summarise(raw: dict[str, Any], profile: str = "full") -> dict[str, Any]:
-    """Per student: alone, distilled, the teacher, and the share of the alone-to-teacher gap distillation closed."""
+def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per student: alone, distilled, the teacher, and the share of the alone-to-teacher gap distillation closed.
+    A distilled run that has not finished is compared at the epoch it reached, on the validation split, with the
+    student alone at the same epoch of the same schedule (`partial`)."""
+    unfinished = unfinished or {}
     teacher = raw.get("teacher")
     rows = []
     for student, runs in STUDENTS.items():
@@ -117,6 +124,11 @@ def summarise(raw: dict[str, Any], profile: str = "full") -> dict[str, Any]:
             row["gap_pt"] = round(100 * gap, 2)
             row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
             row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
+        elif teacher and alone and (d := unfinished.get(runs[1][0])) and d["val_acc"]:
+            k = len(d["val_acc"])
+            a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
+            row["partial"] = {"epoch": k, "of": d["epochs"], "alone_val": a_k, "distilled_val": d_k,
+                              "teacher_val": teacher["val_acc"], "gain_pt": round(100 * (d_k - a_k), 2)}
         rows.append(row)
     return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL, "profile": profile,
             "size": PROFILES[profile], "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
@@ -149,7 +161,16 @@ def kd_table(summary: dict[str, Any]) -> str:
     for r in summary["students"]:
         a, d = r["alone"], r["distilled"]
         if not (a and d):
-            lines.append(f"| {r['student']} | | {_pct(a)} | {_pct(d)} | | | | | awaiting a run |")
+            lines.append(f"| {r['student']} | {a['params'] / 1e6:.2f} M | {_pct(a)} | {_pct(d)} | | | | | "
+                         "distilled run not finished |" if a else f"| {r['student']} | | | | | | | | not run |")
+            if (q := r.get("partial")) and r["student"].startswith("ViT"):
+                verdicts.append(f"The distilled {r['student']} did not finish ({q['epoch']} of {q['of']} epochs "
+                                "ran), so the goal (≥ half of the gap closed) is not measured. At epoch "
+                                f"{q['epoch']} of the same schedule, on the validation split: distilled "
+                                f"{100 * q['distilled_val']:.2f} %, alone {100 * q['alone_val']:.2f} % "
+                                f"({q['gain_pt']:+.2f} points); the teacher ended at {100 * q['teacher_val']:.2f} %.")
+            elif r["student"].startswith("ViT"):
+                verdicts.append(f"The distilled {r['student']} has not run: the goal is not measured.")
             continue
         how = "distillation token, hard labels" if r["mode"] == "hard" else "soft targets, T = 4"
         closed = "—" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f} %"
