@@ -64,14 +64,16 @@ def measure(ckpt_dir: Path, reports: str | Path, docs: str | Path, reps: int, pr
 
     rows = []
     for label, runs in plan(ckpt_dir, profile).items():
-        paths = {k: str(p) for k, (_, p) in runs.items()}
+        paths = {k: str(p) for k, (r, p) in runs.items() if _finished(p, r)}
+        if "base" not in paths:
+            continue
         got = measure_runtimes(Settings(checkpoints=list(paths.values()), runtimes=("eager", "int8", "qat"),
                                         reps=reps))
         by_path = {m["checkpoint"]: m for m in got["models"]}
-        base, qat, control = (by_path[paths[k]] for k in ("base", "qat", "control"))
+        base, qat, control = (by_path.get(paths.get(k, ""), NOT_RUN) for k in ("base", "qat", "control"))
         rows.append({"model": label, "params": base["params"], "base": base, "qat": qat, "control": control,
                      "epochs": base["epochs"],
-                     "qat_fake_quant_acc": qat["test_acc"], "machine": got["machine"]})
+                     "qat_fake_quant_acc": qat.get("test_acc"), "machine": got["machine"]})
     raw = {"rows": rows}
     write_json(Path(reports) / "qat.json", raw)
     summary = {"rows": [_brief(r) for r in rows], "qat_epochs": QAT_EPOCHS, "profile": profile, "machine": machine(),
@@ -81,8 +83,17 @@ def measure(ckpt_dir: Path, reports: str | Path, docs: str | Path, reps: int, pr
     return summary
 
 
+NOT_RUN: dict[str, Any] = {"runtimes": {}}  # a side whose training has not finished
+
+
+def _finished(path: Path, recipe: Recipe) -> bool:
+    from training.checkpoint import load_checkpoint
+
+    return path.is_file() and int(load_checkpoint(path).get("epoch", 0)) >= recipe.epochs
+
+
 def _side(m: dict[str, Any], runtime: str) -> dict[str, Any]:
-    r = m["runtimes"][runtime]
+    r = m["runtimes"].get(runtime, {"error": "not run: its training did not finish"})
     return {k: r.get(k) for k in ("acc", "ms_b1", "ms_b8", "file_mb", "error")}
 
 
@@ -111,7 +122,7 @@ def qat_table(summary: dict[str, Any]) -> str:
                  (f"QAT, + {n} epoch(s) from the fp32", "int8 ONNX Runtime (converted pt2e graph)", r["qat"])]
         for side, runtime, x in sides:
             if x.get("error"):
-                lines.append(f"| {r['model']} | {side} | {runtime} | — | | | | | | ({x['error']})")
+                lines.append(f"| {r['model']} | {side} | {runtime} | — ({x['error']}) | | | | | |")
                 continue
             lines.append(f"| {r['model']} | {side} | {runtime} | {100 * x['acc']:.2f} | "
                          f"{100 * (x['acc'] - fp32['acc']):+.2f} | {x['ms_b1']:.3f} | {x['ms_b8']:.3f} | "
@@ -124,6 +135,12 @@ def qat_table(summary: dict[str, Any]) -> str:
                             f"{100 * (r['qat']['acc'] - r['ptq']['acc']):+.2f} over PTQ of the base; int8 runs "
                             f"{fp32['ms_b8'] / r['qat']['ms_b8']:.1f}x (QAT) and "
                             f"{fp32['ms_b8'] / r['ptq']['ms_b8']:.1f}x (PTQ) the fp32 speed at batch 8.")
+        elif not (r["qat"].get("error") or r["ptq"].get("error")):
+            verdicts.append(f"- {r['model']}: QAT {100 * r['qat']['acc']:.2f} % vs PTQ of the base "
+                            f"{100 * r['ptq']['acc']:.2f} %; the control (the same extra epoch in float, then PTQ) did "
+                            "not finish, so how much of the difference is the extra training is not measured.")
+        else:
+            verdicts.append(f"- {r['model']}: the QAT run did not finish: QAT is not measured for it.")
     lines += ["", *verdicts, "", f"Measured {m['date']} on {m['hardware']}, {m['threads']} threads, load average "
               f"{m['load_average_start'][0]:g} before and {m['load_average'][0]:g} after; accuracy on the whole test "
               f"split ({m['test_images']:,} images) through each runtime. Source: "
