@@ -80,7 +80,7 @@ def _qat(args: argparse.Namespace) -> None:
     from training.qat_experiment import run
 
     summary = run(args.checkpoints, args.reports, "docs", train_only=args.train_only, reps=args.reps,
-                  profile=args.profile)
+                  profile=args.profile, measure_only=args.measure_only)
     print("trained" if summary is None else json.dumps(summary["rows"], indent=1))
 
 
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoints", default="checkpoints/efficiency")
     q.add_argument("--reports", default="reports/efficiency")
     q.add_argument("--train-only", action="store_true", help="train what is missing, measure nothing")
+    q.add_argument("--measure-only", action="store_true", help="train nothing: measure the runs that have finished")
     q.add_argument("--profile", choices=("full", "quick"), default="full",
                    help="the experiment-kd profile to start from")
     q.add_argument("--reps", type=int, default=30, help="timed forward passes per latency (median)")

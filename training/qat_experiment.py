@@ -44,10 +44,11 @@ def plan(ckpt_dir: Path, profile: str = "full") -> dict[str, dict[str, tuple[Rec
 
 def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
         docs: str | Path = "docs", train_only: bool = False, reps: int = 30,
-        profile: str = "full") -> dict[str, Any] | None:
-    """Train what is missing (the bases come from `make experiment-kd`), then measure and write the table."""
+        profile: str = "full", measure_only: bool = False) -> dict[str, Any] | None:
+    """Train what is missing (the bases come from `make experiment-kd`), then measure and write the table;
+    `measure_only` trains nothing and measures the runs that have finished."""
     ckpt_dir = Path(ckpt_dir)
-    for runs in plan(ckpt_dir, profile).values():
+    for runs in ([] if measure_only else plan(ckpt_dir, profile).values()):
         base_recipe, base_path = runs["base"]
         train_or_resume(base_recipe, base_path)
         for key in ("qat", "control"):
