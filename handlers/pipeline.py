@@ -138,6 +138,7 @@ class Pipeline:
         if cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)  # torch and ONNX Runtime both follow it (see prepare_model)
         self.runtime_cache, self.recipe, self.artifact = runtime_cache, dict(ckpt.get("recipe") or {}), artifact
+        self.qat = ckpt.get("qat")  # what quantization-aware training learnt (the qat runtime's development build)
         # onnx/int8 files are cached per checkpoint: the file's sha256 when loaded from a file, else a content hash
         self.checkpoint_sha256 = checkpoint_sha256 or (content_sha256(ckpt) if runtime in EXPORTED else None)
         self.runtime_info: dict[str, Any] = {}
@@ -160,7 +161,7 @@ class Pipeline:
         module, self.runtime_info = prepare_runtime(
             self.runtime, model, self.preprocess, self.device, threads=torch.get_num_threads(),
             cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe, artifact=self.artifact,
-            max_batch=self.max_batch)
+            max_batch=self.max_batch, qat=self.qat)
         log.info("runtime %s ready: %s", self.runtime, self.runtime_info)
         return module
 

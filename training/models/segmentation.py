@@ -76,7 +76,7 @@ class ViTSeg(nn.Module):
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"frame {height}x{width} is not a multiple of the patch size {self.patch_size}")
         tokens, (h, w) = self.encoder.forward_tokens(x)  # (N, 1 + h*w, D)
-        feats = tokens[:, 1:].transpose(1, 2).reshape(n, -1, h, w)  # patch tokens back on their grid
+        feats = tokens[:, self.encoder.num_tokens:].transpose(1, 2).reshape(n, -1, h, w)  # patch tokens on their grid
         return self.head(feats, x)
 
 
