@@ -72,7 +72,7 @@ def test_handler_byte_limits_stay_within_the_frontend_limits():
     ({"checkpoint": None}, "missing required key 'checkpoint'"),
     ({"torchserve": None}, "missing required key 'torchserve'"),
     ({"torchserve__batchSize": None}, "missing required key 'torchserve.batchSize'"),
-    ({"runtime": "openvino"}, "runtime must be one of eager, compile, onnx, bf16, int8, tensorrt"),
+    ({"runtime": "openvino"}, "runtime must be one of eager, compile, onnx, bf16, int8, qat, tensorrt"),
     ({"version": 1.0}, "version must be a quoted string"),
     ({"name": "bad name"}, "name must match"),
     ({"torchserve__deviceType": "tpu"}, "deviceType must be one of cpu, gpu"),
