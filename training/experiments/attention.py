@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from training.experiments.plots import attention_accuracy
-from training.experiments.runs import Run, environment, result_recipe, write_docs_block, write_json
+from training.experiments.runs import Run, environment, publish, result_recipe, write_json
 from training.models import get_model
 from training.recipe import Recipe, load_recipe
 from training.zoo import count_flops, cpu_latency_ms
@@ -83,7 +83,8 @@ def attention_experiment(recipe: str = "attention_cpu", out_dir: str | Path | No
             report(name, base, table_of, seeds, runs, out, measure_latency=False)
     summary = report(name, base, table_of, seeds, runs, out, measure_latency=latency)
     if docs_dir is not None:
-        publish(summary, out, Path(docs_dir))
+        name = summary["recipe_name"]
+        publish(summary, out, Path(docs_dir), [f"{name}.png"], markdown(summary, image_dir="experiments"))
     return summary
 
 
@@ -276,14 +277,3 @@ def markdown(summary: dict[str, Any], image_dir: str) -> str:
     ]
     return "\n".join(lines)
 
-
-def publish(summary: dict[str, Any], out: Path, docs_dir: Path) -> None:
-    """Copy the summary and plot to docs_dir/experiments/ and regenerate the block in docs_dir/training.md."""
-    if not summary.get("complete"):
-        raise ValueError("not publishing a partial ablation to the docs: finish it first (run the command again)")
-    name = summary["recipe_name"]
-    target = docs_dir / "experiments"
-    target.mkdir(parents=True, exist_ok=True)
-    write_json(target / f"{name}.json", summary)
-    (target / f"{name}.png").write_bytes((out / f"{name}.png").read_bytes())
-    write_docs_block(docs_dir / "training.md", name, markdown(summary, image_dir="experiments"))

@@ -19,7 +19,7 @@ from typing import Any
 from training.checkpoint import build_model
 from training.data import TensorLoader, TensorSplit, load_dataset
 from training.experiments.plots import depth_curves, gradnorm_profiles
-from training.experiments.runs import Run, environment, result_recipe, write_docs_block, write_json
+from training.experiments.runs import Run, environment, publish, result_recipe, write_json
 from training.gradnorm import mean_norms
 from training.models import get_model, list_models
 from training.recipe import Recipe, load_recipe
@@ -80,7 +80,9 @@ def depth_experiment(recipe: str = "depth_cpu", out_dir: str | Path | None = Non
         if pending or epoch == base.epochs:
             summary = report(name, base, runs, out)
     if docs_dir is not None:
-        publish(summary, out, Path(docs_dir))
+        name = summary["recipe_name"]
+        publish(summary, out, Path(docs_dir), [f"{name}_curves.png", f"{name}_gradnorms.png"],
+                markdown(summary, image_dir="experiments"))
     return summary
 
 
@@ -230,15 +232,3 @@ def markdown(summary: dict[str, Any], image_dir: str) -> str:
     ]
     return "\n".join(lines)
 
-
-def publish(summary: dict[str, Any], out: Path, docs_dir: Path) -> None:
-    """Copy the summary and plots to docs_dir/experiments/ and regenerate the block in docs_dir/training.md."""
-    if not summary.get("complete"):
-        raise ValueError("not publishing a partial run to the docs: finish it first (run the command again)")
-    name = summary["recipe_name"]
-    target = docs_dir / "experiments"
-    target.mkdir(parents=True, exist_ok=True)
-    write_json(target / f"{name}.json", summary)
-    for suffix in ("_curves.png", "_gradnorms.png"):
-        (target / f"{name}{suffix}").write_bytes((out / f"{name}{suffix}").read_bytes())
-    write_docs_block(docs_dir / "training.md", name, markdown(summary, image_dir="experiments"))

@@ -135,3 +135,17 @@ def write_docs_block(md_path: str | os.PathLike, key: str, text: str) -> None:
     head, rest = doc.split(begin)
     _, tail = rest.split(end)
     path.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+
+
+def publish(summary: dict[str, Any], out: Path, docs_dir: Path, images: list[str], text: str) -> None:
+    """A finished experiment into the docs: its summary JSON and `images` (from `out`) to docs_dir/experiments/,
+    `text` as its generated block in docs_dir/training.md."""
+    name = summary["recipe_name"]
+    if not summary.get("complete"):
+        raise ValueError(f"not publishing {name} to the docs before it has finished: run the command again")
+    target = docs_dir / "experiments"
+    target.mkdir(parents=True, exist_ok=True)
+    write_json(target / f"{name}.json", summary)
+    for image in images:
+        (target / image).write_bytes((out / image).read_bytes())
+    write_docs_block(docs_dir / "training.md", name, text)
