@@ -171,7 +171,7 @@ def test_depth_driver_end_to_end(tmp_path) -> None:
 
 def _net(errs: list[float]) -> dict:
     return {"skip": True, "history": [{"train_err": e} for e in errs],
-            "gradnorms": {"per_epoch": [{"epoch": 1, "mean": [100.0, 1.0, 1.0, 5.0]}]}}
+            "gradnorms": {"per_epoch": [{"epoch": 1, "mean": [100.0, 1.0, 1.0, 1.0, 5.0]}]}}  # 4 convs + fc
 
 
 def test_depth_verdicts_come_from_the_curves() -> None:

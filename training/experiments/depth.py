@@ -12,6 +12,7 @@ the report (rewritten after each round) compares like with like; run the command
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -149,12 +150,18 @@ def compare_training_error(deep: dict[str, Any], shallow: dict[str, Any]) -> str
 
 
 def gradient_ratio(net: dict[str, Any], epoch: int = 1) -> float | None:
-    """Mean gradient norm of the first layer over that of the last conv layer, during `epoch`."""
+    """How the gradient norm changes from the output end to the input end during `epoch`: the geometric mean of
+    the per-layer norms over the first quarter of the conv layers over that of the last quarter (the classifier,
+    the last layer, left out). Above 1: larger towards the input."""
     rows = [p["mean"] for p in net["gradnorms"]["per_epoch"] if p["epoch"] == epoch and p["mean"]]
     if not rows or len(rows[0]) < 3:
         return None
-    norms = rows[0]
-    return norms[0] / norms[-2] if norms[-2] > 0 else None  # [-1] is the classifier
+    convs = rows[0][:-1]
+    if min(convs) <= 0:
+        return None
+    q = max(1, len(convs) // 4)
+    first, last = (sum(math.log(n) for n in part) / q for part in (convs[:q], convs[-q:]))
+    return math.exp(first - last)
 
 
 def verdicts(summary: dict[str, Any]) -> list[str]:
@@ -186,18 +193,21 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         if ratio is None:
             continue
         if ratio > EXPLODING:
-            shape = f"grows {ratio:.3g}x from the last conv layer to the first (exploding towards the input)"
+            shape = f"grows {ratio:.3g}x from the last quarter of the conv layers to the first (exploding " \
+                    "towards the input)"
         elif ratio < VANISHING:
-            shape = f"shrinks to {ratio:.3g}x from the last conv layer to the first (vanishing towards the input)"
+            shape = f"shrinks to {ratio:.3g}x from the last quarter of the conv layers to the first (vanishing " \
+                    "towards the input)"
         else:
-            shape = f"stays within a factor of 10 from the last conv layer to the first ({ratio:.3g}x)"
+            shape = f"stays within a factor of 10 from the last quarter of the conv layers to the first " \
+                    f"({ratio:.3g}x)"
         out.append(f"{net}: in epoch 1 the weight-gradient norm {shape}.")
     return out
 
 
 def table(summary: dict[str, Any]) -> str:
     rows = ["| net | skips | weighted layers | params | train error | train loss | val error | test error | "
-            "grad norm first/last conv (epoch 1) | train time (s) |",
+            "gradient norm, first / last quarter of the convs (epoch 1) | train time (s) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for net, r in summary["nets"].items():
         last = r["history"][-1] if r["history"] else {}
