@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from training.experiments.plots import attention_accuracy
-from training.experiments.runs import Run, environment, publish, result_recipe, write_json
+from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text, write_json
 from training.models import get_model
 from training.recipe import Recipe, load_recipe
 from training.zoo import count_flops, cpu_latency_ms
@@ -171,7 +171,7 @@ def summarize(name: str, base: Recipe, table_of: dict[str, dict], seeds: tuple[i
                  "acc_std": statistics.stdev(a.values()) if len(a) >= 2 else None,
                  "params": c.get("params"), "flops": c.get("flops"), "latency_ms": c.get("latency_ms"),
                  "latency_x": c["latency_ms"] / base_lat if base_lat and c.get("latency_ms") else None,
-                 "train_time_s": [r["metrics"]["train_time_s"] for (vv, _), r in finished.items() if vv == v]}
+                 "cpu_s": usage([r for (vv, _), r in finished.items() if vv == v])["cpu_s"]}
         if v != "baseline":
             entry["vs_baseline"] = paired(a, accs.get("baseline", {}))
         out_variants[v] = entry
@@ -183,7 +183,7 @@ def summarize(name: str, base: Recipe, table_of: dict[str, dict], seeds: tuple[i
                "placements": list(dict.fromkeys(spec["placement"] for spec in table_of.values()
                                                 if spec["placement"])),
                "runs_done": len(finished), "runs": len(table_of) * len(seeds), "complete": complete,
-               "hardware": hardware, "wall_s": sum(r["wall_s"] for r in finished.values()),
+               "hardware": hardware, "usage": usage(list(finished.values())),
                "latency": cost.get("latency"), "variants": out_variants, "environment": environment(),
                "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     summary["verdicts"] = verdicts(summary)
@@ -267,8 +267,8 @@ def markdown(summary: dict[str, Any], image_dir: str) -> str:
         f"Recipe `{name}`: backbone {summary['backbone']}, {r['dataset']}, {data}, {r['epochs']} epochs, batch "
         f"{r['batch_size']}, {r['optimizer']} lr {r['lr']:g}, amp {r['amp']}; seeds "
         f"{', '.join(map(str, summary['seeds']))}. Measured {summary['generated']} on "
-        f"{', '.join(summary['hardware'])} ({status}); {summary['wall_s'] / 3600:.1f} h of wall time for all runs "
-        f"together (torch {summary['environment']['torch']}). Test accuracy on the test split"
+        f"{', '.join(summary['hardware'])} ({status}); {usage_text(summary['usage'])} (torch "
+        f"{summary['environment']['torch']}). Test accuracy on the test split"
         f"{f' (at most {lim} images, the limit)' if (lim := r.get('limit')) else ''}; FLOPs per image (a multiply-add "
         f"counts 2). {latency} "
         f"Figures from [{name}.json]({image_dir}/{name}.json).",

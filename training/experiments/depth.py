@@ -20,7 +20,7 @@ from typing import Any
 from training.checkpoint import build_model
 from training.data import TensorLoader, TensorSplit, load_dataset
 from training.experiments.plots import depth_curves, gradnorm_profiles
-from training.experiments.runs import Run, environment, publish, result_recipe, write_json
+from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text, write_json
 from training.gradnorm import mean_norms
 from training.models import get_model, list_models
 from training.recipe import Recipe, load_recipe
@@ -118,6 +118,7 @@ def summarize(name: str, base: Recipe, records: dict[str, dict[str, Any]]) -> di
                          "train_time_s": h["train_time_s"]} for h in rec["history"]],
             "test_err": 1.0 - rec["metrics"]["test_acc"] if "test_acc" in rec["metrics"] else None,
             "train_time_s": rec["metrics"]["train_time_s"], "wall_s": rec["wall_s"],
+            "cpu_s": sum(m.get("cpu_s", 0.0) for m in rec["epoch_metrics"]),
             "hardware": rec["metrics"]["hardware"],
             "gradnorms": {"every": grads["every"], "layers": grads["layers"], "per_epoch": per_epoch},
             "train_eval_images": rec["epoch_metrics"][-1].get("train_eval_images") if rec["epoch_metrics"] else None,
@@ -127,7 +128,7 @@ def summarize(name: str, base: Recipe, records: dict[str, dict[str, Any]]) -> di
                                                                       if k != "arch"},
                "epochs": base.epochs, "epochs_done": min(done, default=0),
                "complete": bool(done) and min(done) == base.epochs, "nets": nets,
-               "wall_s": sum(n["wall_s"] for n in nets.values()), "environment": environment(),
+               "usage": usage(list(records.values())), "environment": environment(),
                "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     summary["verdicts"] = verdicts(summary)
     return summary
@@ -207,7 +208,7 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
 
 def table(summary: dict[str, Any]) -> str:
     rows = ["| net | skips | weighted layers | params | train error | train loss | val error | test error | "
-            "gradient norm, first / last quarter of the convs (epoch 1) | train time (s) |",
+            "gradient norm, first / last quarter of the convs (epoch 1) | CPU time (s) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for net, r in summary["nets"].items():
         last = r["history"][-1] if r["history"] else {}
@@ -216,7 +217,7 @@ def table(summary: dict[str, Any]) -> str:
         rows.append(f"| {net} | {'yes' if r['skip'] else 'no'} | {r['layers']} | {r['params'] / 1e6:.2f} M | "
                     f"{100 * last.get('train_err', float('nan')):.2f} % | {last.get('train_loss', float('nan')):.4f} | "
                     f"{100 * last.get('val_err', float('nan')):.2f} % | {test} | "
-                    f"{'—' if ratio is None else f'{ratio:.3g}'} | {r['train_time_s']:.0f} |")
+                    f"{'—' if ratio is None else f'{ratio:.3g}'} | {r['cpu_s']:.0f} |")
     return "\n".join(rows)
 
 
@@ -232,8 +233,8 @@ def markdown(summary: dict[str, Any], image_dir: str) -> str:
         f"Recipe `{name}`: {r['dataset']}, {data}, {summary['epochs']} epochs, batch {r['batch_size']}, "
         f"{r['optimizer']} lr {r['lr']:g} (warm-up {r['warmup_epochs']:g} epoch, cosine), weight decay "
         f"{r['weight_decay']:g}, amp {r['amp']}, seed {r['seed']}; one run per net. Measured {summary['generated']} "
-        f"on {', '.join(hardware)} ({status}); {summary['wall_s'] / 3600:.1f} h of wall time for all runs together "
-        f"(torch {summary['environment']['torch']}). Training error: {scored} training images scored in eval "
+        f"on {', '.join(hardware)} ({status}); {usage_text(summary['usage'])} (torch "
+        f"{summary['environment']['torch']}). Training error: {scored} training images scored in eval "
         f"mode after each epoch; figures from [{name}.json]({image_dir}/{name}.json).",
         "", table(summary), "",
         f"![training and validation error per epoch]({image_dir}/{name}_curves.png)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -105,16 +106,19 @@ class Run:
             out = self.folder / f"{self.name}-e{epoch}.pt"
             if progress:
                 print(f"== {self.name}: epoch {epoch}/{self.recipe.epochs}", file=sys.stderr, flush=True)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             ckpt = train(self.recipe, out, resume=previous, progress=progress, stop_after_epoch=epoch,
                          after_backward=recorder)
             extra = self.epoch_metrics(ckpt) if self.epoch_metrics is not None else {}
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             m = ckpt["metrics"]
             record.update(epochs_done=epoch, steps=m["steps"], checkpoint=out.name, history=m["history"],
                           arch=ckpt["arch"], model_args=ckpt["model_args"],
                           metrics={k: v for k, v in m.items() if k != "history"},
-                          wall_s=record["wall_s"] + time.perf_counter() - start)
-            record["epoch_metrics"].append({"epoch": epoch, **extra})
+                          wall_s=record["wall_s"] + wall)
+            # CPU time is what the epoch cost whatever else ran; the load average says how shared the machine was
+            record["epoch_metrics"].append({"epoch": epoch, **extra, "cpu_s": cpu, "wall_s": wall,
+                                            "load_avg_1m": os.getloadavg()[0]})
             if recorder is not None:
                 record["gradnorms"] = recorder.state_dict()
             write_json(self.path, record)
@@ -149,3 +153,23 @@ def publish(summary: dict[str, Any], out: Path, docs_dir: Path, images: list[str
     for image in images:
         (target / image).write_bytes((out / image).read_bytes())
     write_docs_block(docs_dir / "training.md", name, text)
+
+
+def usage(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """CPU seconds, wall seconds and the load average sampled after each epoch, over some runs' records."""
+    epochs = [m for r in records for m in r["epoch_metrics"]]
+    loads = [m["load_avg_1m"] for m in epochs if "load_avg_1m" in m]
+    return {"cpu_s": sum(m.get("cpu_s", 0.0) for m in epochs), "wall_s": sum(r["wall_s"] for r in records),
+            "load_avg_mean": statistics.fmean(loads) if loads else None, "load_avg_max": max(loads, default=None),
+            "cpus": os.cpu_count()}
+
+
+def usage_text(u: dict[str, Any]) -> str:
+    """One sentence for the docs from `usage`."""
+    text = f"{u['cpu_s'] / 3600:.2f} CPU hours, {u['wall_s'] / 3600:.1f} h of wall time for all runs together"
+    if u["load_avg_mean"] is not None:
+        text += (f"; load average after each epoch {u['load_avg_mean']:.1f} on average, {u['load_avg_max']:.1f} at "
+                 f"most, on {u['cpus']} cores")
+        if u["load_avg_mean"] > 0.75 * u["cpus"]:
+            text += " (a shared machine: wall times are upper bounds)"
+    return text
