@@ -42,8 +42,9 @@ experiment-depth: setup
 experiment-attention: setup
 	$(PY) -m training experiment-attention --latency --docs $(EXPERIMENT_ARGS)
 
+# An archived name+version is immutable: ARCHIVE_ARGS=--replace rebuilds one from changed inputs (recorded).
 archive: setup
-	$(PY) -m serving archive --all
+	$(PY) -m serving archive --all $(ARCHIVE_ARGS)
 
 serve: setup
 	$(PY) -m serving serve --models $(SERVE_MODELS)
@@ -85,7 +86,9 @@ demo: setup
 	$(PY) -m training train --recipe default --out checkpoints/lenet5-fashion_mnist.pt
 	$(PY) -m training eval --checkpoint checkpoints/lenet5-fashion_mnist.pt
 	$(PY) -m training samples --out-dir $(IMAGES)
-	$(PY) -m serving archive --config archive_configs/fmnist-lenet5/1.0.yaml --config archive_configs/fmnist-lenet5/2.0.yaml
+	@# each demo trains new weights: its two versions are rebuilt (--replace, recorded in model_store/index.json)
+	$(PY) -m serving archive --replace --config archive_configs/fmnist-lenet5/1.0.yaml \
+	  --config archive_configs/fmnist-lenet5/2.0.yaml
 	$(PY) -m serving serve --models fmnist-lenet5:1.0
 	$(PY) -m serving predict --model fmnist-lenet5 $(IMAGES)/*.png
 	@$(PY) -m serving howto --model fmnist-lenet5

@@ -18,6 +18,8 @@ import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.artifacts import require_artifact
+from handlers.cpu import threads_per_worker
 from handlers.errors import BadInput
 from handlers.pipeline import Pipeline, check_options
 from handlers.request import check_content_type
@@ -40,14 +42,14 @@ def reason_phrase(message: str, limit: int = 200) -> str:
 
 
 def cpu_threads(option: int | None, yaml_config: dict[str, Any]) -> int:
-    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the cores shared among maxWorkers
-    (or minWorkers), so several CPU workers do not oversubscribe the machine."""
+    """Threads per worker: the cpu_threads option, else OMP_NUM_THREADS, else the CPU budget (affinity, cgroup
+    quota) shared among maxWorkers (or minWorkers), so several CPU workers do not oversubscribe it."""
     if option:
         return max(1, option)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return threads_per_worker(workers)
 
 
 def request_header(context: Any, idx: int, name: str) -> str | None:
@@ -71,6 +73,7 @@ class PipelineHandler(BaseHandler):
         model_meta = (context.manifest or {}).get("model", {})
         yaml_config = dict(getattr(context, "model_yaml_config", None) or {})
         options = check_options(yaml_config.get("handler"), self.pipeline_class.OPTIONS)
+        require_artifact(options)  # onnx/int8 load what the archive step built; a worker never builds it
         threads = cpu_threads(options.pop("cpu_threads", None), yaml_config)
 
         serialized = model_meta.get("serializedFile")

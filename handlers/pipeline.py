@@ -62,13 +62,14 @@ class Pipeline:
     # handler options (model-config `handler:` block) -> type; subclasses add their own
     OPTIONS: ClassVar[dict[str, type]] = {"runtime": str, "max_batch": int, "cpu_threads": int,
                                           "runtime_cache": str, "max_image_pixels": int, "max_image_bytes": int,
-                                          "jpeg_decoder": str, "jpeg_draft": bool}
+                                          "jpeg_decoder": str, "jpeg_draft": bool, "artifact": str}
 
     def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "cpu", *, runtime: str | None = None,
                  max_batch: int = 256, model_name: str | None = None, model_version: str | None = None,
                  cpu_threads: int | None = None, runtime_cache: str | None = None,
                  checkpoint_sha256: str | None = None, max_image_pixels: int = 40_000_000,
-                 max_image_bytes: int = 20 * 1024 * 1024, jpeg_decoder: str = "auto", jpeg_draft: bool = True):
+                 max_image_bytes: int = 20 * 1024 * 1024, jpeg_decoder: str = "auto", jpeg_draft: bool = True,
+                 artifact: str | None = None):
         self.device = torch.device(device)
         # None: the device's default -- fp32 eager on CPU, bf16 autocast + channels_last on CUDA
         runtime = runtime or ("bf16" if self.device.type == "cuda" else "eager")
@@ -89,7 +90,7 @@ class Pipeline:
         self.model_version = str(model_version or "1.0")
         if cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)  # torch and ONNX Runtime both follow it (see prepare_model)
-        self.runtime_cache, self.recipe = runtime_cache, dict(ckpt.get("recipe") or {})
+        self.runtime_cache, self.recipe, self.artifact = runtime_cache, dict(ckpt.get("recipe") or {}), artifact
         # onnx/int8 files are cached per checkpoint: the file's sha256 when loaded from a file, else a content hash
         self.checkpoint_sha256 = checkpoint_sha256 or (content_sha256(ckpt) if runtime in ("onnx", "int8") else None)
         self.runtime_info: dict[str, Any] = {}
@@ -100,7 +101,9 @@ class Pipeline:
     def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **options: Any) -> Pipeline:
         """Load a checkpoint (weights_only) and build the pipeline; `options` are the keyword arguments above."""
         ckpt = load_checkpoint(path, map_location="cpu")
-        if options.get("runtime") in ("onnx", "int8"):  # their exports are cached under the file's sha256
+        if options.get("artifact"):  # the archive's artifact manifest, next to the checkpoint in the model dir
+            options["artifact"] = os.path.join(os.path.dirname(os.path.abspath(path)), options["artifact"])
+        if options.get("artifact") or options.get("runtime") in ("onnx", "int8"):  # checked / cache key
             options.setdefault("checkpoint_sha256", file_sha256(path))
         return cls(ckpt, device, **options)
 
@@ -109,7 +112,7 @@ class Pipeline:
         torch's thread count, which the TorchServe adapter sets from cpu_threads (cores / workers by default)."""
         module, self.runtime_info = prepare_runtime(
             self.runtime, model, self.preprocess, self.device, threads=torch.get_num_threads(),
-            cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe)
+            cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe, artifact=self.artifact)
         log.info("runtime %s ready: %s", self.runtime, self.runtime_info)
         return module
 

@@ -10,10 +10,13 @@
 | int8    | ONNX Runtime static int8 (QDQ, per-channel int8 weights, uint8 activations, MinMax calibration; the |
 |         | logits layer stays fp32) |
 
-ONNX files are exported once per checkpoint into `<cache>/<checkpoint sha256>/` (a file lock lets concurrent workers
-share one export; a restart reuses it). int8 calibrates on images of the checkpoint's training set when it can load
-them, else on synthetic images built from the preprocess stats (see `calibration_batches`). docs/runtimes.md has
-the measurements behind these choices.
+In a TorchServe worker, `onnx` and `int8` load the artifact the archive step built and packed into the .mar
+(`artifact`: the path of its manifest; handlers/artifacts.py checks it and its sha256 first). Without an
+artifact (tests, benchmarks, notebooks) the graph is built here and kept in a development cache under
+`<cache>/<checkpoint sha256>/<build key>/`: the key covers the torch, onnx, onnxscript and ONNX Runtime versions,
+the exporter, the quantization scheme and the calibration source, and each cached file's sha256 is recorded at
+build and checked at load (a file that does not match is rebuilt, never loaded). docs/runtimes.md has the
+measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -21,26 +24,30 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata as md
 import io
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from handlers.artifacts import CALIBRATION_IMAGES, CALIBRATION_SEED, PACKED, file_sha256, verify_artifact
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8")
-CPU_ONLY = ("onnx", "int8")           # onnxruntime is installed with the CPU provider only
-CALIBRATION_IMAGES = 64               # 4 batches of 16
-INT8_SCHEME = "qdq-fp32head"          # the quantize_onnx recipe, part of the cached file's name
+CPU_ONLY = PACKED                     # onnxruntime is installed with the CPU provider only
+INT8_SCHEME = "qdq-fp32head"          # the quantize_onnx recipe, part of the build key
+EXPORTER = "torch.onnx.export(dynamo=True)"
 ORT_SPINNING = "0"                    # idle ORT threads sleep: the decoder and other workers share the cores
+SYNTHETIC_WARNING = ("int8 calibrated on synthetic images, not on the training data: expect a larger accuracy "
+                     "loss (docs/runtimes.md)")
 
 
 def default_cache_dir() -> Path:
@@ -50,12 +57,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vision-serve"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def builder_versions() -> dict[str, str]:
+    """What an ONNX or int8 graph depends on besides the weights: a change means a new build."""
+    out = {"exporter": EXPORTER, "int8_scheme": INT8_SCHEME}
+    for pkg in ("torch", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
 
 
 def content_sha256(ckpt: Mapping[str, Any]) -> str:
@@ -109,13 +119,14 @@ class OrtModule(nn.Module):
 
 def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], device: torch.device | str = "cpu",
                     *, threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                    key: str | None = None, recipe: Mapping[str, Any] | None = None
-                    ) -> tuple[nn.Module, dict[str, Any]]:
+                    key: str | None = None, recipe: Mapping[str, Any] | None = None,
+                    artifact: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(module mapping a normalized float32 batch to float32 logits, info for logs/describe).
 
     `threads`: CPU threads for ONNX Runtime (default torch.get_num_threads(), which the handler sets from
-    cpu_threads). `key`: the checkpoint's sha256, naming its cache folder (required by onnx/int8). `recipe`: the
-    checkpoint's recipe, whose dataset feeds int8 calibration.
+    cpu_threads). `key`: the checkpoint's sha256 (checked against the artifact manifest; names the development
+    cache). `artifact`: the archive's artifact manifest; onnx/int8 then load its file and build nothing.
+    `recipe`: the checkpoint's recipe, whose training data calibrates a development int8 build.
     """
     device = torch.device(device)
     if name not in RUNTIMES:
@@ -128,6 +139,10 @@ def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], 
     cuda = device.type == "cuda"
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     info: dict[str, Any] = {"runtime": name}
+    packed = None
+    if artifact is not None:
+        packed, checked = verify_artifact(artifact, name, key)
+        info.update(checked)
     if name == "eager":
         # fp32 on CUDA too (the bf16 runtime is the CUDA default, see ImagePipeline)
         conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -138,23 +153,52 @@ def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], 
         wrapped = WrappedModel(model, cuda, torch.bfloat16 if cuda else None, device.type)
         out = _compile(wrapped, preprocess, device, cache)
     else:
-        if not key:
-            raise ValueError(f"runtime {name!r} needs the checkpoint's sha256 to name its cache")
-        folder = cache / key
-        shape = f"{preprocess['channels']}x{preprocess['size']}"
-        fp32, hit = _cached(folder / f"fp32-{shape}.onnx", lambda p: export_onnx(model, preprocess, p))
-        info["cache"] = "hit" if hit else "miss"
-        if name == "int8":
-            stem = folder / f"int8-{shape}-{INT8_SCHEME}"  # a new scheme gets new files, never a stale model
-            meta = stem.with_suffix(".json")  # written with the model: where its calibration images came from
-            int8, hit = _cached(stem.with_suffix(".onnx"), lambda p: meta.write_text(
-                json.dumps(quantize_onnx(fp32, p, preprocess, recipe))))
-            info.update(cache="hit" if hit else "miss", **(json.loads(meta.read_text()) if meta.is_file() else {}))
-            fp32 = int8
-        out = OrtModule(fp32, threads or torch.get_num_threads())
-        info.update(file=str(fp32), threads=out.threads)
+        if packed is None:
+            packed = _development_build(name, model, preprocess, cache, key, recipe, info)
+        out = OrtModule(packed, threads or torch.get_num_threads())
+        info.update(file=str(packed), threads=out.threads)
+    if (info.get("calibration") or {}).get("source") == "synthetic":
+        info["warning"] = SYNTHETIC_WARNING
+        log.warning("%s", SYNTHETIC_WARNING)
     info["prepare_s"] = round(time.perf_counter() - start, 2)
     return out, info
+
+
+def _development_build(name: str, model: nn.Module, preprocess: Mapping[str, Any], cache: Path, key: str | None,
+                       recipe: Mapping[str, Any] | None, info: dict[str, Any]) -> Path:
+    """onnx/int8 without an archive: build in the development cache (see the module docstring)."""
+    if not key:
+        raise ValueError(f"runtime {name!r} needs the checkpoint's sha256 to name its cache")
+    shape = f"{preprocess['channels']}x{preprocess['size']}"
+    versions = builder_versions()
+    fp32, hit = _cached(cache / key / _build_key(versions) / f"fp32-{shape}.onnx",
+                        lambda p: export_onnx(model, preprocess, p))
+    info["cache"] = "hit" if hit else "miss"
+    if name == "onnx":
+        return fp32
+    batches, about = development_calibration(preprocess, recipe)
+    folder = cache / key / _build_key({**versions, "calibration": about})
+    int8, hit = _cached(folder / f"int8-{shape}.onnx", lambda p: quantize_onnx(fp32, p, batches))
+    info.update(cache="hit" if hit else "miss", calibration=about)
+    return int8
+
+
+def _build_key(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def development_calibration(preprocess: Mapping[str, Any],
+                            recipe: Mapping[str, Any] | None) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Calibration for a development int8 build: the seeded training-split sample the archive step uses
+    (training/calibration.py) when the data is on this machine, else synthetic images (said loudly)."""
+    from training.calibration import CalibrationError, calibration_set
+
+    ckpt = {"preprocess": dict(preprocess), "recipe": dict(recipe or {})}
+    try:
+        return calibration_set(ckpt, CALIBRATION_IMAGES, CALIBRATION_SEED)
+    except CalibrationError as e:
+        log.warning("int8 calibration: %s; using synthetic images", e)
+        return calibration_set(ckpt, CALIBRATION_IMAGES, CALIBRATION_SEED, synthetic=True)
 
 
 def _compile(module: nn.Module, preprocess: Mapping[str, Any], device: torch.device, cache: Path) -> nn.Module:
@@ -178,18 +222,32 @@ def _compile(module: nn.Module, preprocess: Mapping[str, Any], device: torch.dev
 
 
 def _cached(path: Path, build: Callable[[Path], object]) -> tuple[Path, bool]:
-    """Build `path` once: under an exclusive lock, into a temp file then os.replace. Returns (path, was cached)."""
-    if path.is_file():
+    """Build `path` once: under an exclusive lock, into a temp file then os.replace, its sha256 recorded beside
+    it (`<file>.sha256`). A cached file whose sha256 does not match the record (changed, truncated) is rebuilt,
+    never loaded. Returns (path, was cached)."""
+    record = path.with_name(path.name + ".sha256")
+
+    def intact() -> bool:
+        try:
+            return path.is_file() and record.read_text().split()[0] == file_sha256(path)
+        except (OSError, IndexError):
+            return False
+
+    if intact():
         return path, True
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here, then finds the file
-        if path.is_file():
+        if intact():
             return path, True
+        if path.exists():
+            log.warning("cached %s does not match its recorded sha256: rebuilding it", path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             build(tmp)
+            digest = file_sha256(tmp)
             os.replace(tmp, path)
+            record.write_text(f"{digest}  {path.name}\n")
         finally:
             tmp.unlink(missing_ok=True)
     return path, False
@@ -204,12 +262,11 @@ def export_onnx(model: nn.Module, preprocess: Mapping[str, Any], path: str | os.
                           dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False)
 
 
-def quantize_onnx(fp32: str | os.PathLike, path: str | os.PathLike, preprocess: Mapping[str, Any],
-                  recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def quantize_onnx(fp32: str | os.PathLike, path: str | os.PathLike, batches: Sequence[torch.Tensor]) -> None:
     """ORT static quantization: QDQ, per-channel int8 weights, uint8 activations, MinMax ranges over the
-    `calibration_batches`. The node that computes the logits stays fp32: quantized logits take 256 levels, which ties
-    close top-2 classes and coarsens the served probabilities (and costs nothing measurable). Returns where the
-    calibration images came from."""
+    calibration `batches` (normalized float32, training/calibration.py). The node that computes the logits stays
+    fp32: quantized logits take 256 levels, which ties close top-2 classes and coarsens the served probabilities
+    (and costs nothing measurable)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -221,7 +278,6 @@ def quantize_onnx(fp32: str | os.PathLike, path: str | os.PathLike, preprocess: 
         def get_next(self) -> dict | None:
             return next(self.items, None)
 
-    batches, source = calibration_batches(preprocess, recipe)
     pre = Path(path).with_name(Path(path).name + ".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(pre))  # shape inference + graph fusions the quantizer expects
@@ -232,52 +288,3 @@ def quantize_onnx(fp32: str | os.PathLike, path: str | os.PathLike, preprocess: 
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head)
     finally:
         pre.unlink(missing_ok=True)
-    return {"calibration": source, "calibration_images": sum(len(b) for b in batches)}
-
-
-def calibration_batches(preprocess: Mapping[str, Any], recipe: Mapping[str, Any] | None = None,
-                        n: int = CALIBRATION_IMAGES, batch_size: int = 16) -> tuple[list[torch.Tensor], str]:
-    """Deterministic normalized calibration batches and their source ("<dataset>:train" or "synthetic").
-
-    Best are images from the data the checkpoint was trained on (its recipe's dataset, training split, first `n`
-    of the seeded split); where that data is not on the serving machine, synthetic images with the preprocess
-    mean/std (see `_synthetic`), which costs accuracy: a warning is logged.
-    """
-    from training.presets import eval_batch
-
-    images, source = None, "synthetic"
-    if recipe and recipe.get("dataset"):
-        try:
-            from training.data import DatasetError, load_dataset
-        except ImportError as e:  # an archive that does not carry training/data.py
-            log.warning("int8 calibration: cannot import training.data (%s); using synthetic images", e)
-            recipe = None
-    if recipe and recipe.get("dataset"):
-        try:
-            splits = load_dataset(recipe["dataset"], recipe.get("data_root"), seed=int(recipe.get("seed", 0)),
-                                  val_fraction=float(recipe.get("val_fraction", 0.1)),
-                                  image_size=recipe.get("img_size"), limit=n)
-            train = splits.train
-            images = train.images[:n] if hasattr(train, "images") else [train[i][0] for i in range(min(n, len(train)))]
-            source = f"{recipe['dataset']}:train"
-        except (DatasetError, OSError) as e:
-            log.warning("int8 calibration: %s; using synthetic images", e)
-    if images is not None and len(images) and images[0].shape[0] == preprocess["channels"]:
-        x = eval_batch(images, dict(preprocess))
-    else:
-        source = "synthetic"
-        log.warning("int8 calibration on synthetic images: expect a larger accuracy loss than with training data")
-        x = _synthetic(preprocess, n)
-    return [x[i:i + batch_size].contiguous() for i in range(0, len(x), batch_size)], source
-
-
-def _synthetic(preprocess: Mapping[str, Any], n: int) -> torch.Tensor:
-    """Smooth random fields plus fine noise, squashed by a sigmoid into 0..1 pixels, then normalized with the
-    checkpoint's mean/std. Of the generators tried this lost least accuracy (docs/runtimes.md)."""
-    g = torch.Generator().manual_seed(0)
-    c, s = int(preprocess["channels"]), int(preprocess["size"])
-    field = F.interpolate(torch.randn(n, c, 7, 7, generator=g), size=(s, s), mode="bilinear", align_corners=False)
-    pixels = torch.sigmoid(field / field.std() + 0.3 * torch.randn(n, c, s, s, generator=g))
-    mean = torch.tensor(preprocess["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(preprocess["std"]).view(1, -1, 1, 1)
-    return (pixels - mean) / std

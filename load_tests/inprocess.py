@@ -102,3 +102,37 @@ def measure_pipeline(pipe: Any, images: Sequence[bytes], batch_sizes: Sequence[i
 
         out.append(time_calls(run, b, seconds))
     return out
+
+
+def _layout_worker(model_dir: str, checkpoint: str, runtime: str, threads: int, images: list[bytes], batch: int,
+                   seconds: float, barrier: Any, out: Any) -> None:
+    """One process of measure_layout: the archived model as a worker loads it, then (b) at one batch size."""
+    torch.set_num_threads(threads)
+    from handlers.image import ImagePipeline
+
+    pipe = ImagePipeline.from_file(Path(model_dir) / checkpoint, runtime=runtime, artifact="artifact.json",
+                                   cpu_threads=threads, topk=5)
+    measure_pipeline(pipe, images, [batch], 0.5)  # warm-up
+    barrier.wait()  # all processes measure at the same time, as the server's workers do
+    out.put(measure_pipeline(pipe, images, [batch], seconds)[0])
+
+
+def measure_layout(model_dir: Path, checkpoint: str, runtime: str, images: Sequence[bytes], workers: int,
+                   threads: int, batch: int, seconds: float) -> dict[str, Any]:
+    """(b) with the server's layout: `workers` processes of `threads` threads each run the archived pipeline at the
+    server's batch size side by side; img/s is their sum. What the server's workers could do without TorchServe."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_layout_worker, args=(str(model_dir), checkpoint, runtime, threads, list(images),
+                                                      batch, seconds, barrier, out)) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    points = [out.get(timeout=seconds + 600) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    return {"batch": batch, "workers": workers, "threads": threads,
+            "img_s": round(sum(p["img_s"] for p in points), 2), "errors": sum(p["errors"] for p in points),
+            "calls": sum(p["calls"] for p in points), "p50_ms": max(p["p50_ms"] for p in points),
+            "p99_ms": max(p["p99_ms"] for p in points), "processes": points}

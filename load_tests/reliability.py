@@ -38,6 +38,9 @@ from serving.rollout import rollback, rollout  # noqa: E402
 from tests.torchserve import TorchServe, gray_png  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
+FIGURES = "reliability.json"  # next to the doc: the figures its generated blocks come from
+RECOVERY_S = 10.0  # goal: full service (>= 90 % throughput) again this long after a worker is killed
+RSS_LIMIT_PCT = 10.0
 
 
 def recovery(history: list[tuple[float, int, int]], t_fault: float, skip: float = 3.0,
@@ -240,6 +243,58 @@ def summary_md(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verdicts(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """(goal, met, the figures that decide it) for every goal the run measured; nothing else decides a verdict."""
+    out = []
+    for r in results.get("kill", []):
+        back, failed, bound = r.get("throughput_back_s"), r["failed"], r.get("max_in_flight")
+        met = back is not None and back <= RECOVERY_S and bound is not None and failed <= bound
+        out.append((f"kill -9 one of {r['workers']} worker(s) → ≥ 90 % throughput within {RECOVERY_S:g} s, "
+                    "failures ≤ requests in flight", met,
+                    f"{'never' if back is None else f'after {back} s'}; {failed} failed of {bound} in flight; "
+                    f"replacement READY after {r.get('worker_ready_s')} s"))
+    if "rollout" in results:
+        r = results["rollout"]
+        out.append(("rollout and rollback under load → 0 failed requests", r["failed"] == 0 and r["probe_failed"] == 0,
+                    f"{r['failed']} of {r['requests']} failed; probe {r['probe_failed']} of {r['probe_requests']}"))
+    if "snapshot" in results:
+        r = results["snapshot"]
+        out.append(("restart from the config snapshot → the same models, versions, default and workers",
+                    bool(r["restored"]), f"restored = {r['restored']} in {r['restart_s']} s"))
+    if "soak" in results:
+        r = results["soak"]
+        worst = max((v for v in r["growth_pct"].values() if v is not None), default=0.0)
+        out.append((f"soak → 0 failed requests, RSS growth < {RSS_LIMIT_PCT:g} %",
+                    r["failed"] == 0 and worst < RSS_LIMIT_PCT,
+                    f"{r['failed']} of {r['requests']} failed over {r['duration_s']:.0f} s; largest RSS growth "
+                    f"{worst:+.1f} %"))
+    return out
+
+
+def verdicts_md(results: dict[str, Any]) -> str:
+    """The goals table of docs/reliability.md, computed from the run's figures."""
+    lines = [f"Verdicts of the run of {results['date']} (load average {results['loadavg_start']} at the start; "
+             "figures below and in [reliability.json](reliability.json)):", "", "| goal | verdict | figures |",
+             "| --- | --- | --- |"]
+    lines += [f"| {goal} | **{'met' if met else 'not met'}** | {why} |" for goal, met, why in verdicts(results)]
+    return "\n".join(lines)
+
+
+def figures_json(results: dict[str, Any]) -> dict[str, Any]:
+    """What is committed next to the doc: everything but the soak's RSS samples (plotted in soak_rss.png)."""
+    out = dict(results)
+    if "soak" in out:
+        out["soak"] = {k: v for k, v in out["soak"].items() if k != "samples"}
+    return out
+
+
+def write_docs(results: dict[str, Any], doc: Path) -> None:
+    """Rewrite both generated blocks of the doc and the figures JSON beside it, from one run's results."""
+    (doc.parent / FIGURES).write_text(json.dumps(figures_json(results), indent=2) + "\n")
+    write_doc_block(doc, "reliability-verdicts", verdicts_md(results))
+    write_doc_block(doc, "reliability-figures", summary_md(results))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m load_tests.reliability", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     md = summary_md(results)
     (a.out / "summary.md").write_text(md + "\n")
     if a.docs.name:
-        write_doc_block(a.docs, "reliability-figures", md)
+        write_docs(results, a.docs)
     print(md)
     return 0
 

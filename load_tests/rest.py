@@ -44,7 +44,9 @@ class BatchSettings:
 
 def build_our_archive(checkpoint: Path, store: Path, work: Path, name: str, runtime: str,
                       settings: BatchSettings, topk: int = 5) -> str:
-    """Through the project's own archive step (config validation, sources packed, index + sha256)."""
+    """Through the project's own archive step (config validation, sources packed, the runtime artifact built and
+    packed, index + sha256). The weights are random: int8 calibrates on synthetic images (said in the archive)
+    and there is no accuracy to hold to a budget."""
     from serving.archive import build_archive
     from serving.config import load_config
 
@@ -53,11 +55,22 @@ def build_our_archive(checkpoint: Path, store: Path, work: Path, name: str, runt
     cfg.write_text(yaml.safe_dump({
         "name": name, "version": "1.0", "checkpoint": str(checkpoint.resolve()), "runtime": runtime,
         "description": "benchmark model (random weights)",
+        "artifact": {"calibration": "synthetic", "max_accuracy_drop": None},
         "torchserve": {"batchSize": settings.batch_size, "maxBatchDelay": settings.max_batch_delay,
                        "minWorkers": settings.workers, "maxWorkers": settings.workers,
                        "responseTimeout": settings.response_timeout, "deviceType": "cpu",
                        "handler": {"topk": topk}}}))
     return build_archive(load_config(cfg), store)["mar"]
+
+
+def unpack(mar: Path, dest: Path) -> Path:
+    """The .mar's files, as a worker sees its model dir."""
+    import zipfile
+
+    shutil.rmtree(dest, ignore_errors=True)
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(dest)
+    return dest
 
 
 def build_stock_archive(ckpt: dict[str, Any], store: Path, work: Path, name: str, settings: BatchSettings) -> str:

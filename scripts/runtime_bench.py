@@ -39,6 +39,7 @@ from training.models import get_model  # noqa: E402
 from training.presets import make_preprocess  # noqa: E402
 
 EXTRA = "eager-nchw"  # eager without channels_last: the evidence for eager's layout choice at 224 px
+DOC, NAME = ROOT / "docs" / "runtimes.md", "runtimes"  # --docs: docs/runtimes.json and its block in the doc
 
 _CHILD = """
 import json, sys, time
@@ -135,8 +136,12 @@ def accuracy(path: Path, runtimes: list[str], threads: int, cache: str) -> dict[
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"ResNet-18@224 forward, {report['threads']} threads, median of {report['reps']} "
-             f"(load average {report['load_before'][0]:.2f} before, {report['load_after'][0]:.2f} after)", "",
+    lines = [f"Measured {report['date']} by `scripts/runtime_bench.py` on {report['cpu']} ({report['cores']} cores; "
+             f"torch {report['torch']}, onnxruntime {report['onnxruntime']}); figures in "
+             "[runtimes.json](runtimes.json).",
+             "", f"ResNet-18@224 forward, {report['threads']} threads, median of {report['reps']} "
+             f"(load average {report['load_before'][0]:.2f} before, {report['load_after'][0]:.2f} after); startup: "
+             "the runtime's preparation in a fresh process, cold (empty cache) then warm (a restarted process)", "",
              "| runtime | img/s b8 | × eager | img/s b1 | × eager | startup cold s | startup warm s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rt, s in report["speed"].items():
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: speed,startup,accuracy")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "runtimes")
+    ap.add_argument("--docs", action="store_true", help="write docs/runtimes.json and its block in docs/runtimes.md")
     a = ap.parse_args(argv)
     runtimes = ["eager"] + [r for r in a.runtimes.split(",") if r and r != "eager"]
     skip = set(a.skip.split(","))
@@ -182,6 +188,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["load_after"] = os.getloadavg()
     out = a.out / f"runtimes-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=1))
+    if a.docs:
+        from load_tests.reliability import write_doc_block
+
+        (DOC.parent / f"{NAME}.json").write_text(json.dumps(report, indent=1))
+        write_doc_block(DOC, NAME, markdown(report))
     print(markdown(report))
     print(f"\nwrote {out}")
     return report

@@ -7,6 +7,7 @@ import argparse
 import base64
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("archive", "build model_store/<name>-<version>.mar (+ .sha256, index.json) from archive configs")
     p.add_argument("--config", type=Path, action="append", default=[], help="archive config YAML (repeatable)")
     p.add_argument("--all", action="store_true", help="every archive_configs/<model>/<version>.yaml")
+    p.add_argument("--replace", action="store_true", help="rebuild an archived version from changed inputs "
+                   "(recorded in index.json; refused while the version is registered on the server of --runtime-dir)")
+    p.add_argument("--data-root", help="where the checkpoints' datasets are (default: their recipes' data_root): "
+                   "int8 calibration and the accuracy check read them")
     p = add("serve", "start TorchServe in the background and register --models")
     p.add_argument("--models", default="", help="comma-separated name[:version] to register (default version: "
                    "the highest archived one), or `all`")
@@ -43,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8082)
     p.add_argument("--grpc-ports", default="7070,7071", help="gRPC inference,management ports (always started)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server")
+    _ready_timeout(p)
     add("stop", "stop the TorchServe of this runtime dir")
     p = add("predict", "classify images through the inference API; prints the JSON answer")
     p.add_argument("images", nargs="+", type=Path)
@@ -50,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="a specific version (default: the model's default version)")
     p.add_argument("--topk", type=int, help="number of classes to return (default: the model's topk)")
     add("models", "list registered models and versions (* marks the default)")
-    p = add("describe", "TorchServe's description of a model (all versions, or one)")
+    p = add("describe", "a model's versions: TorchServe's description, what each worker loaded and the archive "
+            "record (sha256, artifact, accuracy measured at archive time)")
     p.add_argument("name")
     p.add_argument("version", nargs="?")
     p = add("register", "register an archived version (sha256-verified) from the model store")
@@ -61,18 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay", type=int, help="ms")
     p.add_argument("--response-timeout", type=int, help="s")
     p.add_argument("--set-default", action="store_true")
+    _ready_timeout(p)
+    _dry_run(p)
     p = add("scale", "set the worker count of a version")
     _name_version(p)
     p.add_argument("--min-workers", type=int, required=True)
     p.add_argument("--max-workers", type=int)
     _name_version(add("set-default", "make a registered version the default"))
     _name_version(add("unregister", "unregister a version (not the default while others exist)"))
-    p = add("rollout", "register -> workers READY -> smoke prediction -> set-default [-> retire old]")
+    p = add("rollout", "register -> workers READY -> smoke check -> set-default [-> retire old]; undone on any "
+            "failure or interruption before the switch")
     _name_version(p)
     p.add_argument("--retire-old", action="store_true", help="unregister the previous default afterwards")
-    p.add_argument("--smoke-image", type=Path, help="image for the smoke prediction (default: a synthetic PNG)")
-    p = add("rollback", "make the previous default version the default again")
+    p.add_argument("--smoke-image", type=Path, help="image for the smoke check (default: a synthetic PNG)")
+    _ready_timeout(p)
+    _dry_run(p)
+    p = add("rollback", "make the previous default the default again (only a version that served as the "
+            "default; READY workers and a smoke check first)")
     p.add_argument("name")
+    p.add_argument("--to", metavar="VERSION", help="roll back to this version (it must have served as the default)")
+    p.add_argument("--smoke-image", type=Path, help="image for the smoke check (default: a synthetic PNG)")
+    _ready_timeout(p, 30.0)
+    _dry_run(p)
     p = add("metrics", "print the Prometheus metrics")
     p.add_argument("--grep", help="only lines containing this text")
     p = add("howto", "print working curl commands for a running server (current key, real versions)")
@@ -86,6 +103,15 @@ def _name_version(p: argparse.ArgumentParser) -> None:
     p.add_argument("version")
 
 
+def _ready_timeout(p: argparse.ArgumentParser, default: float = 180.0) -> None:
+    p.add_argument("--ready-timeout", type=float, default=default, metavar="S",
+                   help=f"seconds to wait for the version's workers to be READY (default {default:g})")
+
+
+def _dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="check and print what would be done; change nothing")
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -97,14 +123,39 @@ def cmd_archive(a: argparse.Namespace) -> int:
     paths = find_configs(CONFIG_DIR) if a.all else a.config
     if not paths:
         raise ConfigError("nothing to archive: give --config PATH (repeatable) or --all")
-    built, skipped = archive_all(paths, a.store, skip_missing=a.all)
+    built, skipped = archive_all(paths, a.store, skip_missing=a.all, replace=a.replace,
+                                 registered=_registered_check(a.runtime_dir, a.store) if a.replace else None,
+                                 data_root=a.data_root)
     for e in built:
-        print(f"{a.store / e['mar']}  sha256 {e['sha256'][:16]}…  ({e['arch']}, {e['runtime']})")
+        replaced = e.get("replaced", [{}])[-1].get("replaced_at") == e["created"]
+        state = "unchanged" if e.get("unchanged") else ("replaced" if replaced else "built")
+        print(f"{a.store / e['mar']}  sha256 {e['sha256'][:16]}…  ({e['arch']}, {e['runtime']}; {state}; "
+              f"{_accuracy_line(e)})")
     for msg in skipped:
         print(msg, file=sys.stderr)
     if not built:
         raise ConfigError("no archive built: none of the configured checkpoints exists yet")
     return 0
+
+
+def _accuracy_line(entry: dict[str, Any]) -> str:
+    acc = entry.get("accuracy") or {}
+    if not acc.get("metric"):
+        return "accuracy not measured: " + str(acc.get("reason", "no data"))
+    runtime = entry["runtime"]
+    return (f"{acc['metric']} {100 * acc[runtime]:.2f} % ({runtime}) vs {100 * acc['fp32']:.2f} % (fp32) on "
+            f"{acc['images']} {acc['split']} images")
+
+
+def _registered_check(runtime_dir: Path, store: Path) -> Any:
+    """is_registered(name, version) on the TorchServe of runtime_dir; always False when none is running."""
+    from serving import server
+
+    if server.server_pid(runtime_dir) is None:
+        return lambda name, version: False
+    from serving.manage import Client
+
+    return Client(runtime_dir, store).is_registered
 
 
 def _parse_models(spec: str, store: Path) -> list[tuple[str, str]]:
@@ -135,7 +186,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         ports = server.Ports(a.inference_port, a.management_port, a.metrics_port, *grpc)
     except (ValueError, TypeError):
         raise ServingError(f"--grpc-ports must be two ports like 7070,7071, got {a.grpc_ports!r}") from None
-    ep = server.start(a.store, a.runtime_dir, ports, timeout=a.timeout, models=models)
+    ep = server.start(a.store, a.runtime_dir, ports, timeout=a.timeout, models=models,
+                      ready_timeout=a.ready_timeout)
     print(f"TorchServe up: inference {ep.inference_url}, management {ep.management_url}, metrics {ep.metrics_url}")
     print(f"tokens: {a.runtime_dir.resolve() / server.KEY_FILE}; logs: {a.runtime_dir.resolve() / 'logs'}")
     for name, version in models:
@@ -235,12 +287,17 @@ def run(a: argparse.Namespace) -> int:
     if a.cmd == "howto":
         return cmd_howto(a, client)
     if a.cmd == "describe":
-        default = client.default_version(a.name)
-        desc = client.describe(a.name, a.version)
-        _print([{**d, "isDefault": d["modelVersion"] == default} for d in desc])
+        _print(client.describe_full(a.name, a.version))
     elif a.cmd == "register":
-        print(client.register(a.name, a.version, a.min_workers, a.max_workers, a.batch_size, a.max_batch_delay,
-                              a.response_timeout, a.set_default))
+        if a.dry_run:
+            mar = client.verify_archive(a.name, a.version)
+            state = "already registered" if client.is_registered(a.name, a.version) else "would be registered"
+            print(f"{a.name} {a.version}: {mar} sha256 verified; {state} (dry run: nothing changed)")
+            return 0
+        client.register(a.name, a.version, a.min_workers, a.max_workers, a.batch_size, a.max_batch_delay,
+                        a.response_timeout, a.set_default, ready_timeout=a.ready_timeout)
+        ready = len(client.describe(a.name, a.version)[0].get("workers", []))
+        print(f"registered {a.name} {a.version}: {ready} worker(s) READY" + (", default" if a.set_default else ""))
     elif a.cmd == "scale":
         print(client.scale(a.name, a.version, a.min_workers, a.max_workers))
     elif a.cmd == "set-default":
@@ -251,29 +308,54 @@ def run(a: argparse.Namespace) -> int:
         from serving.rollout import rollout
 
         image = a.smoke_image.read_bytes() if a.smoke_image else None
-        _print(rollout(client, a.name, a.version, retire_old=a.retire_old, image=image))
+        _print(rollout(client, a.name, a.version, retire_old=a.retire_old, image=image,
+                       ready_timeout=a.ready_timeout, dry_run=a.dry_run))
     elif a.cmd == "rollback":
         from serving.rollout import rollback
 
-        r = rollback(client, a.name)
-        print(f"{r['name']}: default {r['from']} -> {r['to']}")
+        image = a.smoke_image.read_bytes() if a.smoke_image else None
+        r = rollback(client, a.name, to=a.to, image=image, ready_timeout=a.ready_timeout, dry_run=a.dry_run)
+        if r.get("dry_run"):
+            print(f"{r['name']}: would set the default {r['from']} -> {r['to']} after: {', '.join(r['steps'][:2])} "
+                  "(dry run: nothing changed)")
+        else:
+            smoke = r["smoke_check"]
+            print(f"{r['name']}: default {r['from']} -> {r['to']} (smoke check passed: HTTP {smoke['status']} "
+                  f"from {smoke['answered_by']} in {smoke['ms']} ms)")
     elif a.cmd == "metrics":
         text = client.metrics()
         print("\n".join(ln for ln in text.splitlines() if not a.grep or a.grep in ln))
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a rollout or register undoes its partial work on either."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated("terminated by SIGTERM")
+
+
+def _error(e: BaseException, text: str) -> None:
+    """One line for the error, then one line per note (what was cleaned up, or what could not be)."""
+    print(f"error: {text}", file=sys.stderr)
+    for note in getattr(e, "__notes__", []):
+        print(f"  {note}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from serving.archive import ArchiveError
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(args)
     except BrokenPipeError:  # e.g. `python -m serving metrics | head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
         return 0
     except (ServingError, ConfigError, ArchiveError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e, str(e))
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        _error(e, str(e) or "interrupted")
+        return 143 if isinstance(e, Terminated) else 130

@@ -15,7 +15,18 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from handlers.artifacts import CALIBRATION_IMAGES, CALIBRATION_SEED, MANIFEST, MAX_ACCURACY_DROP
+
+PACKAGES = Path(__file__).resolve().parents[1]  # where training/, handlers/, serving/ are: a checkout or site-packages
+
+
+def _project_root() -> Path:
+    """The project: the source checkout these packages run from (it has archive_configs/), else the current
+    directory (an installed package: archive configs, checkpoints, model store and runtime dir are the user's)."""
+    return PACKAGES if (PACKAGES / "archive_configs").is_dir() else Path.cwd()
+
+
+ROOT = _project_root()
 CONFIG_DIR = ROOT / "archive_configs"
 RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8")
 DEVICE_TYPES = ("cpu", "gpu")
@@ -24,12 +35,28 @@ NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # plain TorchServe model name
 VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # key -> (required, type check, description of the allowed values)
-TOP_KEYS = {"name", "version", "checkpoint", "handler", "runtime", "description", "torchserve"}
+TOP_KEYS = {"name", "version", "checkpoint", "handler", "runtime", "description", "torchserve", "artifact"}
 TOP_REQUIRED = ("name", "version", "checkpoint", "runtime", "torchserve")
 # TorchServe model-config keys we allow; the first six are required so every archive states its batching.
 TS_INT_KEYS = {"batchSize": 1, "maxBatchDelay": 0, "minWorkers": 0, "maxWorkers": 1, "responseTimeout": 1,
                "startupTimeout": 1}
 TS_REQUIRED = ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout", "deviceType")
+CALIBRATION_KINDS = ("dataset", "synthetic")
+SET_BY_ARCHIVE = ("runtime", "artifact")  # handler options the archive step writes itself
+
+
+@dataclass
+class ArtifactSpec:
+    """How the archive step builds and checks a version's runtime artifact (the `artifact:` block)."""
+
+    calibration: str = "dataset"   # int8: a seeded sample of the checkpoint's training split; "synthetic": no data
+    calibration_images: int = CALIBRATION_IMAGES
+    calibration_seed: int = CALIBRATION_SEED
+    max_accuracy_drop: float | None = MAX_ACCURACY_DROP  # points vs the fp32 checkpoint; None: not checked
+    accuracy_images: int | None = None  # test images measured (None: the whole test split)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 class ConfigError(ValueError):
@@ -46,6 +73,7 @@ class ArchiveConfig:
     description: str
     torchserve: dict[str, Any]  # TorchServe model-config keys (without `handler`)
     handler_options: dict[str, Any] = field(default_factory=dict)
+    artifact: ArtifactSpec = field(default_factory=ArtifactSpec)
     source: Path | None = None
 
     @property
@@ -53,8 +81,9 @@ class ArchiveConfig:
         return f"{self.name}-{self.version}.mar"
 
     def model_config(self) -> dict[str, Any]:
-        """The model-config yaml packed into the .mar (torch-model-archiver --config-file)."""
-        return {**self.torchserve, "handler": {**self.handler_options, "runtime": self.runtime}}
+        """The model-config yaml packed into the .mar (torch-model-archiver --config-file); the handler finds
+        the artifact manifest next to the checkpoint."""
+        return {**self.torchserve, "handler": {**self.handler_options, "runtime": self.runtime, "artifact": MANIFEST}}
 
 
 def _int(src: str, key: str, value: Any, minimum: int) -> int:
@@ -78,6 +107,8 @@ def _handler_options(source: str, opts: Any, handler: Path) -> dict[str, Any]:
         raise ConfigError(f"{source}: torchserve.handler must be a mapping of handler options")
     if "runtime" in opts:
         raise ConfigError(f"{source}: key 'torchserve.handler.runtime' is not allowed; set the top-level runtime")
+    if "artifact" in opts:
+        raise ConfigError(f"{source}: key 'torchserve.handler.artifact' is not allowed; the archive step sets it")
     try:
         options = pipeline_class(handler.name).OPTIONS
     except KeyError as e:
@@ -85,7 +116,7 @@ def _handler_options(source: str, opts: Any, handler: Path) -> dict[str, Any]:
     unknown = sorted(set(opts) - set(options))
     if unknown:
         raise ConfigError(f"{source}: unknown key 'torchserve.handler.{unknown[0]}' "
-                          f"(allowed: {', '.join(sorted(set(options) - {'runtime'}))})")
+                          f"(allowed: {', '.join(sorted(set(options) - set(SET_BY_ARCHIVE)))})")
     try:
         check_options(opts, options)
     except ValueError as e:
@@ -94,6 +125,27 @@ def _handler_options(source: str, opts: Any, handler: Path) -> dict[str, Any]:
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ConfigError(f"{source}: torchserve.handler.{key} must be >= 1, got {value}")
     return dict(opts)
+
+
+def _artifact_spec(source: str, data: Any) -> ArtifactSpec:
+    if data is None:
+        return ArtifactSpec()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: artifact must be a mapping")
+    allowed = ArtifactSpec.__dataclass_fields__
+    _check_keys(source, data, allowed, (), prefix="artifact.")
+    spec = ArtifactSpec(**data)
+    if spec.calibration not in CALIBRATION_KINDS:
+        raise ConfigError(f"{source}: artifact.calibration must be one of {', '.join(CALIBRATION_KINDS)}")
+    _int(source, "artifact.calibration_images", spec.calibration_images, 1)
+    _int(source, "artifact.calibration_seed", spec.calibration_seed, 0)
+    if spec.accuracy_images is not None:
+        _int(source, "artifact.accuracy_images", spec.accuracy_images, 1)
+    drop = spec.max_accuracy_drop
+    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or drop < 0):
+        raise ConfigError(f"{source}: artifact.max_accuracy_drop must be a number of points >= 0, or null "
+                          f"(no check), got {drop!r}")
+    return spec
 
 
 def _check_keys(source: str, data: dict[str, Any], allowed: Any, required: Any, prefix: str = "") -> None:
@@ -134,11 +186,14 @@ def parse_config(data: Any, source: str = "<config>", root: Path = ROOT) -> Arch
     block["deviceType"] = ts["deviceType"]
 
     handler = _resolve(data.get("handler", DEFAULT_HANDLER), root)
+    if not handler.is_file() and not Path(data.get("handler", DEFAULT_HANDLER)).is_absolute():
+        handler = _resolve(data.get("handler", DEFAULT_HANDLER), PACKAGES)  # the installed package's handler
     opts = _handler_options(source, ts.get("handler") or {}, handler)
 
     return ArchiveConfig(name=name, version=version, checkpoint=_resolve(data["checkpoint"], root),
                          handler=handler, runtime=data["runtime"],
-                         description=data.get("description", ""), torchserve=block, handler_options=opts)
+                         description=data.get("description", ""), torchserve=block, handler_options=opts,
+                         artifact=_artifact_spec(source, data.get("artifact")))
 
 
 def load_config(path: str | Path, root: Path = ROOT) -> ArchiveConfig:
@@ -155,6 +210,13 @@ def load_config(path: str | Path, root: Path = ROOT) -> ArchiveConfig:
         raise ConfigError(f"{path}: expected at <configs>/{cfg.name}/{cfg.version}.yaml (name/version mismatch)")
     cfg.source = path
     return cfg
+
+
+def config_file(name: str) -> Path:
+    """A file of archive_configs/ such as the config.properties template: the project's own copy, else the one
+    installed with the package (serving/templates/, pyproject.toml)."""
+    own = CONFIG_DIR / name
+    return own if own.is_file() else Path(__file__).resolve().parent / "templates" / name
 
 
 def find_configs(config_dir: Path = CONFIG_DIR) -> list[Path]:

@@ -1,13 +1,23 @@
 """Version management against a running TorchServe: list, describe, register (integrity-checked), scale,
 set-default, unregister, rollout and rollback. Talks to the management API with the bearer token from the
 runtime dir's key file; every failure is a ServingError with a one-line message.
+
+Every register and scale is asynchronous (HTTP 202, then the management API is polled until the workers are
+READY): a synchronous call holds one of the frontend's Netty event-loop threads until the workers are up, and
+inference requests on the connections that thread serves stall for that long (measured ~5 s under load;
+docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,9 +26,11 @@ import requests
 
 from serving.archive import DEFAULT_STORE, find_entry, sha256_file
 from serving.config import archive_hint, version_key
-from serving.server import DEFAULT_RUNTIME, Endpoints, ServingError, endpoints, renew_key
+from serving.server import DEFAULT_RUNTIME, Endpoints, ServingError, endpoints, log_tail, renew_key
 
 HISTORY_FILE = "default_history.json"
+HISTORY_LIMIT = 200            # entries kept per runtime dir
+READY_TIMEOUT = 180.0          # seconds for a registered version's workers to become READY
 
 
 class IntegrityError(ServingError):
@@ -74,6 +86,26 @@ class Client:
         """TorchServe's description; without a version, every version (`/models/NAME/all`)."""
         return self._mgmt("GET", f"/models/{name}/{version or 'all'}")
 
+    def describe_full(self, name: str, version: str | None = None) -> list[dict[str, Any]]:
+        """Per version: TorchServe's description, `isDefault`, what its worker says it loaded
+        (`customizedMetadata`: runtime, artifact and its sha256, calibration, accuracy) and the archive's
+        index.json record (`archive`: sha256, artifact, accuracy measured at archive time)."""
+        default = self.default_version(name)
+        out = []
+        for d in self.describe(name, version):
+            v = d["modelVersion"]
+            try:  # TorchServe asks a worker (the handler's describe) only for one named version
+                meta = self._mgmt("GET", f"/models/{name}/{v}", params={"customized": "true"})[0]
+                meta = meta.get("customizedMetadata")
+                meta = json.loads(meta) if isinstance(meta, str) else meta
+            except (ServingError, ValueError, IndexError):
+                meta = None
+            entry = find_entry(self.store, name, v) or {}
+            keep = ("mar", "sha256", "created", "runtime", "artifact", "accuracy", "replaced")
+            out.append({**d, "isDefault": v == default, "customizedMetadata": meta,
+                        "archive": {k: entry[k] for k in keep if k in entry}})
+        return out
+
     def default_version(self, name: str) -> str:
         return self._mgmt("GET", f"/models/{name}")[0]["modelVersion"]  # no version = the default one
 
@@ -119,31 +151,40 @@ class Client:
 
     def register(self, name: str, version: str, min_workers: int | None = None, max_workers: int | None = None,
                  batch_size: int | None = None, max_batch_delay: int | None = None,
-                 response_timeout: int | None = None, set_default: bool = False, synchronous: bool = True) -> str:
-        """Register <name>-<version>.mar from the store by file name (synchronous: returns with workers up).
-        Options left out keep the archive's model-config values. synchronous=False returns once TorchServe has
-        accepted the archive (HTTP 202, workers still starting; follow with wait_ready): a synchronous register
-        holds one of the frontend's Netty event-loop threads until the workers are up, and inference requests on
-        the connections that thread serves stall for that long (measured ~5 s under load; docs/reliability.md)."""
+                 response_timeout: int | None = None, set_default: bool = False, wait: bool = True,
+                 ready_timeout: float = READY_TIMEOUT) -> str:
+        """Register <name>-<version>.mar from the store by file name, after the sha256 check, asynchronously
+        (TorchServe answers 202 and starts the workers). With `wait`, returns once every worker is READY; a
+        version whose workers do not come up in `ready_timeout` (or a wait interrupted by Ctrl-C / SIGTERM) is
+        unregistered again, so a failed register leaves the server as it was. Options left out keep the
+        archive's model-config values."""
         mar = self.verify_archive(name, version)
         if self.is_registered(name, version):
             raise ServingError(f"{name} {version} is already registered")
-        params = {"url": mar, "model_name": name, "synchronous": str(synchronous).lower(),
-                  "initial_workers": min_workers, "batch_size": batch_size, "max_batch_delay": max_batch_delay,
-                  "response_timeout": response_timeout}
+        params = {"url": mar, "model_name": name, "synchronous": "false", "initial_workers": min_workers,
+                  "batch_size": batch_size, "max_batch_delay": max_batch_delay, "response_timeout": response_timeout}
         params = {k: v for k, v in params.items() if v is not None}
         status = self._mgmt("POST", "/models", ok=(200, 202), params=params).get("status", "registered")
-        if max_workers is not None:  # the register API has no max_worker parameter
-            current_min = self.describe(name, version)[0].get("minWorkers", 1)
-            self.scale(name, version, min_workers if min_workers is not None else current_min, max_workers)
+        with undo_on_failure(f"register {name} {version}", lambda: self.unregister(name, version)):
+            if max_workers is not None:  # the register API has no max_worker parameter
+                current_min = self.describe(name, version)[0].get("minWorkers", 1)
+                self.scale(name, version, min_workers if min_workers is not None else current_min, max_workers,
+                           wait=False)
+            if wait and int(self.describe(name, version)[0].get("minWorkers", 1)) > 0:  # 0: nothing to wait for
+                wait_ready(self, name, version, ready_timeout)
         if set_default:
             self.set_default(name, version)
         return status
 
-    def scale(self, name: str, version: str, min_workers: int, max_workers: int | None = None) -> str:
-        params = {"min_worker": min_workers, "synchronous": "true",
+    def scale(self, name: str, version: str, min_workers: int, max_workers: int | None = None, wait: bool = True,
+              ready_timeout: float = READY_TIMEOUT) -> str:
+        """Set the worker count (asynchronously, then wait until exactly min_workers workers are READY)."""
+        params = {"min_worker": min_workers, "synchronous": "false",
                   **({"max_worker": max(max_workers, min_workers)} if max_workers is not None else {})}
-        return self._mgmt("PUT", f"/models/{name}/{version}", params=params).get("status", "scaled")
+        status = self._mgmt("PUT", f"/models/{name}/{version}", ok=(200, 202), params=params).get("status", "scaled")
+        if wait and min_workers > 0:
+            wait_ready(self, name, version, ready_timeout, workers=min_workers)
+        return status
 
     def set_default(self, name: str, version: str, kind: str = "set-default") -> str:
         previous = self.default_version(name)
@@ -169,17 +210,48 @@ class Client:
     def history(self) -> list[dict[str, Any]]:
         path = self.runtime_dir / HISTORY_FILE
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            entries = json.loads(path.read_text())
+        except FileNotFoundError:
             return []
+        except (OSError, json.JSONDecodeError) as e:
+            raise ServingError(f"{path} is not readable ({e}); rollback needs it: fix or move it away") from None
+        return entries if isinstance(entries, list) else []
 
     def _record(self, name: str, old: str, new: str, kind: str) -> None:
-        entries = self.history() + [{"name": name, "from": old, "to": new, "kind": kind,
-                                     "at": datetime.now(UTC).isoformat(timespec="seconds")}]
+        """Append one default change: read-modify-write under an exclusive lock, written to a temp file and
+        renamed into place, so concurrent CLIs lose no entry and a reader never sees half a file."""
         path = self.runtime_dir / HISTORY_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries[-200:], indent=2) + "\n")
-        tmp.replace(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{HISTORY_FILE}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = self.history() + [{"name": name, "from": old, "to": new, "kind": kind,
+                                         "at": datetime.now(UTC).isoformat(timespec="seconds")}]
+            fd, tmp = tempfile.mkstemp(prefix=f".{HISTORY_FILE}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(entries[-HISTORY_LIMIT:], indent=2) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+
+@contextlib.contextmanager
+def undo_on_failure(what: str, undo: Any) -> Iterator[None]:
+    """Run the body; if it raises anything (an error, Ctrl-C, SIGTERM turned into an exception), call `undo`
+    and re-raise the original exception. A failing undo never hides the original: it is added as a note."""
+    try:
+        yield
+    except BaseException as e:
+        try:
+            undo()
+        except BaseException as cleanup:  # noqa: B036 -- the original error is re-raised below
+            e.add_note(f"cleanup after the failed {what} also failed: {type(cleanup).__name__}: {cleanup}")
+        else:
+            e.add_note(f"cleaned up after the failed {what}")
+        raise
 
 
 def _error_type(r: requests.Response) -> str | None:
@@ -208,14 +280,23 @@ def smoke_image() -> bytes:
     return buf.getvalue()
 
 
-def wait_ready(client: Client, name: str, version: str, timeout: float = 120.0) -> int:
-    """Wait until at least one worker of name/version is READY; returns the ready count."""
+def wait_ready(client: Client, name: str, version: str, timeout: float = READY_TIMEOUT,
+               workers: int | None = None) -> int:
+    """Wait until name/version has `workers` (default: its minWorkers, at least one) workers, all READY; returns
+    the ready count. A version that can have no worker (minWorkers 0) fails at once; a timeout names the
+    server's error lines (e.g. a worker that refuses its archive)."""
     deadline = time.monotonic() + timeout
     while True:
-        workers = client.describe(name, version)[0].get("workers", [])
-        ready = sum(w.get("status") == "READY" for w in workers)
-        if ready and ready == len(workers):
+        desc = client.describe(name, version)[0]
+        want = workers if workers is not None else int(desc.get("minWorkers", 1))
+        if want < 1:
+            raise ServingError(f"{name} {version} has minWorkers 0: no worker will start; scale it first "
+                               f"(`python -m serving scale {name} {version} --min-workers 1`)")
+        states = [w.get("status") for w in desc.get("workers", [])]
+        ready = states.count("READY")
+        if ready >= want and ready == len(states):
             return ready
         if time.monotonic() > deadline:
-            raise ServingError(f"{name} {version}: {ready}/{len(workers)} workers READY after {timeout:.0f}s")
-        time.sleep(0.5)
+            raise ServingError(f"{name} {version}: {ready}/{want} workers READY after {timeout:.0f}s; "
+                               f"{log_tail(client.runtime_dir, 6)}")
+        time.sleep(0.3)

@@ -23,11 +23,11 @@ from typing import Any
 import psutil
 import requests
 
-from serving.config import CONFIG_DIR, ROOT, venv_tool
+from serving.config import ROOT, config_file, venv_tool
 
 DEFAULT_RUNTIME = ROOT / ".runtime"
 DEFAULT_STORE = ROOT / "model_store"
-TEMPLATE = CONFIG_DIR / "config.properties.template"
+TEMPLATE = config_file("config.properties.template")
 CONFIG_NAME = "config.properties"
 KEY_FILE = "key_file.json"
 
@@ -191,9 +191,10 @@ def log_tail(runtime_dir: Path, n: int = 20) -> str:
 
 def start(store: Path = DEFAULT_STORE, runtime_dir: Path = DEFAULT_RUNTIME, ports: Ports = Ports(),
           extra: dict[str, Any] | None = None, timeout: float = 120.0,
-          models: list[tuple[str, str]] | None = None) -> Endpoints:
+          models: list[tuple[str, str]] | None = None, ready_timeout: float = 180.0) -> Endpoints:
     """Start TorchServe (background), wait until it is up, then register `models` [(name, version)] from the
-    store through the sha256-checked register. On any failure the server is stopped again."""
+    store through the sha256-checked, asynchronous register, waiting up to `ready_timeout` s for each one's
+    workers. On any failure the server is stopped again."""
     ep = _start(Path(store), Path(runtime_dir), ports, extra, timeout)
     if models:
         from serving.manage import Client
@@ -201,7 +202,7 @@ def start(store: Path = DEFAULT_STORE, runtime_dir: Path = DEFAULT_RUNTIME, port
         try:
             client = Client(runtime_dir, store)
             for name, version in models:
-                client.register(name, version)
+                client.register(name, version, ready_timeout=ready_timeout)
         except BaseException:
             stop(runtime_dir)
             raise

@@ -46,7 +46,7 @@ def test_valid_config_builds_model_config():
     assert cfg.checkpoint == ROOT / "checkpoints" / "x.pt"
     assert cfg.model_config() == {"batchSize": 4, "maxBatchDelay": 10, "minWorkers": 1, "maxWorkers": 2,
                                   "responseTimeout": 30, "deviceType": "cpu",
-                                  "handler": {"topk": 3, "runtime": "eager"}}
+                                  "handler": {"topk": 3, "runtime": "eager", "artifact": "artifact.json"}}
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -54,6 +54,11 @@ def test_valid_config_builds_model_config():
     ({"torchserve__maxBatchDelays": 5}, "unknown key 'torchserve.maxBatchDelays'"),
     ({"torchserve__handler__top_k": 5}, "unknown key 'torchserve.handler.top_k'"),
     ({"torchserve__handler__runtime": "eager"}, "torchserve.handler.runtime"),
+    ({"torchserve__handler__artifact": "x.json"}, "'torchserve.handler.artifact' is not allowed; the archive step"),
+    ({"artifact": {"calibration": "random"}}, "artifact.calibration must be one of dataset, synthetic"),
+    ({"artifact": {"max_accuracy_drop": -1}}, "artifact.max_accuracy_drop must be a number of points >= 0, or null"),
+    ({"artifact": {"calibration_imgs": 64}}, "unknown key 'artifact.calibration_imgs'"),
+    ({"artifact": {"calibration_images": 0}}, "artifact.calibration_images must be an integer >= 1"),
     ({"checkpoint": None}, "missing required key 'checkpoint'"),
     ({"torchserve": None}, "missing required key 'torchserve'"),
     ({"torchserve__batchSize": None}, "missing required key 'torchserve.batchSize'"),
@@ -117,6 +122,9 @@ def test_archive_writes_mar_checksum_and_index(built):
     assert indexed == entry
     assert indexed["sha256"] == digest and indexed["arch"] == "lenet5" and indexed["runtime"] == "eager"
     assert indexed["metrics"] == {"test_acc": 0.1, "seed": 0}
+    # eager runs the checkpoint itself; its recipe names no dataset, so nothing could be measured here
+    assert indexed["artifact"] == {"note": "the checkpoint runs as it is (fp32 PyTorch)"}
+    assert indexed["accuracy"] == {"measured": False, "reason": "the checkpoint's recipe names no dataset"}
     assert indexed["created"].endswith("+00:00")
 
 
@@ -126,27 +134,78 @@ def test_mar_is_self_contained(built):
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         model_config = yaml.safe_load(z.read("model-config.yaml"))
-    for required in ("classifier.py", "tiny.pt", "model-config.yaml", "handlers/__init__.py", "handlers/pipeline.py",
-                     "handlers/decode.py", "training/__init__.py", "training/checkpoint.py", "training/presets.py",
-                     "training/evaluate.py", "training/data.py", "training/models/__init__.py",
-                     "training/models/_registry.py", "training/models/cnn.py"):
+    for required in ("classifier.py", "tiny.pt", "model-config.yaml", "artifact.json", "handlers/__init__.py",
+                     "handlers/pipeline.py", "handlers/decode.py", "handlers/artifacts.py", "training/__init__.py",
+                     "training/checkpoint.py", "training/presets.py", "training/evaluate.py",
+                     "training/models/__init__.py", "training/models/_registry.py", "training/models/cnn.py"):
         assert required in names, required
     assert any(n.startswith("training/models/layers/") for n in names)
-    # Training-only code and the handler's second copy stay out of the archive.
-    assert not names & {"training/train.py", "training/recipe.py", "handlers/classifier.py"}
+    # Training-only code (data loading included: a worker never reads training data) and the handler's second
+    # copy stay out of the archive.
+    assert not names & {"training/train.py", "training/recipe.py", "training/data.py", "training/calibration.py",
+                        "handlers/classifier.py"}
     assert not any("recipes/" in n or "__pycache__" in n for n in names)
     assert manifest["model"] == {**manifest["model"], "modelName": "tiny", "modelVersion": "1.0",
                                  "handler": "classifier.py", "serializedFile": "tiny.pt"}
-    assert model_config["batchSize"] == 8 and model_config["handler"] == {"topk": 3, "runtime": "eager"}
+    assert model_config["batchSize"] == 8
+    assert model_config["handler"] == {"topk": 3, "runtime": "eager", "artifact": "artifact.json"}
 
 
-def test_rearchive_replaces_the_index_entry(built):
+def test_same_inputs_give_the_same_archive_bytes(built, tmp_path):
+    """Reproducible: another store (another machine, another day) gets a byte-identical .mar."""
     tmp, first = built
-    entry = tiny_archive(tmp / "store", tmp / "configs", "tiny", "1.0", tmp / "tiny.pt", batchSize=2)
-    tiny_archive(tmp / "store", tmp / "configs", "tiny", "1.10", tmp / "tiny.pt")
-    index = read_index(tmp / "store")
-    assert [(e["name"], e["version"]) for e in index] == [("tiny", "1.0"), ("tiny", "1.10")]
-    assert index[0]["sha256"] == entry["sha256"] != first["sha256"]  # a different model-config, a different .mar
+    again = tiny_archive(tmp_path / "store", tmp_path / "configs", "tiny", "1.0", tmp / "tiny.pt", batchSize=8)
+    assert again["sha256"] == first["sha256"] == sha256_file(tmp_path / "store" / "tiny-1.0.mar")
+    with zipfile.ZipFile(tmp_path / "store" / "tiny-1.0.mar") as z:
+        assert [i.date_time for i in z.infolist()] == [(1980, 1, 1, 0, 0, 0)] * len(z.infolist())
+        assert z.namelist() == sorted(z.namelist())
+
+
+def test_rearchiving_the_same_inputs_changes_nothing(built):
+    tmp, first = built
+    mar = tmp / "store" / "tiny-1.0.mar"
+    before = mar.stat().st_mtime_ns, (tmp / "store" / "index.json").read_text()
+    again = tiny_archive(tmp / "store", tmp / "configs", "tiny", "1.0", tmp / "tiny.pt", batchSize=8)
+    assert again["unchanged"] and again["sha256"] == first["sha256"] and again["created"] == first["created"]
+    assert (mar.stat().st_mtime_ns, (tmp / "store" / "index.json").read_text()) == before
+
+
+def test_an_archived_version_is_immutable_unless_replaced(built):
+    tmp, first = built
+    store = tmp / "store"
+    before = sha256_file(store / "tiny-1.0.mar"), (store / "index.json").read_text()
+    with pytest.raises(ArchiveError, match=r"tiny 1.0 is already archived .*model-config.*versions are immutable.*"
+                                           r"--replace"):
+        tiny_archive(store, tmp / "configs", "tiny", "1.0", tmp / "tiny.pt", batchSize=2)
+    assert (sha256_file(store / "tiny-1.0.mar"), (store / "index.json").read_text()) == before
+    other = tiny_checkpoint(tmp / "other.pt", seed=5)
+    with pytest.raises(ArchiveError, match="other inputs \\(checkpoint\\)"):
+        tiny_archive(store, tmp / "configs", "tiny", "1.0", other, batchSize=8)
+
+    cfg = load_config(tmp / "configs" / "tiny" / "1.0.yaml")  # still batchSize 8: back to the first inputs
+    cfg.torchserve["batchSize"] = 2
+    with pytest.raises(ArchiveError, match="registered on the running server"):
+        build_archive(cfg, store, replace=True, registered=lambda name, version: True)
+    replaced = build_archive(cfg, store, replace=True, registered=lambda name, version: False)
+    [indexed] = [e for e in read_index(store) if e["version"] == "1.0"]
+    assert indexed == replaced and replaced["sha256"] != first["sha256"]
+    assert [(r["sha256"], r["created"]) for r in replaced["replaced"]] == [(first["sha256"], first["created"])]
+    tiny_archive(store, tmp / "configs", "tiny", "1.10", tmp / "tiny.pt")
+    assert [(e["name"], e["version"]) for e in read_index(store)] == [("tiny", "1.0"), ("tiny", "1.10")]
+
+
+def test_cli_archive_refuses_a_changed_version_and_replaces_when_told(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    tiny_archive(tmp_path / "store", tmp_path / "configs", "tiny", "1.0", ckpt)
+    tiny_checkpoint(ckpt, seed=3)  # the same path, other weights
+    cmd = [sys.executable, "-m", "serving", "archive", "--config", str(tmp_path / "configs" / "tiny" / "1.0.yaml"),
+           "--store", str(tmp_path / "store"), "--runtime-dir", str(tmp_path / "no-server")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "already archived" in r.stderr and "--replace" in r.stderr, r.stderr
+    r = subprocess.run([*cmd, "--replace"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "; replaced;" in r.stdout, r.stderr
+    r = subprocess.run([*cmd, "--replace"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "; unchanged;" in r.stdout, r.stderr
 
 
 def test_pickled_code_checkpoint_is_refused(tmp_path):
@@ -164,9 +223,24 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "serving", "archive", "--config", str(path), "--store",
                         str(tmp_path / "store")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip() == f"error: {path}: unknown key 'maxWorkerz' (allowed: checkpoint, description, " \
-                               "handler, name, runtime, torchserve, version)"
+    assert r.stderr.strip() == f"error: {path}: unknown key 'maxWorkerz' (allowed: artifact, checkpoint, " \
+                               "description, handler, name, runtime, torchserve, version)"
     assert not Path(tmp_path / "store").exists()
+
+
+def test_archive_configs_cite_only_committed_evidence():
+    """A figure quoted in an archive config's comments (e.g. "3.16x") is in a committed docs/*.json, and every
+    docs/ file it cites exists."""
+    import re
+
+    figures = " ".join((ROOT / "docs" / p).read_text() for p in subprocess.run(
+        ["git", "ls-files", "*.json"], cwd=ROOT / "docs", capture_output=True, text=True).stdout.split())
+    for path in find_configs():
+        comments = " ".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
+        for cited in re.findall(r"docs/[\w.-]+\.(?:md|json)", comments):
+            assert (ROOT / cited).is_file(), f"{path}: cites {cited}, which does not exist"
+        for figure in re.findall(r"(\d+(?:\.\d+)?)x\b", comments):
+            assert re.search(rf'": {re.escape(figure)}\d*[,\n}}]', figures), f"{path}: {figure}x is in no docs/*.json"
 
 
 def test_hints_for_an_untrained_or_unarchived_version_are_commands(tmp_path):

@@ -10,7 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from load_tests.reliability import MODEL, kill_worker, read_snapshot, recovery, rollout_rollback, snapshot_restart
+from load_tests.reliability import (
+    DOC,
+    FIGURES,
+    MODEL,
+    kill_worker,
+    read_snapshot,
+    recovery,
+    rollout_rollback,
+    snapshot_restart,
+    summary_md,
+    verdicts,
+    verdicts_md,
+)
 from load_tests.soak import growth, soak
 from tests.torchserve import TorchServe, gray_png
 
@@ -28,6 +40,50 @@ def test_recovery_finds_the_outage_and_the_return_of_full_throughput():
     base, back = recovery(history, 10.5)
     assert base == 100 and back == 3.5  # the row ending at t=14 is the first full one after the fault
     assert recovery(history[:13], 10.5)[1] is None  # never back within the run
+
+
+def _kill(workers: int, back: float | None, failed: int = 8) -> dict:
+    return {"scenario": f"kill -9 one of {workers} worker(s)", "workers": workers, "failed": failed,
+            "max_in_flight": 8, "throughput_back_s": back, "worker_ready_s": 5.0}
+
+
+def test_verdicts_come_from_the_figures():
+    results = {"kill": [_kill(1, 7.1), _kill(2, 12.5), _kill(2, 3.0, failed=9), _kill(1, None)],
+               "rollout": {"failed": 0, "requests": 100, "probe_failed": 1, "probe_requests": 50},
+               "snapshot": {"restored": True, "restart_s": 11.7},
+               "soak": {"failed": 0, "requests": 1000, "duration_s": 600, "growth_pct": {"java": 0.2, "w": 10.5}}}
+    assert [met for _, met, _ in verdicts(results)] == [True, False, False, False, False, True, False]
+    assert "after 12.5 s; 8 failed of 8 in flight" in verdicts(results)[1][2]
+    assert "largest RSS growth +10.5 %" in verdicts(results)[-1][2]
+
+
+def _blocks(text: str) -> dict[str, str]:
+    import re
+
+    return dict(re.findall(r"<!-- ([\w-]+):begin -->\n(.*?)\n<!-- \1:end -->", text, re.S))
+
+
+def test_no_verdict_in_the_reliability_doc_is_written_by_hand():
+    """Verdicts ("met" / "not met") appear only inside the blocks that `make reliability` generates."""
+    text = DOC.read_text()
+    for body in _blocks(text).values():
+        text = text.replace(body, "")
+    assert "**met**" not in text and "not met" not in text and "**met" not in text
+
+
+def test_the_docs_verdicts_and_figures_are_generated_from_the_committed_json():
+    """docs/reliability.md's verdict and figure blocks are exactly what its JSON generates: no hand edits."""
+    import json
+    import re
+
+    text = DOC.read_text()
+    if not (DOC.parent / FIGURES).is_file():
+        assert _blocks(text)["reliability-verdicts"] == "(awaiting `make reliability`)", "figures without their JSON"
+        pytest.skip("awaits `make reliability` on a quiet machine")
+    results = json.loads((DOC.parent / FIGURES).read_text())
+    for name, body in (("reliability-verdicts", verdicts_md(results)), ("reliability-figures", summary_md(results))):
+        block = re.search(f"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", text, re.S)
+        assert block and block.group(1) == body, name
 
 
 def test_growth_skips_the_warm_up_and_compares_medians():

@@ -1,5 +1,7 @@
-"""Runtimes (handlers/runtimes.py): each answers like eager within its stated tolerance; ONNX exports are cached
-per checkpoint; int8 calibration data is deterministic; unknown names fail early."""
+"""Runtimes (handlers/runtimes.py): each answers like eager within its stated tolerance; the development cache
+is keyed by checkpoint, tool versions and calibration source and never loads a file that does not match its
+recorded sha256; int8 calibration data is deterministic and synthetic calibration is said loudly; unknown names
+fail early."""
 
 from pathlib import Path
 
@@ -9,10 +11,12 @@ import torch
 from PIL import Image
 
 import handlers.runtimes as runtimes
+from handlers.artifacts import CALIBRATION_IMAGES
 from handlers.decode import to_tensor
 from handlers.image import ImagePipeline, pipeline_options
-from handlers.runtimes import RUNTIMES, calibration_batches, file_sha256, prepare_runtime
+from handlers.runtimes import RUNTIMES, SYNTHETIC_WARNING, development_calibration, file_sha256, prepare_runtime
 from tests.images import photo, tiny_checkpoint
+from training.calibration import calibration_set
 from training.checkpoint import build_model, save_checkpoint
 from training.data import FASHION_MNIST_ROOT
 from training.models import get_model
@@ -146,8 +150,9 @@ def test_compile_answers_like_eager_without_recompiling(files, images):
 
 def test_onnx_export_is_cached_by_checkpoint_sha256(pipe, files, cache, monkeypatch):
     first = pipe("lenet", "onnx")
-    folder = cache / file_sha256(files["lenet"])
-    assert Path(first.runtime_info["file"]).parent == folder and (folder / "fp32-1x28.onnx").is_file()
+    path = Path(first.runtime_info["file"])
+    assert path.parent.parent == cache / file_sha256(files["lenet"]) and path.name == "fp32-1x28.onnx"
+    assert path.with_name(path.name + ".sha256").read_text().split()[0] == file_sha256(path)
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
@@ -162,10 +167,38 @@ def test_onnx_export_is_cached_by_checkpoint_sha256(pipe, files, cache, monkeypa
         ImagePipeline(other, runtime="onnx", runtime_cache=str(cache))
 
 
-def test_int8_reports_its_calibration_and_onnx_threads_follow_cpu_threads(pipe, files, cache):
-    assert pipe("lenet", "int8").runtime_info["calibration"] == "synthetic"  # its recipe names no dataset
+def test_the_cache_key_covers_tool_versions(files, tmp_path, monkeypatch):
+    """Another torch, onnx, onnxscript or ONNX Runtime build gets its own files, never the old ones."""
+    first = ImagePipeline.from_file(files["lenet"], runtime="onnx", runtime_cache=str(tmp_path))
+    versions = runtimes.builder_versions()
+    monkeypatch.setattr(runtimes, "builder_versions", lambda: {**versions, "onnxruntime": "9.9.9"})
+    upgraded = ImagePipeline.from_file(files["lenet"], runtime="onnx", runtime_cache=str(tmp_path))
+    assert upgraded.runtime_info["cache"] == "miss" and upgraded.runtime_info["file"] != first.runtime_info["file"]
+
+
+@pytest.mark.parametrize("damage", ["changed", "truncated"])
+def test_a_damaged_cache_file_is_rebuilt_never_loaded(files, tmp_path, damage):
+    first = ImagePipeline.from_file(files["lenet"], runtime="onnx", runtime_cache=str(tmp_path))
+    path = Path(first.runtime_info["file"])
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]) if damage == "changed" else data[: len(data) // 2])
+    again = ImagePipeline.from_file(files["lenet"], runtime="onnx", runtime_cache=str(tmp_path))
+    assert again.runtime_info["cache"] == "miss" and path.read_bytes() == data  # rebuilt to the same bytes
+    x = eval_batch([to_tensor(photo(28, 28, mode="L"))], again.preprocess)
+    with torch.inference_mode():
+        assert torch.equal(again.forward(x), first.forward(x))
+
+
+def test_int8_reports_its_calibration_and_onnx_threads_follow_cpu_threads(pipe, files, cache, caplog):
+    lenet = pipe("lenet", "int8")  # its recipe names no dataset: synthetic, and said so
+    assert lenet.runtime_info["calibration"]["source"] == "synthetic"
+    assert lenet.describe()["runtime_info"]["warning"] == SYNTHETIC_WARNING
+    with caplog.at_level("WARNING", logger="handlers.runtimes"):
+        ImagePipeline.from_file(files["lenet"], runtime="int8", runtime_cache=str(cache))  # from the cache too
+    assert SYNTHETIC_WARNING in caplog.text
     info = pipe("resnet", "int8").runtime_info
-    assert info["calibration"] == "imagefolder:train" and info["calibration_images"] == runtimes.CALIBRATION_IMAGES
+    assert info["calibration"]["source"] == "imagefolder:train" and info["calibration"]["images"] == CALIBRATION_IMAGES
+    assert "warning" not in info
     before = torch.get_num_threads()
     try:
         p = ImagePipeline.from_file(files["lenet"], runtime="onnx", runtime_cache=str(cache), cpu_threads=1)
@@ -176,9 +209,9 @@ def test_int8_reports_its_calibration_and_onnx_threads_follow_cpu_threads(pipe, 
 
 def test_synthetic_calibration_is_deterministic_and_follows_the_preprocess_stats():
     pre = make_preprocess(32, 3, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3])
-    a, source = calibration_batches(pre, None)
-    b, _ = calibration_batches(pre, {"dataset": "imagefolder", "data_root": "/nonexistent"})  # data missing
-    assert source == "synthetic" and len(a) == 4 and all(torch.equal(x, y) for x, y in zip(a, b))
+    a, about = development_calibration(pre, None)
+    b, _ = development_calibration(pre, {"dataset": "imagefolder", "data_root": "/nonexistent"})  # data missing
+    assert about["source"] == "synthetic" and len(a) == 4 and all(torch.equal(x, y) for x, y in zip(a, b))
     pixels = torch.cat(a) * torch.tensor(pre["std"]).view(1, 3, 1, 1) + torch.tensor(pre["mean"]).view(1, 3, 1, 1)
     assert pixels.shape == (64, 3, 32, 32) and pixels.min() >= 0 and pixels.max() <= 1  # real pixel range
     assert pixels.std() > 0.1 and (pixels[0] - pixels[1]).abs().mean() > 0.05  # varied, not constant
@@ -187,8 +220,8 @@ def test_synthetic_calibration_is_deterministic_and_follows_the_preprocess_stats
 @pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).is_dir(), reason="needs the Fashion-MNIST package")
 def test_calibration_uses_the_training_data_when_present():
     pre = make_preprocess(28, 1, [0.286], [0.353])
-    batches, source = calibration_batches(pre, {"dataset": "fashion_mnist"})
-    assert source == "fashion_mnist:train" and torch.cat(batches).shape == (64, 1, 28, 28)
+    batches, about = calibration_set({"preprocess": pre, "recipe": {"dataset": "fashion_mnist"}}, 64, 0)
+    assert about["source"] == "fashion_mnist:train" and torch.cat(batches).shape == (64, 1, 28, 28)
 
 
 def test_eager_runs_conv_nets_channels_last_with_the_same_answers():
@@ -211,3 +244,21 @@ def test_unknown_or_misplaced_runtime_fails_early():
     with pytest.raises(ValueError, match="runtime_cache"):
         pipeline_options({"runtime_cache": 1})
     assert ImagePipeline(ckpt).runtime == "eager"  # the CPU default
+
+
+@pytest.mark.parametrize("name, script", [("runtimes", "runtime_bench"), ("runtimes-artifacts", "artifact_bench")])
+def test_every_figure_in_runtimes_md_is_generated_from_a_committed_json(name, script):
+    """docs/runtimes.md's measurement blocks are exactly what their JSON files generate (no hand-typed figures)."""
+    import importlib
+    import json
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    markdown = importlib.import_module(f"scripts.{script}").markdown
+    block = re.search(f"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", (root / "docs/runtimes.md").read_text(),
+                      re.S)
+    assert block, name
+    if not (root / f"docs/{name}.json").is_file():
+        assert block.group(1).startswith("(awaiting "), f"{name}: figures without their JSON"
+        pytest.skip(f"awaits scripts/{script}.py --docs on a quiet machine")
+    assert block.group(1) == markdown(json.loads((root / f"docs/{name}.json").read_text()))

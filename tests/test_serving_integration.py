@@ -8,10 +8,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import multiprocessing
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,10 +23,10 @@ import requests
 import torch
 from PIL import Image
 
-from serving.manage import IntegrityError, ServingError
+from serving.manage import Client, IntegrityError, ServingError, undo_on_failure
 from serving.rollout import rollback, rollback_target, rollout
 from tests.images import cutout
-from tests.torchserve import ROOT, TorchServe, gray_png, metric, tiny_archive, tiny_checkpoint
+from tests.torchserve import ROOT, TorchServe, gray_png, metric, resign_archive, tiny_archive, tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (run make setup)")
 MODEL = "tiny"
@@ -35,19 +38,71 @@ def _h(frm: str, to: str, kind: str = "set-default") -> dict:
     return {"name": MODEL, "from": frm, "to": to, "kind": kind}
 
 
-def test_rollback_target_unwinds_the_default_history():
+def test_rollback_walks_back_through_the_defaults_and_never_forward():
     history = [_h("1.0", "2.0"), _h("2.0", "3.0", "rollout")]
     assert rollback_target(history, MODEL, "3.0", ["1.0", "2.0", "3.0"]) == "2.0"
     history.append(_h("3.0", "2.0", "rollback"))
     assert rollback_target(history, MODEL, "2.0", ["1.0", "2.0", "3.0"]) == "1.0"
-    # No usable history (default changed elsewhere, or previous version gone): the highest other version.
-    assert rollback_target([], MODEL, "2.0", ["1.0", "2.0", "10.0"]) == "10.0"
-    assert rollback_target([_h("1.0", "2.0")], MODEL, "2.0", ["2.0", "3.0"]) == "3.0"
+    history.append(_h("2.0", "1.0", "rollback"))
+    # A third rollback does not flip forward to the version just rolled away from: it is refused.
+    with pytest.raises(ServingError, match="1.0 is the earliest default on record; a rollback never goes forward"):
+        rollback_target(history, MODEL, "1.0", ["1.0", "2.0", "3.0"])
+    # An explicit target must have served as the default; 3.0 did.
+    assert rollback_target(history, MODEL, "1.0", ["1.0", "2.0", "3.0"], to="3.0") == "3.0"
 
 
-def test_rollback_target_refuses_without_another_version():
-    with pytest.raises(ServingError, match="no other version is registered besides 2.0.*previous default 1.0"):
+def test_rollback_never_picks_a_version_that_did_not_serve_as_default():
+    # No history (the first registered version is the default) and a newer version registered: no target.
+    with pytest.raises(ServingError, match="no default change to 1.0 is on record"):
+        rollback_target([], MODEL, "1.0", ["1.0", "2.0"])
+    # Stale history (the default was changed outside the CLI): refused unless a served version is named.
+    stale = [_h("1.0", "2.0")]
+    with pytest.raises(ServingError, match="changed outside this CLI.*1.0, 2.0"):
+        rollback_target(stale, MODEL, "5.0", ["1.0", "2.0", "5.0", "9.0"])
+    assert rollback_target(stale, MODEL, "5.0", ["1.0", "2.0", "5.0", "9.0"], to="2.0") == "2.0"
+    with pytest.raises(ServingError, match="9.0: it never served as the default"):
+        rollback_target(stale, MODEL, "5.0", ["1.0", "2.0", "5.0", "9.0"], to="9.0")
+
+
+def test_rollback_target_must_still_be_registered():
+    with pytest.raises(ServingError, match="to 1.0: it is no longer registered; register it again first"):
         rollback_target([_h("1.0", "2.0")], MODEL, "2.0", ["2.0"])
+
+
+def test_a_failed_cleanup_keeps_the_original_error_visible():
+    def undo() -> None:
+        raise ServingError("DELETE /models/tiny/4.0: HTTP 500")
+
+    with pytest.raises(ServingError, match="smoke check failed") as e:
+        with undo_on_failure("rollout of tiny 4.0", undo):
+            raise ServingError("smoke check failed")
+    assert e.value.__notes__ == ["cleanup after the failed rollout of tiny 4.0 also failed: ServingError: "
+                                 "DELETE /models/tiny/4.0: HTTP 500"]
+
+
+def _record_many(runtime_dir: str, worker: int, n: int) -> None:
+    client = Client(Path(runtime_dir))
+    for i in range(n):
+        client._record(f"m{worker}", str(i), str(i + 1), "set-default")
+
+
+def test_history_is_written_atomically_under_a_lock(tmp_path):
+    """Concurrent CLIs (four processes) lose no default change and never leave a half-written file."""
+    from serving.server import render_config
+
+    render_config(tmp_path, tmp_path / "store")
+    (tmp_path / "key_file.json").write_text(json.dumps({k: {"key": "x"} for k in ("management", "inference", "API")}))
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_record_many, args=(str(tmp_path), w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    history = Client(tmp_path).history()
+    assert len(history) == 100 and all(p.exitcode == 0 for p in procs)
+    for w in range(4):
+        assert [e["to"] for e in history if e["name"] == f"m{w}"] == [str(i + 1) for i in range(25)]
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_cli_without_a_server_fails_in_one_line(tmp_path):
@@ -127,6 +182,15 @@ def test_register_second_version_then_set_default_switches_answers(env):
     env.client.set_default(MODEL, "2.0")
     body = _predict(env)
     assert (body["version"], body["predictions"][0]["index"]) == ("2.0", 7)
+
+
+def test_every_register_is_asynchronous(env):
+    """A synchronous register holds a frontend event-loop thread until the workers are up and stalls inference
+    requests on it (docs/reliability.md): the server's access log shows only 202 (accepted) registers."""
+    log = (env.ts.runtime_dir / "logs" / "access_log.log").read_text()
+    registers = [line for line in log.splitlines() if '"POST /models?' in line]
+    assert len(registers) >= 2  # serve's register of 1.0, the client's of 2.0
+    assert all("synchronous=false" in line and '" 202 ' in line for line in registers), registers
 
 
 def test_scale_workers_shows_in_describe(env):
@@ -232,11 +296,37 @@ def test_rollout_then_rollback_switch_the_default(env):
     assert (result["previous"], result["retired"]) == ("2.0", None)
     body = _predict(env)
     assert (body["version"], body["predictions"][0]["index"]) == ("3.0", 2)
-    assert rollback(env.client, MODEL) == {"name": MODEL, "from": "3.0", "to": "2.0"}
+    back = rollback(env.client, MODEL)
+    assert (back["from"], back["to"], back["smoke_check"]["answered_by"]) == ("3.0", "2.0", "2.0")
     assert _predict(env)["version"] == "2.0"
     r = _cli(env, "rollback", MODEL)  # the CLI shares the runtime dir's history: back to the first default
-    assert r.returncode == 0 and r.stdout.strip() == f"{MODEL}: default 2.0 -> 1.0", r.stderr
+    assert r.returncode == 0 and r.stdout.startswith(f"{MODEL}: default 2.0 -> 1.0 (smoke check passed"), r.stderr
     assert _predict(env)["version"] == "1.0"
+
+
+def test_rollback_checks_the_target_is_ready_first(env):
+    assert env.client.default_version(MODEL) == "1.0"
+    env.client.set_default(MODEL, "3.0")
+    env.client.scale(MODEL, "1.0", min_workers=0, max_workers=1)  # 1.0 stays registered, with no worker
+    with pytest.raises(ServingError, match="1.0 has minWorkers 0"):
+        rollback(env.client, MODEL)
+    assert _predict(env)["version"] == "3.0"  # the default did not move to a version that cannot answer
+    env.client.scale(MODEL, "1.0", min_workers=1, max_workers=1)
+    r = _cli(env, "rollback", MODEL, "--dry-run")
+    assert r.returncode == 0 and "would set the default 3.0 -> 1.0" in r.stdout, r.stderr
+    assert env.client.default_version(MODEL) == "3.0"
+    r = _cli(env, "rollback", MODEL)
+    assert r.returncode == 0 and r.stdout.startswith(f"{MODEL}: default 3.0 -> 1.0 (smoke check passed"), r.stdout
+    assert _predict(env)["version"] == "1.0"
+
+
+def test_rollout_dry_run_changes_nothing(env):
+    r = _cli(env, "rollout", MODEL, "3.0", "--retire-old", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["dry_run"] and plan["steps"] == ["wait for READY workers", "smoke check", "set default 1.0 -> 3.0",
+                                                 "unregister 1.0"]
+    assert env.client.default_version(MODEL) == "1.0" and env.client.versions(MODEL) == ["1.0", "2.0", "3.0"]
 
 
 def test_rollout_with_retire_old_unregisters_the_previous_default(env):
@@ -245,8 +335,10 @@ def test_rollout_with_retire_old_unregisters_the_previous_default(env):
     out = json.loads(r.stdout)
     assert out["retired"] == "1.0"
     # The smoke check reads as a check, not as a (meaningless) prediction for the synthetic pattern.
-    assert out["smoke_check"] == {"result": "passed", "request": f"POST /predictions/{MODEL}/3.0", "status": 200,
-                                  "answers": 3, "image": "synthetic test pattern (any label passes)"}
+    smoke = out["smoke_check"]
+    assert smoke.pop("ms") >= 0
+    assert smoke == {"result": "passed", "request": f"POST /predictions/{MODEL}/3.0", "status": 200, "answers": 3,
+                     "answered_by": "3.0", "image": "synthetic test pattern (any label passes)"}
     assert env.client.versions(MODEL) == ["2.0", "3.0"] and env.client.default_version(MODEL) == "3.0"
 
 
@@ -255,8 +347,27 @@ def test_unregister_removes_a_version(env):
     assert env.client.versions(MODEL) == ["3.0"]
     r = env.ts.infer.post(f"{env.ts.inference_url}/predictions/{MODEL}/2.0", data=gray_png())
     assert r.status_code == 404
-    with pytest.raises(ServingError, match="no other version is registered besides 3.0"):
+    with pytest.raises(ServingError, match="to 1.0: it is no longer registered"):
         rollback(env.client, MODEL)
+
+
+def test_an_interrupted_rollout_undoes_its_register(env):
+    """SIGTERM while the new version's workers start (they never will: its handler fails at load): the CLI
+    unregisters what it registered, says so, and the default stays where it was."""
+    tiny_archive(env.store, env.tmp / "configs", MODEL, "4.0", env.ckpts["1.0"])
+    resign_archive(env.store, MODEL, "4.0", {"classifier.py": b"raise RuntimeError('this handler never loads')\n"})
+    proc = subprocess.Popen([sys.executable, "-m", "serving", "rollout", MODEL, "4.0", "--ready-timeout", "300",
+                             "--runtime-dir", str(env.ts.runtime_dir), "--store", str(env.store)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not env.client.is_registered(MODEL, "4.0") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert env.client.is_registered(MODEL, "4.0"), proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (out, err)
+    assert err.splitlines() == ["error: terminated by SIGTERM", f"  cleaned up after the failed rollout of {MODEL} 4.0"]
+    assert env.client.versions(MODEL) == ["3.0"] and env.client.default_version(MODEL) == "3.0"
 
 
 # -- other servers ----------------------------------------------------------------------------------------------

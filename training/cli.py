@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -97,12 +98,24 @@ def _samples(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} test images to {args.out_dir}")
 
 
+def _catalog() -> str:
+    """The architectures and recipes, for --help (read without importing torch: training/catalog.py)."""
+    from training.catalog import architectures, recipes
+
+    wrap = textwrap.TextWrapper(width=100, initial_indent="  ", subsequent_indent="  ")
+    return "\n".join(["architectures (--arch):", wrap.fill(", ".join(architectures())),
+                      "recipes (--recipe, training/recipes/*.yaml):", wrap.fill(", ".join(recipes()))])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    catalog = _catalog()
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__, epilog=catalog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a model from a recipe")
+    t = sub.add_parser("train", help="train a model from a recipe", epilog=catalog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--recipe", help="recipe name in training/recipes/ or a YAML path (default: default)")
-    t.add_argument("--arch")
+    t.add_argument("--arch", help="a registered architecture (listed below); default: the recipe's")
     t.add_argument("--dataset", choices=["fashion_mnist", "cifar10", "imagefolder"])
     t.add_argument("--data-root")
     t.add_argument("--epochs", type=int)
@@ -156,11 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before any import of torch: --help and usage errors stay instant
     from training.checkpoint import CheckpointError
     from training.data import DatasetError
     from training.recipe import RecipeError
 
-    args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except (DatasetError, RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
