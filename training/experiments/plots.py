@@ -71,33 +71,42 @@ def gradnorm_profiles(summary: dict[str, Any], path: Path) -> None:
 
 
 def attention_accuracy(summary: dict[str, Any], path: Path) -> None:
-    """Test accuracy mean ± std (over seeds) per placement, one group per attention kind; the baseline's
-    mean ± std as a grey band."""
+    """Top: test accuracy mean ± std over seeds per placement, one colour per attention kind, the baseline's
+    mean ± std as a grey band. Bottom: the gain over the baseline, paired seed by seed (mean ± std)."""
     plt = _pyplot()
     variants = summary["variants"]
     base = variants.get("baseline")
     kinds = [k for k in summary["kinds"] if any(v["kind"] == k for v in variants.values())]
     placements = summary["placements"]
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     width = 0.8 / max(1, len(kinds))
     for i, kind in enumerate(kinds):
-        xs, ys, es = [], [], []
+        acc: tuple[list, list, list] = ([], [], [])
+        gain: tuple[list, list, list] = ([], [], [])
         for j, placement in enumerate(placements):
             v = variants.get(f"{kind}_{placement}")
+            x = j + (i - (len(kinds) - 1) / 2) * width
             if v and v["acc_mean"] is not None:
-                xs.append(j + (i - (len(kinds) - 1) / 2) * width)
-                ys.append(100 * v["acc_mean"])
-                es.append(100 * (v["acc_std"] or 0.0))
-        ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=kind)
+                for lst, val in zip(acc, (x, 100 * v["acc_mean"], 100 * (v["acc_std"] or 0.0))):
+                    lst.append(val)
+            p = v.get("vs_baseline") if v else None
+            if p and p["gain_mean"] is not None:
+                for lst, val in zip(gain, (x, 100 * p["gain_mean"], 100 * (p["gain_std"] or 0.0))):
+                    lst.append(val)
+        top.errorbar(*acc[:2], yerr=acc[2], fmt="o", capsize=3, color=f"C{i}", label=kind)
+        bottom.errorbar(*gain[:2], yerr=gain[2], fmt="o", capsize=3, color=f"C{i}", label=kind)
     if base and base["acc_mean"] is not None:
         m, s = 100 * base["acc_mean"], 100 * (base["acc_std"] or 0.0)
-        ax.axhspan(m - s, m + s, color="0.85", zorder=0, label="baseline mean ± std")
-        ax.axhline(m, color="0.5", lw=1, zorder=0)
-    ax.set_xticks(range(len(placements)), placements)
-    ax.set(xlabel="where the attention sits", ylabel="test accuracy (%)",
-           title=f"{summary['recipe_name']}: {summary['backbone']}, mean ± std over {len(summary['seeds'])} seeds")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+        top.axhspan(m - s, m + s, color="0.85", zorder=0, label="baseline mean ± std")
+        top.axhline(m, color="0.5", lw=1, zorder=0)
+    bottom.axhline(0, color="0.5", lw=1, zorder=0)
+    bottom.set_xticks(range(len(placements)), placements)
+    top.set(ylabel="test accuracy (%)",
+            title=f"{summary['recipe_name']}: {summary['backbone']}, mean ± std over {len(summary['seeds'])} seeds")
+    bottom.set(xlabel="where the attention sits", ylabel="gain over baseline (pp, paired by seed)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
