@@ -190,34 +190,35 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         out.append(f"The paper's pattern (plain56 above plain20, resnet56 and resnet110 below resnet20 in training "
                    f"error) is {state} here ({sum(met)} of {len(met)} comparisons).")
     for net, r in nets.items():
-        ratio = gradient_ratio(r)
-        if ratio is None:
-            continue
-        if ratio > EXPLODING:
-            shape = f"grows {ratio:.3g}x from the last quarter of the conv layers to the first (exploding " \
-                    "towards the input)"
-        elif ratio < VANISHING:
-            shape = f"shrinks to {ratio:.3g}x from the last quarter of the conv layers to the first (vanishing " \
-                    "towards the input)"
-        else:
-            shape = f"stays within a factor of 10 from the last quarter of the conv layers to the first " \
-                    f"({ratio:.3g}x)"
-        out.append(f"{net}: in epoch 1 the weight-gradient norm {shape}.")
+        shapes = [f"{_profile(ratio)} in epoch {e}" for e in sorted({1, r["epochs_done"]})
+                  if (ratio := gradient_ratio(r, e)) is not None]
+        if shapes:
+            out.append(f"{net}: from the last quarter of the conv layers to the first, the weight-gradient norm "
+                       f"{'; '.join(shapes)}.")
     return out
+
+
+def _profile(ratio: float) -> str:
+    if ratio > EXPLODING:
+        return f"grows {ratio:.3g}x (exploding towards the input)"
+    if ratio < VANISHING:
+        return f"shrinks to {ratio:.3g}x (vanishing towards the input)"
+    return f"stays within a factor of 10 ({ratio:.3g}x)"
 
 
 def table(summary: dict[str, Any]) -> str:
     rows = ["| net | skips | weighted layers | params | train error | train loss | val error | test error | "
-            "gradient norm, first / last quarter of the convs (epoch 1) | CPU time (s) |",
+            "gradient norm, first / last quarter of the convs: epoch 1 → last | CPU time (s) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for net, r in summary["nets"].items():
         last = r["history"][-1] if r["history"] else {}
-        ratio = gradient_ratio(r)
+        ratios = " → ".join(f"{x:.3g}" for e in sorted({1, r["epochs_done"]})
+                            if (x := gradient_ratio(r, e)) is not None) or "—"
         test = "—" if r["test_err"] is None else f"{100 * r['test_err']:.2f} %"
         rows.append(f"| {net} | {'yes' if r['skip'] else 'no'} | {r['layers']} | {r['params'] / 1e6:.2f} M | "
                     f"{100 * last.get('train_err', float('nan')):.2f} % | {last.get('train_loss', float('nan')):.4f} | "
                     f"{100 * last.get('val_err', float('nan')):.2f} % | {test} | "
-                    f"{'—' if ratio is None else f'{ratio:.3g}'} | {r['cpu_s']:.0f} |")
+                    f"{ratios} | {r['cpu_s']:.0f} |")
     return "\n".join(rows)
 
 
