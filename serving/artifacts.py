@@ -71,9 +71,9 @@ def _calibration(cfg: ArchiveConfig, ckpt: dict[str, Any], data_root: str | None
         batches, about = calibration_set(ckpt, spec.calibration_images, spec.calibration_seed, data_root, synthetic)
     except CalibrationError as e:
         raise ArtifactBuildError(
-            f"int8 calibration needs the checkpoint's training data on the archiving machine: {e}. Give its "
-            "location with --data-root, or (for a model whose accuracy does not matter, e.g. random weights) set "
-            "artifact.calibration: synthetic and artifact.max_accuracy_drop: null in the config") from None
+            f"int8 calibration reads the checkpoint's training data on the archiving machine, and cannot: {e}. Give "
+            "the data's location with --data-root, or (for a model whose accuracy does not matter, e.g. random "
+            "weights) set artifact.calibration: synthetic and artifact.max_accuracy_drop: null in the config") from None
     if synthetic:
         log.warning("%s %s: int8 calibrated on synthetic images (artifact.calibration: synthetic)", cfg.name,
                     cfg.version)

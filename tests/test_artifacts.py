@@ -112,7 +112,7 @@ def test_an_artifact_over_its_accuracy_budget_is_refused(archived):
 
 def test_int8_without_the_training_data_is_refused_at_archive_time(archived, tmp_path):
     cfg = load_config(write_config(tmp_path, "fm", "2.0", archived.ckpt, "int8"))
-    with pytest.raises(ArchiveError, match="int8 calibration needs the checkpoint's training data.*--data-root"):
+    with pytest.raises(ArchiveError, match="int8 calibration reads the checkpoint's training data.*--data-root"):
         build_archive(cfg, tmp_path / "store", data_root=str(tmp_path / "no-data"))
     assert not (tmp_path / "store" / "fm-2.0.mar").exists()
 
