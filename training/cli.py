@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "accuracy, params, FLOPs, CPU latency")
     _experiment_args(a, "attention_cpu")
     a.add_argument("--kinds", nargs="+", default=list(attention.KINDS), choices=attention.KINDS)
-    a.add_argument("--placements", nargs="+", default=list(attention.PLACEMENTS), choices=list(attention.PLACEMENTS))
+    a.add_argument("--placements", nargs="+", default=list(attention.CPU_PLACEMENTS),
+                   choices=list(attention.PLACEMENTS))
     a.add_argument("--seeds", nargs="+", type=int, default=list(attention.SEEDS))
     a.add_argument("--latency", action="store_true", help="measure batch-1 CPU latency (on a quiet machine)")
     a.set_defaults(fn=_attention)

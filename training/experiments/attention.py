@@ -32,6 +32,8 @@ from training.zoo import count_flops, cpu_latency_ms
 KINDS = ("se", "cbam", "non_local")
 PLACEMENTS = {"stage1": [1], "stage2": [2], "stage3": [3], "stages2-3": [2, 3], "all": [1, 2, 3]}
 SEEDS = (0, 1, 2)
+# The default (CPU) placements: the first stage, the last stage, everywhere; `--placements` adds stage2, stages2-3.
+CPU_PLACEMENTS = ("stage1", "stage3", "all")
 LATENCY_THREADS, LATENCY_REPS, LATENCY_ROUNDS = 2, 10, 3
 # Two-sided 95 % critical values of Student's t by degrees of freedom (standard tables).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -62,7 +64,7 @@ def variants(kinds: tuple[str, ...] = KINDS, placements: tuple[str, ...] = tuple
 
 
 def attention_experiment(recipe: str = "attention_cpu", out_dir: str | Path | None = None,
-                         kinds: tuple[str, ...] = KINDS, placements: tuple[str, ...] = tuple(PLACEMENTS),
+                         kinds: tuple[str, ...] = KINDS, placements: tuple[str, ...] = CPU_PLACEMENTS,
                          seeds: tuple[int, ...] = SEEDS, overrides: dict[str, Any] | None = None,
                          latency: bool = False, docs_dir: str | Path | None = None,
                          progress: bool = True) -> dict[str, Any]:
