@@ -209,6 +209,10 @@ def test_variants_cover_each_stage_the_last_stages_and_everywhere() -> None:
     assert v["non_local_all"]["model_args"] == {"non_local_stages": [1, 2, 3]}
     with pytest.raises(ValueError, match="unknown kind"):
         variants(("eca",))
+    assert list(variants(("se", "non_local"), ("stage1", "all"), skip=("non_local_stage1",))) == [
+        "baseline", "se_stage1", "se_all", "non_local_all"]
+    with pytest.raises(ValueError, match="non_local_stage9"):
+        variants(skip=("non_local_stage9",))
 
 
 @needs_fmnist

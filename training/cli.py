@@ -76,8 +76,8 @@ def _attention(args: argparse.Namespace) -> None:
     from training.experiments.attention import attention_experiment
 
     attention_experiment(args.recipe, args.out_dir, kinds=tuple(args.kinds), placements=tuple(args.placements),
-                         seeds=tuple(args.seeds), overrides=_experiment_overrides(args), latency=args.latency,
-                         docs_dir=_docs_dir(args), progress=not args.quiet)
+                         skip=tuple(args.skip), seeds=tuple(args.seeds), overrides=_experiment_overrides(args),
+                         latency=args.latency, docs_dir=_docs_dir(args), progress=not args.quiet)
 
 
 def _experiment_args(p: argparse.ArgumentParser, recipe: str) -> None:
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--kinds", nargs="+", default=list(attention.KINDS), choices=attention.KINDS)
     a.add_argument("--placements", nargs="+", default=list(attention.CPU_PLACEMENTS),
                    choices=list(attention.PLACEMENTS))
+    a.add_argument("--skip", nargs="*", default=list(attention.CPU_SKIP), metavar="VARIANT",
+                   help=f"variants (kind_placement) to leave out (default {' '.join(attention.CPU_SKIP)}; "
+                        "none: --skip)")
     a.add_argument("--seeds", nargs="+", type=int, default=list(attention.SEEDS))
     a.add_argument("--latency", action="store_true", help="measure batch-1 CPU latency (on a quiet machine)")
     a.set_defaults(fn=_attention)
