@@ -15,7 +15,7 @@ WORKERS ?= 1
 SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo train eval zoo samples experiment-depth experiment-attention archive serve stop predict models describe register \
+.PHONY: setup demo train eval zoo samples experiment-depth experiment-attention experiment-transfer bench-loader archive serve stop predict models describe register \
         scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean
 
 setup:
@@ -41,6 +41,15 @@ experiment-depth: setup
 
 experiment-attention: setup
 	$(PY) -m training experiment-attention --latency --docs $(EXPERIMENT_ARGS)
+
+# Pretrain on Fashion-MNIST 0-4, fine-tune on 5-9 four ways (resumable; figures into docs/training.md) and
+# write the checkpoint archive_configs/fmnist-transfer-resnet50 serves.
+experiment-transfer: setup
+	$(PY) -m training experiment-transfer --docs docs --checkpoint-out checkpoints/resnet50-fmnist-transfer.pt
+
+# Loader images/s on a synthetic ImageNet-layout tree (PIL vs torchvision.io, workers); run on a quiet machine.
+bench-loader: setup
+	$(PY) -m training.loader_bench --docs docs
 
 # An archived name+version is immutable: ARCHIVE_ARGS=--replace rebuilds one from changed inputs (recorded).
 archive: setup

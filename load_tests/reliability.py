@@ -36,6 +36,7 @@ from serving import server  # noqa: E402
 from serving.manage import Client, ServingError  # noqa: E402
 from serving.rollout import rollback, rollout  # noqa: E402
 from tests.torchserve import TorchServe, gray_png  # noqa: E402
+from training.docblock import write_doc_block  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
 FIGURES = "reliability.json"  # next to the doc: the figures its generated blocks come from
@@ -194,18 +195,6 @@ def snapshot_restart(ts: TorchServe) -> dict[str, Any]:
     return {"scenario": "stop + restart from the config snapshot", "snapshot": snapshot.name,
             "restart_s": round(time.time() - t, 1), "restored": before == after, "before": before, "after": after,
             "default_answers": r.json().get("version") if r.ok else r.status_code}
-
-
-def write_doc_block(path: Path, name: str, body: str) -> None:
-    """Replace the text between <!-- name:begin --> and <!-- name:end --> in `path` (appended if missing)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.is_file() else ""
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def summary_md(results: dict[str, Any]) -> str:
