@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from training.experiments.attention import paired, variants
 from training.experiments.depth import compare_training_error, verdicts
-from training.experiments.runs import Run, write_docs_block
+from training.experiments.runs import Run
 from training.gradnorm import GradNormRecorder, weighted_layers
 from training.models import get_model
 from training.models.layers import CBAM, NonLocalBlock, SEModule
@@ -155,8 +155,7 @@ def test_depth_driver_end_to_end(tmp_path) -> None:
 
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "training.md").write_text("# T\n<!-- begin generated: depth_cpu -->\nold\n"
-                                      "<!-- end generated: depth_cpu -->\n")
+    (docs / "training.md").write_text("# T\n<!-- depth_cpu:begin -->\nold\n<!-- depth_cpu:end -->\nrest\n")
     overrides = {"limit": 256, "epochs": 2, "batch_size": 32, "warmup_epochs": 0.25, "model_args": TINY}
     s = depth_experiment("depth_cpu", tmp_path / "out", nets=("plain20", "resnet20"), overrides=overrides,
                          gradnorm_every=2, train_eval_images=128, docs_dir=docs, progress=False)
@@ -171,6 +170,7 @@ def test_depth_driver_end_to_end(tmp_path) -> None:
     assert (docs / "experiments" / "depth_cpu_gradnorms.png").stat().st_size > 0
     page = (docs / "training.md").read_text()
     assert "old" not in page and "| plain20 | no | 20 |" in page and s["verdicts"][0] in page
+    assert page.startswith("# T\n<!-- depth_cpu:begin -->\n") and page.endswith("<!-- depth_cpu:end -->\nrest\n")
 
 
 def _net(errs: list[float]) -> dict:
@@ -238,12 +238,3 @@ def test_attention_driver_two_variants_one_epoch(tmp_path) -> None:
     again = attention_experiment("attention_cpu", tmp_path, **kw)
     assert again["variants"]["se_stage3"]["test_acc"] == se["test_acc"] and again["latency"] == s["latency"]
     assert (tmp_path / "attention_cpu.png").stat().st_size > 0
-
-
-def test_docs_block_is_replaced_only_between_its_markers(tmp_path) -> None:
-    page = tmp_path / "p.md"
-    page.write_text("a\n<!-- begin generated: x -->\nold\n<!-- end generated: x -->\nb\n")
-    write_docs_block(page, "x", "new")
-    assert page.read_text() == "a\n<!-- begin generated: x -->\nnew\n<!-- end generated: x -->\nb\n"
-    with pytest.raises(ValueError, match="needs exactly one"):
-        write_docs_block(page, "y", "new")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from training.docblock import write_doc_block
 from training.gradnorm import GradNormRecorder
 from training.recipe import Recipe
 from training.train import train
@@ -127,20 +128,6 @@ class Run:
         return record
 
 
-def write_docs_block(md_path: str | os.PathLike, key: str, text: str) -> None:
-    """Replace the generated block `key` in a markdown file (between `<!-- begin generated: key -->` and
-    `<!-- end generated: key -->`); the markers must exist, so a block is placed by hand once and then only
-    ever regenerated."""
-    path = Path(md_path)
-    begin, end = f"<!-- begin generated: {key} -->", f"<!-- end generated: {key} -->"
-    doc = path.read_text()
-    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
-        raise ValueError(f"{path} needs exactly one '{begin}' ... '{end}' block")
-    head, rest = doc.split(begin)
-    _, tail = rest.split(end)
-    path.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
-
-
 def publish(summary: dict[str, Any], out: Path, docs_dir: Path, images: list[str], text: str) -> None:
     """A finished experiment into the docs: its summary JSON and `images` (from `out`) to docs_dir/experiments/,
     `text` as its generated block in docs_dir/training.md."""
@@ -152,7 +139,7 @@ def publish(summary: dict[str, Any], out: Path, docs_dir: Path, images: list[str
     write_json(target / f"{name}.json", summary)
     for image in images:
         (target / image).write_bytes((out / image).read_bytes())
-    write_docs_block(docs_dir / "training.md", name, text)
+    write_doc_block(docs_dir / "training.md", name, text)
 
 
 def usage(records: list[dict[str, Any]]) -> dict[str, Any]:
