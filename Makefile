@@ -16,7 +16,9 @@ SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup demo train eval zoo samples experiment-depth experiment-attention experiment-transfer bench-loader archive serve stop predict models describe register \
-        scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean
+        scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean \
+        fleet-up fleet-down fleet-status fleet-rollout fleet-canary fleet-promote fleet-rollback manifests \
+        reliability-fleet
 
 setup:
 	@bash scripts/setup.sh
@@ -129,6 +131,39 @@ reliability: SOAK_S ?= 600
 reliability: FAULT_S ?= 30
 reliability: setup
 	$(PY) -m load_tests.reliability --soak-duration $(SOAK_S) --fault-seconds $(FAULT_S) $(RELIABILITY_ARGS)
+
+# A local fleet: FLEET_NODES TorchServe nodes behind HAProxy on 127.0.0.1:8090 (docs/fleet.md).
+fleet-up: FLEET_NODES ?= 2
+fleet-up: setup
+	$(PY) -m serving fleet up --nodes $(FLEET_NODES) --models $(SERVE_MODELS)
+
+fleet-down:
+	@if [ -x $(PY) ]; then $(PY) -m serving fleet down; else echo "nothing to stop"; fi
+
+fleet-status:
+	$(PY) -m serving fleet status
+
+fleet-rollout:
+	$(PY) -m serving fleet rollout $(MODEL) $(VERSION)
+
+fleet-canary: PERCENT ?= 10
+fleet-canary:
+	$(PY) -m serving fleet canary $(MODEL) $(VERSION) --percent $(PERCENT)
+
+fleet-promote:
+	$(PY) -m serving fleet promote $(MODEL)
+
+fleet-rollback:
+	$(PY) -m serving fleet rollback $(MODEL)
+
+# Kubernetes manifests (deploy/) from the archive configs.
+manifests: setup
+	$(PY) -m serving manifests
+
+# Fleet operations and node faults under load through HAProxy, plus 1/2/3-node throughput; figures go to
+# docs/fleet.md and docs/fleet-reliability.json. Measure on a quiet machine.
+reliability-fleet: setup
+	$(PY) -m load_tests.fleet_reliability $(RELIABILITY_FLEET_ARGS)
 
 clean:
 	rm -rf reports runs .pytest_cache .ruff_cache

@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import requests
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from load_tests.soak import MODEL, Load, build_store  # noqa: E402
 from serving import server  # noqa: E402
-from serving.manage import Client, ServingError  # noqa: E402
+from serving.manage import Client, ServingError, verify_archive  # noqa: E402
 from serving.rollout import rollback, rollout  # noqa: E402
 from tests.torchserve import TorchServe, gray_png  # noqa: E402
 from training.docblock import write_doc_block  # noqa: E402
@@ -154,7 +153,7 @@ def restart_from_snapshot(ts: TorchServe, timeout: float = 120.0) -> Path:
     snapshot = max((ts.runtime_dir / "logs" / "config").glob("*.cfg"), key=lambda p: p.name)
     for name, versions in read_snapshot(snapshot)["models"].items():
         for version in versions:
-            Client.verify_archive(SimpleNamespace(store=ts.store), name, version)  # uses only .store
+            verify_archive(ts.store, name, version)
     log = ts.runtime_dir / "logs" / "launcher.log"
     with open(log, "wb") as f:
         subprocess.run([server._torchserve(), "--start", "--ts-config", str(snapshot), "--model-store",

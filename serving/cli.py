@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("howto", "print working curl commands for a running server (the key read from the key file)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--image", type=Path, help="image in the commands (default: the first reports/samples/*.png)")
+    from serving.fleet_cli import add_parser as add_fleet
+
+    add_fleet(sub)
     return parser
 
 
@@ -316,6 +319,10 @@ Versions (registered {', '.join(versions)}; default {default}; archived {', '.jo
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.cmd in ("fleet", "manifests"):
+        from serving.fleet_cli import run as run_fleet
+
+        return run_fleet(a)
     local = {"archive": cmd_archive, "serve": cmd_serve, "stop": cmd_stop}
     if a.cmd in local:
         return local[a.cmd](a)
