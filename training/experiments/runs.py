@@ -9,6 +9,7 @@ pair and redoes at most one epoch. A record made with another recipe is an error
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -78,7 +79,11 @@ class Run:
             raise ValueError(f"{self.path} is not valid JSON ({e}); delete it to retrain {self.name}") from None
         old = {"gradnorm_every": record.get("gradnorm_every"), **record.get("recipe", {})}
         new = json.loads(json.dumps({"gradnorm_every": self.gradnorm_every, **result_recipe(self.recipe)}))
-        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+        # a recipe key added after the record was made counts as unchanged while it keeps its default
+        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Recipe)
+                                          if f.default is not dataclasses.MISSING}, default=str))
+        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                if old.get(k, defaults.get(k, old.get(k))) != v]
         if diff:
             raise ValueError(f"{self.path} was trained differently ({'; '.join(diff[:4])}); use another "
                              f"--out-dir or delete {self.folder} to start over")
