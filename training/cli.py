@@ -183,28 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=8)
     s.add_argument("--out-dir", default="reports/samples")
     s.set_defaults(fn=_samples)
-    from training.experiments import attention, depth
+    from training.experiments import defaults
 
     d = sub.add_parser("experiment-depth", help="CIFAR-style plain vs residual nets of 20/56/110 layers "
                                                 "(degradation), with per-layer gradient norms")
     _experiment_args(d, "depth_cpu")
-    d.add_argument("--nets", nargs="+", default=list(depth.NETS), metavar="ARCH",
-                   help=f"default: {' '.join(depth.NETS)}")
-    d.add_argument("--gradnorm-every", type=int, default=depth.GRADNORM_EVERY, metavar="STEPS",
-                   help=f"optimizer steps between gradient-norm records (default {depth.GRADNORM_EVERY})")
-    d.add_argument("--train-eval-images", type=int, default=depth.TRAIN_EVAL_IMAGES, metavar="N",
-                   help=f"training images scored for the training error (default {depth.TRAIN_EVAL_IMAGES})")
+    d.add_argument("--nets", nargs="+", default=list(defaults.NETS), metavar="ARCH",
+                   help=f"default: {' '.join(defaults.NETS)}")
+    d.add_argument("--gradnorm-every", type=int, default=defaults.GRADNORM_EVERY, metavar="STEPS",
+                   help=f"optimizer steps between gradient-norm records (default {defaults.GRADNORM_EVERY})")
+    d.add_argument("--train-eval-images", type=int, default=defaults.TRAIN_EVAL_IMAGES, metavar="N",
+                   help=f"training images scored for the training error (default {defaults.TRAIN_EVAL_IMAGES})")
     d.set_defaults(fn=_depth)
     a = sub.add_parser("experiment-attention", help="SE / CBAM / non-local placed per stage, several seeds: "
                                                     "accuracy, params, FLOPs, CPU latency")
     _experiment_args(a, "attention_cpu")
-    a.add_argument("--kinds", nargs="+", default=list(attention.KINDS), choices=attention.KINDS)
-    a.add_argument("--placements", nargs="+", default=list(attention.CPU_PLACEMENTS),
-                   choices=list(attention.PLACEMENTS))
-    a.add_argument("--skip", nargs="*", default=list(attention.CPU_SKIP), metavar="VARIANT",
-                   help=f"variants (kind_placement) to leave out (default {' '.join(attention.CPU_SKIP)}; "
+    a.add_argument("--kinds", nargs="+", default=list(defaults.KINDS), choices=defaults.KINDS)
+    a.add_argument("--placements", nargs="+", default=list(defaults.CPU_PLACEMENTS),
+                   choices=list(defaults.PLACEMENTS))
+    a.add_argument("--skip", nargs="*", default=list(defaults.CPU_SKIP), metavar="VARIANT",
+                   help=f"variants (kind_placement) to leave out (default {' '.join(defaults.CPU_SKIP)}; "
                         "none: --skip)")
-    a.add_argument("--seeds", nargs="+", type=int, default=list(attention.SEEDS))
+    a.add_argument("--seeds", nargs="+", type=int, default=list(defaults.SEEDS))
     a.add_argument("--latency", action="store_true", help="measure batch-1 CPU latency (on a quiet machine)")
     a.set_defaults(fn=_attention)
     x = sub.add_parser("experiment-transfer", help="pretrain on Fashion-MNIST 0-4, fine-tune on 5-9 with "

@@ -23,20 +23,13 @@ from typing import Any
 
 import torch
 
+from training.experiments.defaults import CPU_PLACEMENTS, CPU_SKIP, KINDS, PLACEMENTS, SEEDS
 from training.experiments.plots import attention_accuracy
 from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text, write_json
 from training.models import get_model
 from training.recipe import Recipe, load_recipe
 from training.zoo import count_flops, cpu_latency_ms
 
-KINDS = ("se", "cbam", "non_local")
-PLACEMENTS = {"stage1": [1], "stage2": [2], "stage3": [3], "stages2-3": [2, 3], "all": [1, 2, 3]}
-SEEDS = (0, 1, 2)
-# The default (CPU) placements: the first stage, the last stage, everywhere; `--placements` adds stage2, stages2-3.
-CPU_PLACEMENTS = ("stage1", "stage3", "all")
-# Left out of the CPU default: a non-local block at 28 px (784 positions) makes a run several times slower on the
-# CPU than the whole backbone; `--skip` with no names trains them too.
-CPU_SKIP = ("non_local_stage1", "non_local_all")
 LATENCY_THREADS, LATENCY_REPS, LATENCY_ROUNDS = 2, 10, 3
 # Two-sided 95 % critical values of Student's t by degrees of freedom (standard tables).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,

@@ -19,6 +19,7 @@ from typing import Any
 
 from training.checkpoint import build_model
 from training.data import TensorLoader, TensorSplit, load_dataset
+from training.experiments.defaults import GRADNORM_EVERY, NETS, TRAIN_EVAL_IMAGES
 from training.experiments.plots import depth_curves, gradnorm_profiles
 from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text, write_json
 from training.gradnorm import mean_norms
@@ -26,11 +27,6 @@ from training.models import get_model, list_models
 from training.recipe import Recipe, load_recipe
 from training.train import evaluate, pick_device
 
-# The default (CPU) set: 20 vs 56 layers, plain and residual. The 110-layer nets (`--nets ... resnet110 plain110`)
-# cost as much as the other four together; the GPU recipe trains all six.
-NETS = ("plain20", "plain56", "resnet20", "resnet56")
-GRADNORM_EVERY = 5  # optimizer steps between gradient-norm records
-TRAIN_EVAL_IMAGES = 4096  # training images scored after each epoch for the training error
 EXPLODING, VANISHING = 10.0, 0.1  # first-layer / last-conv gradient-norm ratios beyond which we name the trend
 
 
