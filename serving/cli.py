@@ -339,7 +339,13 @@ def run(a: argparse.Namespace) -> int:
         print(client.ping()["status"])
         return 0
     if a.cmd == "describe":
-        _print(client.describe_full(a.name, a.version))
+        versions = client.describe_full(a.name, a.version)
+        _print(versions)
+        for d in versions:  # what a worker warns about (synthetic int8 calibration, ...) also goes to stderr
+            for key in ("warning", "version_warning"):
+                text = ((d.get("customizedMetadata") or {}).get("runtime_info") or {}).get(key)
+                if text:
+                    print(f"warning: {a.name} {d['modelVersion']}: {text}", file=sys.stderr)
     elif a.cmd == "register":
         if a.dry_run:
             mar = client.verify_archive(a.name, a.version)
