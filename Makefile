@@ -18,7 +18,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: setup demo train eval zoo samples experiment-depth experiment-attention experiment-transfer bench-loader archive serve stop predict models describe register \
         scale set-default unregister rollout rollback metrics test lint load-test bench reliability clean \
         fleet-up fleet-down fleet-status fleet-rollout fleet-canary fleet-promote fleet-rollback manifests \
-        reliability-fleet
+        reliability-fleet experiment-kd experiment-qat search model-report
 
 setup:
 	@bash scripts/setup.sh
@@ -52,6 +52,20 @@ experiment-transfer: setup
 # Loader images/s on a synthetic ImageNet-layout tree (PIL vs torchvision.io, workers); run on a quiet machine.
 bench-loader: setup
 	$(PY) -m training.loader_bench --docs docs
+
+# Efficiency (docs/efficiency.md, docs/model-selection.md). Long runs are resumable; measure latency on a quiet machine.
+experiment-kd: setup
+	$(PY) -m training experiment-kd $(KD_ARGS)
+
+experiment-qat: setup
+	$(PY) -m training experiment-qat $(QAT_ARGS)
+
+# A few minutes here; longer: make search SEARCH_ARGS="--trials 60 --timeout-s 3600 --limit 10000 --epochs 3"
+search: setup
+	$(PY) -m training search --docs docs --recipe training/recipes/searched_fmnist.yaml $(SEARCH_ARGS)
+
+model-report: setup
+	$(PY) -m training select $(SELECT_ARGS)
 
 # An archived name+version is immutable: ARCHIVE_ARGS=--replace rebuilds one from changed inputs (recorded).
 archive: setup

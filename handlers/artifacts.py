@@ -23,7 +23,7 @@ from typing import Any
 
 MANIFEST = "artifact.json"
 FORMAT = 1
-PACKED = ("onnx", "int8")  # runtimes whose artifact is a built file; the others run the checkpoint
+PACKED = ("onnx", "int8", "qat")  # runtimes whose artifact is a built file; the others run the checkpoint
 CALIBRATION_IMAGES = 64    # int8: images drawn from the training split (more changed nothing, docs/runtimes.md)
 CALIBRATION_SEED = 0       # the seed of that draw
 MAX_ACCURACY_DROP = 0.5    # points of test accuracy an artifact may lose against the fp32 checkpoint
@@ -79,7 +79,7 @@ def verify_artifact(manifest_path: str | os.PathLike, runtime: str,
         raise ArtifactError(f"the checkpoint's sha256 {checkpoint_sha256[:12]}… is not the "
                             f"{str(m.get('checkpoint_sha256'))[:12]}… that {manifest_path.name} was built from; "
                             f"refusing to load; {REBUILD}")
-    info = {k: m[k] for k in ("calibration", "accuracy", "note", "built_with") if k in m}
+    info = {k: m[k] for k in ("calibration", "qat", "accuracy", "note", "built_with") if k in m}
     if runtime not in PACKED:
         return None, info
     name = str(m.get("file") or "")

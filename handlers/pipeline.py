@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from handlers.artifacts import PACKED
 from handlers.decode import DecodeLimits, decode_image, decode_jpegs, image_pixels
 from handlers.errors import BadInput, error_body
 from handlers.runtimes import RUNTIMES, content_sha256, file_sha256, prepare_runtime
@@ -110,8 +111,9 @@ class Pipeline:
         if cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)  # torch and ONNX Runtime both follow it (see prepare_model)
         self.runtime_cache, self.recipe, self.artifact = runtime_cache, dict(ckpt.get("recipe") or {}), artifact
-        # onnx/int8 files are cached per checkpoint: the file's sha256 when loaded from a file, else a content hash
-        self.checkpoint_sha256 = checkpoint_sha256 or (content_sha256(ckpt) if runtime in ("onnx", "int8") else None)
+        self.qat = ckpt.get("qat")  # what quantization-aware training learnt (the qat runtime's development build)
+        # onnx/int8/qat files are cached per checkpoint: the file's sha256 when loaded from a file, else a content hash
+        self.checkpoint_sha256 = checkpoint_sha256 or (content_sha256(ckpt) if runtime in PACKED else None)
         self.runtime_info: dict[str, Any] = {}
         self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)  # seconds per stage, last handle_requests
         self.model = self.prepare_model(build_model(ckpt))
@@ -122,7 +124,7 @@ class Pipeline:
         ckpt = load_checkpoint(path, map_location="cpu")
         if options.get("artifact"):  # the archive's artifact manifest, next to the checkpoint in the model dir
             options["artifact"] = os.path.join(os.path.dirname(os.path.abspath(path)), options["artifact"])
-        if options.get("artifact") or options.get("runtime") in ("onnx", "int8"):  # checked / cache key
+        if options.get("artifact") or options.get("runtime") in PACKED:  # checked / cache key
             options.setdefault("checkpoint_sha256", file_sha256(path))
         return cls(ckpt, device, **options)
 
@@ -131,7 +133,8 @@ class Pipeline:
         torch's thread count, which the TorchServe adapter sets from cpu_threads (cores / workers by default)."""
         module, self.runtime_info = prepare_runtime(
             self.runtime, model, self.preprocess, self.device, threads=torch.get_num_threads(),
-            cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe, artifact=self.artifact)
+            cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe, artifact=self.artifact,
+            qat=self.qat)
         log.info("runtime %s ready: %s", self.runtime, self.runtime_info)
         return module
 

@@ -9,8 +9,10 @@
 | bf16    | bf16 autocast + channels_last (CPU with AVX512-BF16/AMX, or CUDA) |
 | int8    | ONNX Runtime static int8 (QDQ, per-channel int8 weights, uint8 activations, MinMax calibration; the |
 |         | logits layer stays fp32) |
+| qat     | ONNX Runtime on the int8 graph quantization-aware training learnt (training/qat.py: the converted pt2e |
+|         | graph as QDQ ONNX); only for checkpoints trained with qat: true, no calibration |
 
-In a TorchServe worker, `onnx` and `int8` load the artifact the archive step built and packed into the .mar
+In a TorchServe worker, `onnx`, `int8` and `qat` load the artifact the archive step built and packed into the .mar
 (`artifact`: the path of its manifest; handlers/artifacts.py checks it and its sha256 first). Without an
 artifact (tests, benchmarks, notebooks) the graph is built here and kept in a development cache under
 `<cache>/<checkpoint sha256>/<build key>/`: the key covers the torch, onnx, onnxscript and ONNX Runtime versions,
@@ -41,7 +43,7 @@ from handlers.artifacts import CALIBRATION_IMAGES, CALIBRATION_SEED, PACKED, fil
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8")
+RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8", "qat")
 CPU_ONLY = PACKED                     # onnxruntime is installed with the CPU provider only
 INT8_SCHEME = "qdq-fp32head"          # the quantize_onnx recipe, part of the build key
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -131,13 +133,15 @@ class OrtModule(nn.Module):
 def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], device: torch.device | str = "cpu",
                     *, threads: int | None = None, cache_dir: str | os.PathLike | None = None,
                     key: str | None = None, recipe: Mapping[str, Any] | None = None,
-                    artifact: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                    artifact: str | os.PathLike | None = None,
+                    qat: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(module mapping a normalized float32 batch to float32 logits, info for logs/describe).
 
     `threads`: CPU threads for ONNX Runtime (default torch.get_num_threads(), which the handler sets from
     cpu_threads). `key`: the checkpoint's sha256 (checked against the artifact manifest; names the development
     cache). `artifact`: the archive's artifact manifest; onnx/int8 then load its file and build nothing.
-    `recipe`: the checkpoint's recipe, whose training data calibrates a development int8 build.
+    `recipe`: the checkpoint's recipe, whose training data calibrates a development int8 build. `qat`: the
+    checkpoint's `qat` entry (what quantization-aware training learnt), for a development qat build.
     """
     device = torch.device(device)
     if name not in RUNTIMES:
@@ -169,7 +173,7 @@ def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], 
         out = _compile(wrapped, preprocess, device, cache)
     else:
         if packed is None:
-            packed = _development_build(name, model, preprocess, cache, key, recipe, info)
+            packed = _development_build(name, model, preprocess, cache, key, recipe, info, qat)
         out = OrtModule(packed, threads or torch.get_num_threads())
         info.update(file=str(packed), threads=out.threads)
     if (info.get("calibration") or {}).get("source") == "synthetic":
@@ -180,12 +184,23 @@ def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], 
 
 
 def _development_build(name: str, model: nn.Module, preprocess: Mapping[str, Any], cache: Path, key: str | None,
-                       recipe: Mapping[str, Any] | None, info: dict[str, Any]) -> Path:
-    """onnx/int8 without an archive: build in the development cache (see the module docstring)."""
+                       recipe: Mapping[str, Any] | None, info: dict[str, Any],
+                       qat: Mapping[str, Any] | None = None) -> Path:
+    """onnx/int8/qat without an archive: build in the development cache (see the module docstring)."""
     if not key:
         raise ValueError(f"runtime {name!r} needs the checkpoint's sha256 to name its cache")
     shape = f"{preprocess['channels']}x{preprocess['size']}"
     versions = builder_versions()
+    if name == "qat":
+        from training.qat import export_onnx as export_qat
+        from training.qat import qat_state
+        from training.qat import versions as qat_versions
+
+        qat_state(dict(qat or {}))  # a checkpoint without QAT is refused before anything is built
+        folder = cache / key / _build_key({**versions, **qat_versions(), "qat": qat["scheme"]})
+        path, hit = _cached(folder / f"qat-{shape}.onnx", lambda p: export_qat(model, dict(preprocess), dict(qat), p))
+        info["cache"] = "hit" if hit else "miss"
+        return path
     fp32, hit = _cached(cache / key / _build_key(versions) / f"fp32-{shape}.onnx",
                         lambda p: export_onnx(model, preprocess, p))
     info["cache"] = "hit" if hit else "miss"

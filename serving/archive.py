@@ -286,7 +286,7 @@ def _entry(cfg: ArchiveConfig, ckpt: dict[str, Any], root: Path, mar: Path, sha:
         "name": cfg.name, "version": cfg.version, "mar": mar.name, "sha256": sha, "created": now,
         "checkpoint": _display_path(cfg.checkpoint, root), "metrics": ckpt.get("metrics", {}),
         "arch": ckpt["arch"], "runtime": cfg.runtime, "torchserve": cfg.torchserve,
-        "artifact": {k: manifest[k] for k in ("file", "sha256", "calibration", "note") if k in manifest},
+        "artifact": {k: manifest[k] for k in ("file", "sha256", "calibration", "qat", "note") if k in manifest},
         "accuracy": manifest["accuracy"], "inputs_sha256": digest(inputs), "inputs": inputs,
     }
     if existing is None:

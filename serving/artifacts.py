@@ -39,12 +39,17 @@ class ArtifactBuildError(RuntimeError):
 
 def build_artifact(cfg: ArchiveConfig, ckpt: dict[str, Any], out_dir: Path,
                    data_root: str | None = None) -> dict[str, Any]:
-    """Write the artifact (onnx/int8) and artifact.json into out_dir; returns the manifest."""
+    """Write the artifact (onnx/int8/qat) and artifact.json into out_dir; returns the manifest."""
     runtime = cfg.runtime
     model = build_model(ckpt)
     manifest: dict[str, Any] = {"format": FORMAT, "runtime": runtime, "checkpoint": cfg.checkpoint.name,
                                 "checkpoint_sha256": file_sha256(cfg.checkpoint), "built_with": builder_versions()}
-    if runtime in PACKED:
+    if runtime == "qat":
+        target = out_dir / "model.qat.onnx"
+        _qat_artifact(cfg, ckpt, model, target, manifest)
+        manifest.update(file=target.name, sha256=file_sha256(target))
+        served = OrtModule(target, torch.get_num_threads())
+    elif runtime in PACKED:
         fp32 = out_dir / "model.fp32.onnx"
         export_onnx(model, ckpt["preprocess"], fp32)
         target = fp32
@@ -62,6 +67,22 @@ def build_artifact(cfg: ArchiveConfig, ckpt: dict[str, Any], out_dir: Path,
     manifest["accuracy"] = _accuracy(cfg, ckpt, model, served, data_root)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _qat_artifact(cfg: ArchiveConfig, ckpt: dict[str, Any], model: torch.nn.Module, target: Path,
+                  manifest: dict[str, Any]) -> None:
+    """The int8 graph quantization-aware training learnt (training/qat.py), as QDQ ONNX: no calibration, the
+    scales come from training. A checkpoint trained without qat: true is refused."""
+    from training.qat import QATError, export_onnx
+
+    qat = ckpt.get("qat")
+    try:
+        export_onnx(model, ckpt["preprocess"], qat, target)
+    except QATError as e:
+        raise ArtifactBuildError(f"{cfg.name} {cfg.version}: runtime qat: {e}") from None
+    manifest["qat"] = {"scheme": qat["scheme"], "versions": qat["versions"],
+                       "fake_quantizers": qat.get("fake_quantizers"),
+                       "fake_quant_test_acc": (ckpt.get("metrics") or {}).get("test_acc")}
 
 
 def _calibration(cfg: ArchiveConfig, ckpt: dict[str, Any], data_root: str | None) -> tuple[list[torch.Tensor], dict]:

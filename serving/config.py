@@ -28,7 +28,7 @@ def _project_root() -> Path:
 
 ROOT = _project_root()
 CONFIG_DIR = ROOT / "archive_configs"
-RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8")
+RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8", "qat")
 DEVICE_TYPES = ("cpu", "gpu")
 DEFAULT_HANDLER = "handlers/classifier.py"
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # plain TorchServe model names, usable in URLs and file names

@@ -22,7 +22,7 @@ from tests.doc_examples import (
 from tests.torchserve import gray_png, metric
 
 SERVED_DOCS = ("README.md", "docs/serving.md")
-DOCS = (*SERVED_DOCS, "docs/training.md")
+DOCS = (*SERVED_DOCS, "docs/training.md", "docs/efficiency.md")
 MODEL = "tiny"  # the session server's model, in place of the demo's fmnist-lenet5 (same versions: 1.0, 2.0)
 
 

@@ -20,8 +20,8 @@ def _train(args: argparse.Namespace) -> None:
 
     overrides = {"arch": args.arch, "dataset": args.dataset, "epochs": args.epochs, "data_root": args.data_root,
                  "batch_size": args.batch_size, "lr": args.lr, "limit": args.limit, "seed": args.seed,
-                 "img_size": args.img_size, "init_from": args.init_from,
-                 "pretrained_weights": args.pretrained_weights, "freeze": args.freeze}
+                 "img_size": args.img_size, "teacher": args.teacher, "qat": True if args.qat else None,
+                 "init_from": args.init_from, "pretrained_weights": args.pretrained_weights, "freeze": args.freeze}
     recipe = load_recipe(args.recipe or "default", overrides)
     if recipe.arch not in list_models():
         raise RecipeError(f"unknown arch {recipe.arch!r}; known: {', '.join(list_models())}")
@@ -98,6 +98,53 @@ def _experiment_args(p: argparse.ArgumentParser, recipe: str) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _kd(args: argparse.Namespace) -> None:
+    from training.kd_experiment import report, run
+
+    if args.report_only:
+        summary = report(args.checkpoints, args.reports, "docs", args.profile)
+    else:
+        summary = run(args.checkpoints, args.reports, "docs", only=args.only, profile=args.profile)
+    print(json.dumps({"teacher": summary["teacher"], "students": summary["students"]}, indent=1))
+
+
+def _qat(args: argparse.Namespace) -> None:
+    from training.qat_experiment import run
+
+    summary = run(args.checkpoints, args.reports, "docs", train_only=args.train_only, reps=args.reps,
+                  profile=args.profile, measure_only=args.measure_only)
+    print("trained" if summary is None else json.dumps(summary["rows"], indent=1))
+
+
+def _search(args: argparse.Namespace) -> None:
+    from training.search import Settings, run_search
+
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()
+                    if k in Settings.__dataclass_fields__})
+    summary = run_search(s, args.out_dir, docs=args.docs, recipe_path=args.recipe)
+    c = summary["chosen"]
+    print(f"{summary['trials']} trials, {len(summary['front'])} on the Pareto front; chosen: {c['arch']} "
+          f"{c['model_args']} (val acc {c['val_acc']:.4f}, {c['cpu_ms']:.2f} ms)"
+          + (f"; recipe {summary['recipe']}" if summary.get("recipe") else ""))
+
+
+def _select(args: argparse.Namespace) -> None:
+    from training.runs import write_json
+    from training.select import Settings, discover, measure
+    from training.select_report import write
+
+    docs = Path(args.docs)
+    if args.report_only:
+        summary = json.loads((docs / "model-selection.json").read_text())
+    else:
+        given = {k: v for k, v in vars(args).items() if v is not None and k in Settings.__dataclass_fields__}
+        given["checkpoints"] = args.checkpoints or discover(args.root, args.dataset)
+        summary = measure(Settings(**{k: tuple(v) if k == "runtimes" else v for k, v in given.items()}))
+        write_json(Path(args.reports) / "model-selection.json", summary)
+    print(f"wrote {write(summary, docs)} ({len(summary['models'])} checkpoints)")
+
+
 def _transfer(args: argparse.Namespace) -> None:
     from training.transfer import run_experiment, summarize, verdict, write_docs
 
@@ -157,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=int)
     t.add_argument("--limit", type=int, help="cap each split at N images (quick runs)")
     t.add_argument("--seed", type=int)
+    t.add_argument("--teacher", metavar="CHECKPOINT", help="distill from this checkpoint (same classes)")
+    t.add_argument("--qat", action="store_true", help="int8 quantization-aware training (recipe key qat)")
     t.add_argument("--out", help="checkpoint path (default checkpoints/<arch>-<dataset>.pt)")
     t.add_argument("--resume", help="continue from this checkpoint")
     t.add_argument("--stop-after-epoch", type=int, help="end this run after epoch N (the schedule still spans "
@@ -226,6 +275,53 @@ def build_parser() -> argparse.ArgumentParser:
                    "devkit's ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it)")
     v.add_argument("--mode", choices=["move", "copy", "link"], default="move")
     v.set_defaults(fn=_imagenet_val)
+    r = sub.add_parser("search", help="latency-aware architecture search (Optuna): Pareto front and a recipe",
+                       description="Defaults: training/search.py Settings.")
+    r.add_argument("--trials", type=int)
+    r.add_argument("--timeout-s", type=float, help="no new trial starts after this many seconds")
+    r.add_argument("--latency-cap-ms", type=float, help="CPU latency cap at batch 1")
+    r.add_argument("--limit", type=int, help="proxy training: images per split")
+    r.add_argument("--epochs", type=int, help="proxy training: epochs")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--families", nargs="+", help="cnn, resnet and/or vit")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--data-root")
+    r.add_argument("--out-dir", default="reports/search", help="study journal (resumable), trials, PNG")
+    r.add_argument("--docs", help="also write the summary, PNG and table into this docs folder")
+    r.add_argument("--recipe", help="write the chosen architecture as a recipe here")
+    r.set_defaults(fn=_search)
+    m = sub.add_parser("select", help="model-selection report: every checkpoint per runtime, with guidance",
+                       description="Defaults: training/select.py Settings.")
+    m.add_argument("--checkpoints", nargs="+", help="default: every finished checkpoint under --root for --dataset")
+    m.add_argument("--root", default="checkpoints")
+    m.add_argument("--dataset", default="fashion_mnist")
+    m.add_argument("--runtimes", nargs="+")
+    m.add_argument("--threads", type=int)
+    m.add_argument("--reps", type=int)
+    m.add_argument("--accuracy-images", type=int, help="test images per accuracy (default: the whole split)")
+    m.add_argument("--usd-per-hour", type=float, help="assumed machine price for the cost columns")
+    m.add_argument("--data-root")
+    m.add_argument("--docs", default="docs", help="writes model-selection.md, .json and .png here")
+    m.add_argument("--reports", default="reports/select", help="raw JSON of the measurement")
+    m.add_argument("--report-only", action="store_true", help="rebuild the page from <docs>/model-selection.json")
+    m.set_defaults(fn=_select)
+    k = sub.add_parser("experiment-kd", help="distillation: ResNet teacher, CNN and ViT students alone vs distilled")
+    k.add_argument("--checkpoints", default="checkpoints/efficiency")
+    k.add_argument("--reports", default="reports/efficiency")
+    k.add_argument("--report-only", action="store_true", help="rewrite the JSON and table from finished runs")
+    k.add_argument("--profile", choices=("full", "quick"), default="full",
+                   help="full: 10,000 images, 10 epochs (hours); quick: 2,000 images, a few epochs (under an hour)")
+    k.add_argument("--only", nargs="+", metavar="RUN", help="train these runs (and the teacher when one needs it)")
+    k.set_defaults(fn=_kd)
+    q = sub.add_parser("experiment-qat", help="PTQ vs QAT for LeNet-5 and ResNet-18: accuracy and CPU latency")
+    q.add_argument("--checkpoints", default="checkpoints/efficiency")
+    q.add_argument("--reports", default="reports/efficiency")
+    q.add_argument("--train-only", action="store_true", help="train what is missing, measure nothing")
+    q.add_argument("--measure-only", action="store_true", help="train nothing: measure the runs that have finished")
+    q.add_argument("--profile", choices=("full", "quick"), default="full",
+                   help="the experiment-kd profile to start from")
+    q.add_argument("--reps", type=int, default=30, help="timed forward passes per latency (median)")
+    q.set_defaults(fn=_qat)
     return p
 
 

@@ -155,7 +155,8 @@ class FreezePolicy:
 
     def __init__(self, model: nn.Module, policy: str = "none", unfreeze_every: int = 1):
         self.policy, self.unfreeze_every = policy, unfreeze_every
-        self.head, self.stages = head_name(model), backbone_stages(model)
+        self.head = head_name(model) if policy != "none" else ""  # a QAT graph has no head module
+        self.stages = backbone_stages(model)
         if policy in ("layer4_head", "gradual") and not self.stages:
             raise WeightsError(f"freeze policy {policy} needs a ResNet (stages layer1..layer4); "
                                f"{type(model).__name__} supports none and linear_probe")
@@ -204,8 +205,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_f
     """Optimizer groups: no weight decay on biases, norm weights, tokens and position embeddings (1-D or
     tiny params); with backbone_lr_factor != 1 the backbone and the head get their own groups and LRs.
     `include_frozen` adds frozen parameters too (gradual unfreezing: they get gradients later)."""
-    head = head_name(model) + "."
     split = backbone_lr_factor != 1.0
+    head = head_name(model) + "." if split else ""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad or include_frozen:

@@ -72,6 +72,12 @@ class Recipe:
     decoder: str = "pil"                # pil | torchvision (torchvision.io; other formats fall back to PIL)
     # -- data parallel (torchrun; training/distributed.py) --
     sync_bn: bool = False               # SyncBatchNorm across processes (CUDA only)
+    # -- distillation (training/distill.py) and quantization-aware training (training/qat.py) --
+    teacher: str | None = None          # checkpoint to distill from (same classes); None: no distillation
+    distill: str = "auto"               # auto (hard for *_distilled students, else soft) | soft | hard
+    kd_alpha: float = 0.5               # weight of the teacher's term; the labels' term gets 1 - kd_alpha
+    kd_temperature: float = 4.0         # temperature of the soft targets (the KL term is scaled by T^2)
+    qat: bool = False                   # int8 quantization-aware training (pt2e, x86 quantizer); no EMA, fp32
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,6 +106,14 @@ class Recipe:
             (0 <= self.random_erasing <= 1, "random_erasing must be in [0, 1]"),
             (self.interpolation in ("bilinear", "bicubic"), "interpolation must be bilinear or bicubic"),
             (self.decoder in ("pil", "torchvision"), "decoder must be pil or torchvision"),
+            (self.distill in ("auto", "soft", "hard"), "distill must be auto, soft or hard"),
+            (0 <= self.kd_alpha <= 1, "kd_alpha must be in [0, 1]"),
+            (self.kd_temperature > 0, "kd_temperature must be > 0"),
+            (not (self.qat and self.ema_decay > 0), "qat trains without a weight EMA: set ema_decay: 0 (the "
+             "fake-quantised graph's observers have no average)"),
+            (not (self.qat and self.amp == "bf16"), "qat trains in float32 (fake quantisation): set amp: off"),
+            (not (self.qat and (self.freeze != "none" or self.backbone_lr_factor != 1.0)), "qat trains the whole "
+             "fake-quantised graph: set freeze: none and backbone_lr_factor: 1"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from training import distributed
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Splits, load_dataset, make_loaders
+from training.distill import make_distiller
 from training.ema import WeightEMA, ema_horizon, recalibrate_bn
 from training.finetune import FreezePolicy, init_weights, param_groups
 from training.models import get_model
@@ -144,7 +145,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         torch.set_num_threads(recipe.threads)
     device = ctx.device
     on_cuda = device.type == "cuda"
-    autocast = recipe.amp == "bf16" or (recipe.amp == "auto" and on_cuda)
+    autocast = (recipe.amp == "bf16" or (recipe.amp == "auto" and on_cuda)) and not recipe.qat
     channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and on_cuda)
 
     splits = ctx.agree("dataset", lambda: load_dataset(
@@ -170,6 +171,10 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     init = None if resume else init_weights(model, recipe, list(info.classes))
     if init and progress:
         print(f"starting weights: {init['source']} ({init['tensors']} tensors, head {init['head']})", flush=True)
+    distiller = make_distiller(recipe, model, info.classes, preprocess, device, info.name)  # None: no teacher
+    if recipe.qat:  # fake-quantised int8 graph from the first step (training/qat.py)
+        from training.qat import prepare_qat
+        model = prepare_qat(model, preprocess, recipe.arch)
     model = distributed.prepare(model, ctx, recipe.sync_bn).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -197,7 +202,11 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         state = load_checkpoint(resume, map_location=device)
         if state["arch"] != recipe.arch:
             raise ValueError(f"cannot resume: {resume} holds {state['arch']}, the recipe trains {recipe.arch}")
-        model.load_state_dict(state["state_dict"])
+        if recipe.qat:
+            from training.qat import full_state
+            model.load_state_dict(full_state(state))
+        else:
+            model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema_state_dict"):
@@ -206,6 +215,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         init = state.get("init")
         history = list(state["metrics"].get("history", []))
         train_time = float(state["metrics"].get("train_time_s", 0.0))
+        if distiller is not None:
+            distiller.resume(state["metrics"])
 
     writer = None
     if log_dir and ctx.is_main:
@@ -246,7 +257,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             if mixer is not None and torch.rand(1).item() < recipe.mix_prob:
                 x, target = mixer(x, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = criterion(net(x).float(), target)
+                loss = (distiller.loss(net, x, target, criterion) if distiller
+                        else criterion(net(x).float(), target))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
@@ -292,6 +304,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
                    "processes": ctx.world_size}
         if ema is not None:
             metrics.update(val_acc_ema=val_acc, val_acc_raw=row["val_acc_raw"])
+        if distiller is not None:
+            metrics["distillation"] = distiller.describe()
         if final:
             test_loss, test_acc = ctx.mean_by_count(*_scored(evaluate(eval_model, test_loader, preprocess, device,
                                                                       autocast, channels_last)))
@@ -319,6 +333,9 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "init": init,
             "ema_updates": ema.updates if ema is not None else 0,
         }
+        if recipe.qat:  # float weights under the registry's names + the fake quantisation's state
+            from training.qat import checkpoint_entries
+            ckpt.update(checkpoint_entries(model, ckpt["state_dict"]))
         if ctx.is_main:
             save_checkpoint(ckpt, out)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:

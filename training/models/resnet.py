@@ -38,6 +38,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.relu_out = nn.ReLU(inplace=True)  # one module per call site: pt2e quantizers match modules
         self.attn = make_attn(attn, planes)
         self.skip = skip
         self.downsample = _downsample(inplanes, planes * self.expansion, stride, shortcut) if skip else None
@@ -67,6 +68,8 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
         self.relu = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.relu_out = nn.ReLU(inplace=True)  # one module per call site: pt2e quantizers match modules
         self.attn = make_attn(attn, out)
         self.skip = skip
         self.downsample = _downsample(inplanes, out, stride, shortcut) if skip else None
@@ -76,7 +79,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return _finish(self, x, out)
 
@@ -113,7 +116,7 @@ def _finish(block: BasicBlock | Bottleneck, x: torch.Tensor, out: torch.Tensor) 
         out = block.attn(out)
     if block.skip:
         out = out + (x if block.downsample is None else block.downsample(x))
-    return block.relu(out)
+    return block.relu_out(out)
 
 
 class ResNet(nn.Module):

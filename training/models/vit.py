@@ -3,6 +3,10 @@
 Image -> patches -> tokens; a learned class token and position embedding; pre-norm Transformer blocks;
 final LayerNorm; a linear head on the class token. The hybrid (paper section 3.1) takes its tokens from
 the positions of a CNN feature map instead of raw patches, and reuses the same encoder.
+
+`distilled=True` (the `*_distilled` builders) adds DeiT's distillation token (Touvron et al., 2021): a second
+learned token with its own head, trained on a teacher's predictions (training/distill.py) while the class head
+learns the labels; the model's output is the average of the two heads.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class ViTConfig:
     dropout: float = 0.0  # after the attention and MLP projections
     attn_dropout: float = 0.0  # on the attention weights
     emb_dropout: float = 0.0  # on the token embeddings (patches + position)
+    distilled: bool = False  # DeiT distillation token + head; the output averages both heads
 
     def __post_init__(self) -> None:
         if self.patch_size is None:
@@ -90,24 +95,37 @@ class ViT(nn.Module):
             raise ValueError("a custom embed must come with its output grid size")
         self.embed = embed
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, cfg.dim))  # learned, 1-D (paper D.4)
+        self.num_tokens = 2 if cfg.distilled else 1  # class (+ distillation) tokens before the patches
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + self.num_tokens, cfg.dim))  # learned (paper D.4)
         self.emb_drop = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.head_dist = nn.Linear(cfg.dim, cfg.num_classes) if cfg.distilled else None
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in [*self.blocks.modules(), self.head]:  # small-normal Linear init, as timm and the JAX code
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        heads = [self.head] + ([self.head_dist] if self.head_dist is not None else [])
+        for m in [*self.blocks.modules(), *heads]:  # small-normal Linear init, as timm and the JAX code
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, num_classes)
+    def forward(self, x: torch.Tensor, both_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) -> (N, num_classes). A distilled model averages its class and distillation heads;
+        `both_heads=True` returns both (class, distillation) for training on a teacher."""
         x = self.embed(x).flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, L = h*w, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (N, 1, D)
-        x = self.emb_drop(torch.cat([cls, x], dim=1) + self.pos_embed)  # (N, L + 1, D)
-        x = self.norm(self.blocks(x))  # (N, L + 1, D)
-        return self.head(x[:, 0])  # class token -> (N, num_classes)
+        tokens = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        tokens = [t.expand(x.shape[0], -1, -1) for t in tokens]  # each (N, 1, D)
+        x = self.emb_drop(torch.cat([*tokens, x], dim=1) + self.pos_embed)  # (N, T + L, D), T = num_tokens
+        x = self.norm(self.blocks(x))  # (N, T + L, D)
+        cls = self.head(x[:, 0])  # class token -> (N, num_classes)
+        if self.head_dist is None:
+            return (cls, cls) if both_heads else cls
+        dist = self.head_dist(x[:, 1])  # distillation token -> (N, num_classes)
+        return (cls, dist) if both_heads else (cls + dist) / 2
 
 
 def _vit(preset: dict, kwargs: dict) -> ViT:
@@ -128,6 +146,18 @@ def vit_small(**kwargs) -> ViT:
 def vit_base(**kwargs) -> ViT:
     """ViT-B; at img_size > 64 the default patch is 16, i.e. ViT-B/16 (86 M parameters at 224 px)."""
     return _vit(dict(dim=768, depth=12, heads=12, mlp_dim=3072), kwargs)
+
+
+@register_model
+def vit_tiny_distilled(**kwargs) -> ViT:
+    """ViT-Tiny with DeiT's distillation token (DeiT-Ti distilled): train it with a teacher (recipe key `teacher`)."""
+    return vit_tiny(**{**kwargs, "distilled": True})
+
+
+@register_model
+def vit_small_distilled(**kwargs) -> ViT:
+    """ViT-Small with DeiT's distillation token: train it with a teacher (recipe key `teacher`)."""
+    return vit_small(**{**kwargs, "distilled": True})
 
 
 @register_model

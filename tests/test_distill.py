@@ -1,0 +1,159 @@
+"""Knowledge distillation: the loss values on hand-made logits, the distillation token path, the teacher's
+checks and a distilled training run."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import build_model, save_checkpoint
+from training.data import FASHION_MNIST_CLASSES
+from training.distill import Distiller, DistillError, Teacher, hard_kd_loss, soft_kd_loss
+from training.models import get_model, list_models
+from training.presets import make_preprocess
+from training.recipe import Recipe
+from training.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
+SMALL_VIT = dict(dim=48, depth=2, heads=3, mlp_dim=96)
+FMNIST_CLASSES = list(FASHION_MNIST_CLASSES)
+
+
+def kl(q: list[float], p: list[float]) -> float:
+    return sum(qi * math.log(qi / pi) for qi, pi in zip(q, p))
+
+
+def test_soft_loss_is_t_squared_times_the_kl_of_the_softened_distributions():
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[math.log(3.0), 0.0]])  # softmax at T=1: (0.75, 0.25)
+    assert soft_kd_loss(student, teacher, 1.0).item() == pytest.approx(kl([0.75, 0.25], [0.5, 0.5]), rel=1e-5)
+    # at T=2 the teacher's logits halve: softmax(ln 3 / 2, 0) = (sqrt 3, 1) / (sqrt 3 + 1); times T^2 = 4
+    r3 = math.sqrt(3.0)
+    expected = 4 * kl([r3 / (r3 + 1), 1 / (r3 + 1)], [0.5, 0.5])
+    assert soft_kd_loss(student, teacher, 2.0).item() == pytest.approx(expected, rel=1e-5)
+    # batch mean, and zero when the student already matches the teacher
+    batch = soft_kd_loss(torch.cat([student, teacher]), torch.cat([teacher, teacher]), 1.0)
+    assert batch.item() == pytest.approx(kl([0.75, 0.25], [0.5, 0.5]) / 2, rel=1e-5)
+    assert soft_kd_loss(teacher, teacher, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_hard_loss_is_cross_entropy_against_the_teachers_top_class():
+    student = torch.tensor([[2.0, 0.0]])
+    teacher = torch.tensor([[0.0, 5.0]])  # the teacher says class 1
+    assert hard_kd_loss(student, teacher).item() == pytest.approx(math.log(1 + math.e**2), rel=1e-6)
+
+
+def _checkpoint(path: Path, arch: str = "lenet5", classes: list[str] | None = None, size: int = 28,
+                **model_args) -> Path:
+    classes = classes or FMNIST_CLASSES
+    torch.manual_seed(1)
+    args = {"num_classes": len(classes), "in_channels": 1, "img_size": size, **model_args}
+    model = get_model(arch, **args).eval()
+    save_checkpoint({"arch": arch, "model_args": args, "state_dict": model.state_dict(), "classes": classes,
+                     "preprocess": make_preprocess(size, 1, [0.286], [0.353]), "metrics": {"test_acc": 0.5},
+                     "recipe": {}}, path)
+    return path
+
+
+def test_the_loss_mixes_labels_and_teacher_by_alpha(tmp_path):
+    pre = make_preprocess(28, 1, [0.286], [0.353])
+    teacher = Teacher(_checkpoint(tmp_path / "t.pt"), FMNIST_CLASSES, pre, torch.device("cpu"))
+    torch.manual_seed(0)
+    student = get_model("simple_cnn", width=4, hidden=8)
+    x, y = torch.randn(6, 1, 28, 28), torch.arange(6)
+    t = teacher(x)
+    s = student(x)
+    for mode, alpha, kd in (("soft", 0.3, soft_kd_loss(s, t, 2.0)), ("hard", 0.7, hard_kd_loss(s, t))):
+        loss = Distiller(teacher, mode, alpha, 2.0, two_heads=False).loss(student, x, y, F.cross_entropy)
+        assert loss.item() == pytest.approx(((1 - alpha) * F.cross_entropy(s, y) + alpha * kd).item(), rel=1e-5)
+    assert Distiller(teacher, "auto", 0.5, 2.0, two_heads=False).mode == "soft"
+    assert Distiller(teacher, "auto", 0.5, 2.0, two_heads=True).mode == "hard"
+
+
+def test_distillation_token_shapes_and_averaged_heads():
+    assert {"vit_tiny_distilled", "vit_small_distilled"} <= set(list_models())
+    torch.manual_seed(0)
+    model = get_model("vit_tiny_distilled", num_classes=7, **SMALL_VIT).eval()
+    plain = get_model("vit_tiny", num_classes=7, **SMALL_VIT)
+    grid = (28 // 4) ** 2
+    assert model.pos_embed.shape == (1, grid + 2, 48) and plain.pos_embed.shape == (1, grid + 1, 48)
+    assert model.dist_token.shape == (1, 1, 48) and plain.dist_token is None
+    x = torch.randn(3, 1, 28, 28)
+    cls, dist = model(x, both_heads=True)
+    assert cls.shape == dist.shape == (3, 7)
+    assert not torch.allclose(cls, dist)  # two tokens, two heads
+    assert torch.allclose(model(x), (cls + dist) / 2, atol=1e-6)  # inference averages the heads
+
+
+def test_hard_distillation_teaches_the_distillation_head_only(tmp_path):
+    """alpha=1: only the teacher's term counts, and it reaches the model through the distillation head."""
+    pre = make_preprocess(28, 1, [0.286], [0.353])
+    teacher = Teacher(_checkpoint(tmp_path / "t.pt"), FMNIST_CLASSES, pre, torch.device("cpu"))
+    student = get_model("vit_tiny_distilled", **SMALL_VIT)
+    loss = Distiller(teacher, "hard", 1.0, 1.0, two_heads=True).loss(student, torch.randn(4, 1, 28, 28),
+                                                                     torch.arange(4), F.cross_entropy)
+    loss.backward()
+    assert student.head.weight.grad.abs().sum() == 0
+    assert student.head_dist.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.model.parameters())  # the teacher only answers
+
+
+def test_a_teacher_at_another_size_and_normalisation_sees_its_own_input(tmp_path):
+    student_pre = make_preprocess(28, 1, [0.5], [0.25])
+    path = _checkpoint(tmp_path / "t32.pt", size=32)
+    teacher = Teacher(path, FMNIST_CLASSES, student_pre, torch.device("cpu"))
+    pixels = torch.rand(2, 1, 28, 28)
+    converted = teacher.convert((pixels - 0.5) / 0.25)
+    expected = (F.interpolate(pixels, size=(32, 32), mode="bilinear", antialias=True) - 0.286) / 0.353
+    assert converted.shape == (2, 1, 32, 32) and torch.allclose(converted, expected, atol=1e-5)
+
+
+def test_a_teacher_with_other_classes_is_refused(tmp_path):
+    path = _checkpoint(tmp_path / "other.pt", classes=["cat", "dog", "bird"])
+    with pytest.raises(DistillError, match="predicts 3 classes .*cat, dog, bird.* same classes in the same order"):
+        Teacher(path, FMNIST_CLASSES, make_preprocess(28, 1, [0.286], [0.353]), torch.device("cpu"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@needs_fmnist
+def test_cli_refuses_a_teacher_with_other_classes_in_one_line(tmp_path):
+    path = _checkpoint(tmp_path / "other.pt", classes=["cat", "dog", "bird"])
+    p = _cli("train", "--arch", "lenet5", "--epochs", "1", "--limit", "64", "--teacher", str(path),
+             "--out", str(tmp_path / "s.pt"), "--no-tensorboard")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "predicts 3 classes" in p.stderr and "10 classes of fashion_mnist" in p.stderr
+    assert not (tmp_path / "s.pt").exists()
+
+
+@needs_fmnist
+def test_a_distilled_student_without_a_teacher_is_refused():
+    p = _cli("train", "--arch", "vit_tiny_distilled", "--epochs", "1", "--limit", "64", "--no-tensorboard")
+    assert p.returncode == 2 and "give --teacher CHECKPOINT" in p.stderr and "Traceback" not in p.stderr
+
+
+@needs_fmnist
+def test_a_distilled_run_records_its_teacher_and_serves_the_averaged_heads(tmp_path):
+    teacher = _checkpoint(tmp_path / "t.pt")
+    recipe = Recipe(arch="vit_tiny_distilled", model_args=SMALL_VIT, epochs=1, batch_size=32, optimizer="adamw",
+                    lr=1e-3, limit=96, teacher=str(teacher), crop_padding=0)
+    ckpt = train(recipe, tmp_path / "s.pt", progress=False)
+    d = ckpt["metrics"]["distillation"]
+    assert (d["teacher"], d["teacher_arch"], d["mode"], d["distillation_token"]) == (str(teacher), "lenet5", "hard",
+                                                                                     True)
+    model = build_model(ckpt)
+    x = torch.randn(2, 1, 28, 28)
+    cls, dist = model(x, both_heads=True)
+    assert torch.allclose(model(x), (cls + dist) / 2, atol=1e-6)

@@ -1,0 +1,206 @@
+"""The distillation experiment: a ResNet-18 teacher and three students (LeNet-5, a small CNN, ViT-Tiny), each
+student trained alone and distilled from the teacher, all on the same seeded subset of Fashion-MNIST.
+
+The CNN students learn the teacher's soft targets (T = 4, alpha = 0.5); ViT-Tiny gets DeiT's distillation token
+with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5); ViT-Tiny uses 7x7 patches (16 tokens). Two sizes
+(PROFILES): `full` (10,000 images, a half-width ResNet-18 teacher, 10 epochs each: hours on 2 cores) and `quick`
+(2,000 images per split, a quarter-width teacher, a few epochs: under an hour). Every run is resumable
+(training/runs.py) and lives under <checkpoints>/<profile>/; the raw results go to reports/efficiency/kd.json,
+the summary (with the profile that ran) to docs/efficiency/kd.json and the table into docs/efficiency.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import load_checkpoint
+from training.recipe import Recipe
+from training.runs import machine, train_or_resume, write_json
+
+# limit caps every split (train, val, test); teacher_* and *_epochs size the runs
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {"limit": 10000, "teacher_width": 32, "teacher_epochs": 10, "cnn_epochs": 10, "vit_epochs": 10,
+             "teacher_opt": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4}},
+    "quick": {"limit": 2000, "teacher_width": 16, "teacher_epochs": 8, "cnn_epochs": 8, "vit_epochs": 5,
+              "teacher_opt": {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05}},
+}
+DATA = {"dataset": "fashion_mnist", "seed": 0, "threads": 2}
+AUGMENT = {"batch_size": 128, "crop_padding": 2, "hflip": True}
+CNN = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 0.5}
+VIT = {"model_args": {"patch_size": 7}, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2.0,
+       "grad_clip": 1.0}
+SOFT = {"distill": "soft", "kd_alpha": 0.5, "kd_temperature": 4.0}
+HARD = {"distill": "hard", "kd_alpha": 0.5}
+TEACHER_FILE = "resnet18-teacher.pt"
+# student -> (run name, recipe values, distilled?) in training order, cheapest first
+STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
+    "LeNet-5": [("lenet5", {**CNN, "arch": "lenet5"}, False),
+                ("lenet5-kd", {**CNN, "arch": "lenet5", **SOFT}, True)],
+    "small CNN": [("simple_cnn", {**CNN, "arch": "simple_cnn"}, False),
+                  ("simple_cnn-kd", {**CNN, "arch": "simple_cnn", **SOFT}, True)],
+    "ViT-Tiny/7": [("vit_tiny", {**VIT, "arch": "vit_tiny"}, False),
+                   ("vit_tiny_distilled", {**VIT, "arch": "vit_tiny_distilled", **HARD}, True)],
+}
+GOAL = 0.5  # the distilled ViT-Tiny should close at least half of its gap to the teacher
+
+
+def recipes(ckpt_dir: Path, profile: str = "full") -> dict[str, Recipe]:
+    """Every run's recipe by run name (the teacher first)."""
+    size = PROFILES[profile]
+    data = {**DATA, "limit": size["limit"]}
+    # zero_init_residual off: experiment-qat trains the same recipe with qat, which folds the BatchNorm scales
+    teacher_args = {"width": size["teacher_width"], "zero_init_residual": False}
+    out = {"teacher": Recipe(**data, **AUGMENT, **size["teacher_opt"], arch="resnet18", model_args=teacher_args,
+                             epochs=size["teacher_epochs"], warmup_epochs=1.0)}
+    for runs in STUDENTS.values():
+        for name, values, distilled in runs:
+            epochs = size["vit_epochs" if values["arch"].startswith("vit") else "cnn_epochs"]
+            teacher = {"teacher": str(run_path(ckpt_dir, profile, "teacher"))} if distilled else {}
+            out[name] = Recipe(**data, **AUGMENT, **values, epochs=epochs, **teacher)
+    return out
+
+
+def run_path(ckpt_dir: Path, profile: str, name: str) -> Path:
+    return Path(ckpt_dir) / profile / (TEACHER_FILE if name == "teacher" else f"{name}.pt")
+
+
+def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
+        docs: str | Path = "docs", only: list[str] | None = None, profile: str = "full") -> dict[str, Any]:
+    """Train (or resume, or reuse) every run (or those in `only`, the teacher first when one needs it), then write
+    the raw and summary JSON and the docs table."""
+    plan = recipes(Path(ckpt_dir), profile)
+    for name, recipe in plan.items():
+        if only and name not in only and not (name == "teacher" and any(plan[n].teacher for n in only)):
+            continue
+        train_or_resume(recipe, run_path(Path(ckpt_dir), profile, name))
+    return report(ckpt_dir, reports, docs, profile)
+
+
+def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile: str = "full") -> dict[str, Any]:
+    """Summarise whatever runs have finished (a missing run shows as not run yet)."""
+    plan = recipes(Path(ckpt_dir), profile)
+    raw: dict[str, Any] = {}
+    unfinished: dict[str, Any] = {}  # run -> its validation accuracy per epoch so far
+    for name, recipe in plan.items():
+        path = run_path(Path(ckpt_dir), profile, name)
+        if path.is_file() and int((c := load_checkpoint(path)).get("epoch", 0)) < recipe.epochs:
+            unfinished[name] = {"epochs_done": c["epoch"], "epochs": recipe.epochs,
+                                "val_acc": [h["val_acc"] for h in c["metrics"]["history"]]}
+        elif path.is_file():
+            m = c["metrics"]
+            raw[name] = {"arch": c["arch"], "model_args": c["model_args"], "test_acc": m["test_acc"],
+                         "val_acc": m["val_acc"], "train_time_s": round(m["train_time_s"], 1),
+                         "params": sum(v.numel() for k, v in c["state_dict"].items() if not _is_buffer(k)),
+                         "epochs": c["epoch"], "hardware": m["hardware"], "recipe": c["recipe"],
+                         "distillation": m.get("distillation"), "history": m["history"]}
+    write_json(Path(reports) / "kd.json", {**raw, "unfinished": unfinished})
+    summary = summarise(raw, profile, unfinished)
+    summary["machine"] = machine()
+    write_json(Path(docs) / "efficiency" / "kd.json", summary)
+    from training.docblock import write_doc_block
+
+    write_doc_block(Path(docs) / "efficiency.md", "kd-table", kd_table(summary))
+    return summary
+
+
+def _is_buffer(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per student: alone, distilled, the teacher, and the share of the alone-to-teacher gap distillation closed.
+    A distilled run that has not finished is compared at the epoch it reached, on the validation split, with the
+    student alone at the same epoch of the same schedule (`partial`)."""
+    unfinished = unfinished or {}
+    teacher = raw.get("teacher")
+    rows = []
+    for student, runs in STUDENTS.items():
+        alone, distilled = (raw.get(name) for name, _, _ in runs)
+        row: dict[str, Any] = {"student": student, "alone": _brief(alone), "distilled": _brief(distilled),
+                               "mode": ((distilled or {}).get("distillation") or {}).get("mode")}
+        if teacher and alone and distilled:
+            gap = teacher["test_acc"] - alone["test_acc"]
+            row["gap_pt"] = round(100 * gap, 2)
+            row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
+            row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
+        elif teacher and alone and (d := unfinished.get(runs[1][0])) and d["val_acc"]:
+            k = len(d["val_acc"])
+            a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
+            row["partial"] = {"epoch": k, "of": d["epochs"], "alone_val": a_k, "distilled_val": d_k,
+                              "teacher_val": teacher["val_acc"], "gain_pt": round(100 * (d_k - a_k), 2)}
+        rows.append(row)
+    return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL, "profile": profile,
+            "size": PROFILES[profile], "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
+
+
+def _brief(run: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not run:
+        return None
+    keys = ("arch", "model_args", "test_acc", "params", "train_time_s", "epochs")
+    out = {k: run[k] for k in keys}
+    if run.get("distillation"):
+        out["teacher_time_s"] = run["distillation"]["teacher_time_s"]
+    return out
+
+
+def kd_table(summary: dict[str, Any]) -> str:
+    """The Markdown table and verdict, generated from the summary JSON."""
+    t = summary["teacher"]
+    if not t:
+        return "_Awaiting a run: `make experiment-kd`._"
+    size = summary["size"]
+    lines = [f"Profile `{summary['profile']}`: {size['limit']:,} images in each of the train, validation and test "
+             f"splits (seeded subsets); the teacher {size['teacher_epochs']} epochs, the CNN students "
+             f"{size['cnn_epochs']}, the ViTs {size['vit_epochs']}.", "",
+             f"Teacher: {t['arch']} {_args(t)} — **{100 * t['test_acc']:.2f} %** test accuracy, "
+             f"{t['params'] / 1e6:.2f} M parameters, {t['epochs']} epochs, {t['train_time_s'] / 60:.0f} min.", "",
+             "| student | params | alone % | distilled % | how | gain pt | gap to teacher pt | gap closed | "
+             "train min (alone / distilled, teacher share) |", "|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    verdicts = []
+    for r in summary["students"]:
+        a, d = r["alone"], r["distilled"]
+        if not (a and d):
+            lines.append(f"| {r['student']} | {a['params'] / 1e6:.2f} M | {_pct(a)} | {_pct(d)} | | | | | "
+                         "distilled run not finished |" if a else f"| {r['student']} | | | | | | | | not run |")
+            if (q := r.get("partial")) and r["student"].startswith("ViT"):
+                verdicts.append(f"The distilled {r['student']} did not finish ({q['epoch']} of {q['of']} epochs "
+                                "ran), so the goal (≥ half of the gap closed) is not measured. At epoch "
+                                f"{q['epoch']} of the same schedule, on the validation split: distilled "
+                                f"{100 * q['distilled_val']:.2f} %, alone {100 * q['alone_val']:.2f} % "
+                                f"({q['gain_pt']:+.2f} points); the teacher ended at {100 * q['teacher_val']:.2f} %.")
+            elif r["student"].startswith("ViT"):
+                verdicts.append(f"The distilled {r['student']} has not run: the goal is not measured.")
+            continue
+        how = "distillation token, hard labels" if r["mode"] == "hard" else "soft targets, T = 4"
+        closed = "—" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f} %"
+        share = f"{100 * d.get('teacher_time_s', 0) / max(d['train_time_s'], 1e-9):.0f} %"
+        lines.append(f"| {r['student']} | {a['params'] / 1e6:.2f} M | {_pct(a)} | {_pct(d)} | {how} | "
+                     f"{r['gain_pt']:+.2f} | {r['gap_pt']:.2f} | {closed} | {a['train_time_s'] / 60:.0f} / "
+                     f"{d['train_time_s'] / 60:.0f} ({share}) |")
+        if r["student"].startswith("ViT") and r.get("gap_closed") is not None:
+            goal = summary["goal_gap_closed"]
+            if r["gap_closed"] >= goal:
+                verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
+                                f"{r['gap_pt']:.2f}-point gap to the teacher: the goal (≥ {100 * goal:.0f} %) is met.")
+            else:
+                short = goal * r["gap_pt"] - r["gain_pt"]
+                verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
+                                f"{r['gap_pt']:.2f}-point gap to the teacher: short of the goal "
+                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy.")
+    m = summary.get("machine", {})
+    load = m.get("load_average", ["?"])[0]
+    lines += ["", *verdicts, "", f"Measured {m.get('date', '?')} on {m.get('hardware', '?')} ({m.get('cores')} cores, "
+              f"shared with other jobs — load average {load} when the table was written: times are upper bounds); "
+              "one run each, seed 0. Source: "
+              "[efficiency/kd.json](efficiency/kd.json)."]
+    return "\n".join(lines)
+
+
+def _pct(run: dict[str, Any] | None) -> str:
+    return "" if not run else f"{100 * run['test_acc']:.2f}"
+
+
+def _args(run: dict[str, Any]) -> str:
+    extra = {k: v for k, v in run["model_args"].items() if k not in ("num_classes", "in_channels", "img_size")}
+    return "(" + ", ".join(f"{k} {v}" for k, v in extra.items()) + ")" if extra else ""

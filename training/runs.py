@@ -1,0 +1,55 @@
+"""Resumable experiment runs: one recipe -> one checkpoint, trained once, resumed after an interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import load_checkpoint
+from training.recipe import Recipe
+
+DEFAULTS = Recipe()  # a key a checkpoint's recipe predates counts as its default
+
+
+def train_or_resume(recipe: Recipe, path: Path, progress: bool = True) -> dict[str, Any]:
+    """The finished checkpoint at `path` for `recipe`: reused when it is complete, resumed when a run of the same
+    recipe stopped early, trained otherwise. A checkpoint of another recipe at the path is an error."""
+    from training.train import train
+
+    if path.is_file():
+        ckpt = load_checkpoint(path)
+        diff = sorted(k for k, v in recipe.to_dict().items() if ckpt["recipe"].get(k, getattr(DEFAULTS, k)) != v)
+        if diff:
+            raise ValueError(f"{path} was trained with another recipe (differs in {', '.join(diff)}); move it away "
+                             "to train this one")
+        if int(ckpt.get("epoch", 0)) >= recipe.epochs:
+            return ckpt
+        print(f"resuming {path} at epoch {ckpt['epoch']}/{recipe.epochs}", flush=True)
+        return train(recipe, path, resume=path, progress=progress)
+    print(f"training {path} ({recipe.arch}, {recipe.epochs} epochs)", flush=True)
+    return train(recipe, path, progress=progress)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Atomically (temp file + os.replace), indented, keys in insertion order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    """Where and when figures were measured (for every summary JSON)."""
+    from training.train import hardware_name, pick_device
+
+    return {"hardware": hardware_name(pick_device()), "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "date": datetime.now(UTC).strftime("%Y-%m-%d")}
