@@ -15,7 +15,7 @@ WORKERS ?= 1
 SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo demo-video train eval zoo samples experiment-depth experiment-transfer bench-loader clips seg-speed \
+.PHONY: setup demo demo-video train eval zoo samples experiment-depth experiment-attention experiment-transfer bench-loader clips seg-speed \
         archive serve stop predict models describe register scale set-default unregister rollout rollback metrics \
         test lint load-test bench reliability clean fleet-up fleet-down fleet-status fleet-rollout fleet-canary \
         fleet-promote fleet-rollback manifests reliability-fleet \
@@ -37,8 +37,13 @@ zoo: setup
 samples: setup
 	$(PY) -m training samples --out-dir $(IMAGES)
 
+# Resumable experiments (rerun to continue); the figures go to reports/ and, when finished, docs/training.md.
+# Arguments: EXPERIMENT_ARGS, e.g. "--recipe depth_gpu --gradnorm-every 20" or "--seeds 0 1 2".
 experiment-depth: setup
-	$(PY) -m training experiment-depth
+	$(PY) -m training experiment-depth --docs $(EXPERIMENT_ARGS)
+
+experiment-attention: setup
+	$(PY) -m training experiment-attention --latency --docs $(EXPERIMENT_ARGS)
 
 # Moving Fashion-MNIST test clips (H.264 MP4 + ground truth) for the video pipeline and benchmarks.
 CLIPS_DIR ?= data/clips

@@ -1,4 +1,5 @@
-"""`python -m training {zoo,train,eval,clips,samples,experiment-depth,experiment-transfer,imagenet-val}`.
+"""`python -m training {zoo,train,eval,clips,samples,experiment-depth,experiment-attention,experiment-transfer,
+imagenet-val}`.
 
 Errors end with one clear line and exit code 2."""
 
@@ -79,10 +80,41 @@ def _zoo(args: argparse.Namespace) -> None:
     zoo_main(args.rest)
 
 
-def _depth(args: argparse.Namespace) -> None:
-    from training.experiments import depth_experiment
+def _experiment_overrides(args: argparse.Namespace) -> dict:
+    return {"epochs": args.epochs, "limit": args.limit, "data_root": args.data_root}
 
-    depth_experiment(args.out_dir, epochs=args.epochs, limit=args.limit, data_root=args.data_root)
+
+def _docs_dir(args: argparse.Namespace) -> Path | None:
+    from training.commands import ROOT
+
+    return ROOT / "docs" if args.docs else None
+
+
+def _depth(args: argparse.Namespace) -> None:
+    from training.experiments.depth import depth_experiment
+
+    depth_experiment(args.recipe, args.out_dir, nets=tuple(args.nets), overrides=_experiment_overrides(args),
+                     gradnorm_every=args.gradnorm_every, train_eval_images=args.train_eval_images,
+                     docs_dir=_docs_dir(args), progress=not args.quiet)
+
+
+def _attention(args: argparse.Namespace) -> None:
+    from training.experiments.attention import attention_experiment
+
+    attention_experiment(args.recipe, args.out_dir, kinds=tuple(args.kinds), placements=tuple(args.placements),
+                         skip=tuple(args.skip), seeds=tuple(args.seeds), overrides=_experiment_overrides(args),
+                         latency=args.latency, docs_dir=_docs_dir(args), progress=not args.quiet)
+
+
+def _experiment_args(p: argparse.ArgumentParser, recipe: str) -> None:
+    p.add_argument("--recipe", default=recipe, help=f"recipe name or YAML path (default {recipe})")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--limit", type=int, help="override the recipe's images per split")
+    p.add_argument("--data-root")
+    p.add_argument("--out-dir", help="where runs and reports go (default reports/<experiment>/<recipe>; "
+                                     "rerunning continues what is there)")
+    p.add_argument("--docs", action="store_true", help="when finished, write the figures into docs/")
+    p.add_argument("--quiet", action="store_true")
 
 
 def _kd(args: argparse.Namespace) -> None:
@@ -231,12 +263,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=8)
     s.add_argument("--out-dir", default="reports/samples")
     s.set_defaults(fn=_samples)
-    d = sub.add_parser("experiment-depth", help="plain vs residual nets of growing depth (degradation)")
-    d.add_argument("--out-dir", default="reports/depth")
-    d.add_argument("--epochs", type=int, default=3)
-    d.add_argument("--limit", type=int, default=12000)
-    d.add_argument("--data-root")
+    from training.experiments import defaults
+
+    d = sub.add_parser("experiment-depth", help="CIFAR-style plain vs residual nets of 20/56/110 layers "
+                                                "(degradation), with per-layer gradient norms")
+    _experiment_args(d, "depth_cpu")
+    d.add_argument("--nets", nargs="+", default=list(defaults.NETS), metavar="ARCH",
+                   help=f"default: {' '.join(defaults.NETS)}")
+    d.add_argument("--gradnorm-every", type=int, default=defaults.GRADNORM_EVERY, metavar="STEPS",
+                   help=f"optimizer steps between gradient-norm records (default {defaults.GRADNORM_EVERY})")
+    d.add_argument("--train-eval-images", type=int, default=defaults.TRAIN_EVAL_IMAGES, metavar="N",
+                   help=f"training images scored for the training error (default {defaults.TRAIN_EVAL_IMAGES})")
     d.set_defaults(fn=_depth)
+    a = sub.add_parser("experiment-attention", help="SE / CBAM / non-local placed per stage, several seeds: "
+                                                    "accuracy, params, FLOPs, CPU latency")
+    _experiment_args(a, "attention_cpu")
+    a.add_argument("--kinds", nargs="+", default=list(defaults.KINDS), choices=defaults.KINDS)
+    a.add_argument("--placements", nargs="+", default=list(defaults.CPU_PLACEMENTS),
+                   choices=list(defaults.PLACEMENTS))
+    a.add_argument("--skip", nargs="*", default=list(defaults.CPU_SKIP), metavar="VARIANT",
+                   help=f"variants (kind_placement) to leave out (default {' '.join(defaults.CPU_SKIP)}; "
+                        "none: --skip)")
+    a.add_argument("--seeds", nargs="+", type=int, default=list(defaults.SEEDS))
+    a.add_argument("--latency", action="store_true", help="measure batch-1 CPU latency (on a quiet machine)")
+    a.set_defaults(fn=_attention)
     x = sub.add_parser("experiment-transfer", help="pretrain on Fashion-MNIST 0-4, fine-tune on 5-9 with "
                        "10/20/50 images per class four ways (resumable)")
     x.add_argument("--out-dir", default="reports/transfer")

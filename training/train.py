@@ -6,6 +6,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -132,10 +133,12 @@ def evaluate(model: nn.Module, loader, preprocess: dict[str, Any], device: torch
 
 
 def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
-          resume: str | Path | None = None, progress: bool = True, stop_after_epoch: int | None = None
-          ) -> dict[str, Any]:
+          resume: str | Path | None = None, progress: bool = True, stop_after_epoch: int | None = None,
+          after_backward: Callable[[nn.Module, int], None] | None = None) -> dict[str, Any]:
     """Train per recipe; write the checkpoint to `out` after every epoch (atomically). Returns the checkpoint.
     `stop_after_epoch` ends this run early (the schedule still spans recipe.epochs; `resume` continues it).
+    `after_backward(model, step)` runs after each backward pass, before clipping and the optimizer step
+    (e.g. training.gradnorm.GradNormRecorder); `step` counts optimizer steps from 0 across resumes.
     Under torchrun each process trains its share of every batch (training/distributed.py); rank 0 writes."""
     ctx = distributed.init(recipe.sync_bn)
     progress = progress and ctx.is_main
@@ -249,6 +252,8 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
                         else criterion(net(x).float(), target))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward(model, sched.last_epoch)
             if recipe.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             opt.step()
