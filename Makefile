@@ -17,7 +17,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup demo demo-video train eval zoo samples experiment-depth clips seg-speed archive serve stop predict \
         models describe register scale set-default unregister rollout rollback metrics test lint load-test bench \
-        reliability clean
+        bench-video reliability clean
 
 setup:
 	@bash scripts/setup.sh
@@ -134,6 +134,11 @@ load-test: setup
 
 bench: setup
 	$(PY) -m load_tests.bench $(BENCH_ARGS)
+
+# Video end to end: a clip in-process, clip requests and 30 FPS camera streams through TorchServe, the per-frame
+# client loop as the baseline, py-spy profiles; ~6 min. Rewrites docs/video_bench.json, .png and its docs/video.md block.
+bench-video: setup
+	$(PY) -m load_tests.video_bench $(BENCH_VIDEO_ARGS)
 
 # Faults under load (worker kill, rollout/rollback, snapshot restart) + a soak; figures go to reports/reliability/
 # and docs/reliability.md. Shorter: make reliability SOAK_S=60 FAULT_S=20 (SOAK_S=0: no soak).
