@@ -264,6 +264,13 @@ def plot_concurrency(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylim(bottom=0)
     ax1.legend(fontsize=7)
     fig.suptitle(f"{result['meta']['model']} on {result['meta']['hardware']}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write and close a matplotlib figure (its folder made as needed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

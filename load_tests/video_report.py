@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from load_tests.report import write_json
+from load_tests.report import save_figure, write_json
 
 BLOCK = "video-bench"
 JSON_NAME, PNG_NAME = "video_bench.json", "video_bench.png"
@@ -216,12 +216,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     ax2.set_ylim(bottom=0)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_docs(result: dict[str, Any], docs: Path) -> None:

@@ -44,7 +44,7 @@ def test_quick_run_times_every_stage_of_a_real_clip(quick):
     assert "**One clip in-process**" in md and "| (i) one clip in-process, 1 thread(s) |" in md
 
 
-def test_verdicts_say_by_how_much_a_goal_is_missed(quick):
+def test_verdicts_say_by_how_much_a_goal_is_missed(quick, tmp_path):
     result = json.loads(json.dumps(quick[0]))
     result["inprocess"][-1]["fps"] = 60.0
     result["meta"].update(fps_target=30.0, p99_target_ms=100.0)
@@ -59,6 +59,8 @@ def test_verdicts_say_by_how_much_a_goal_is_missed(quick):
     assert "**60.0 FPS** end to end" in md and "short by 30.0 FPS (needs 1.50x)" in md
     assert "**45.0 FPS**, the per-frame client loop at **20.0 FPS**" in md and "**2.25x**" in md
     assert "| 2 | 60.0 | 48.0 | 125 | 225 | 250 | 300 | 0 | – | – | no |" in md
+    png = video_report.plot(result, tmp_path / "video_bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 150_000
     result["rest"]["streams"] = [stream(1, 40.0, 30.0, True), stream(2, 70.0, 59.0, True), stream(3, 90, 80, False)]
     assert "held **2** real-time" in video_report.markdown(result) and "**met**." in video_report.markdown(result)
 
