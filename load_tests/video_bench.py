@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="(i) clip passes per thread count")
     p.add_argument("--clip-seconds", type=float, default=15, help="(ii) seconds per point")
     p.add_argument("--fps", type=float, default=30, help="(iii) frames per second per camera")
-    p.add_argument("--streams", type=_ints, default=[1, 2, 3, 4, 6, 8], help="(iii) camera counts, in order; stops after "
-                   "the first that misses real time")
+    p.add_argument("--streams", type=_ints, default=[1, 2, 3, 4, 6, 8], help="(iii) camera counts, in order; "
+                   "stops after the first that misses real time")
     p.add_argument("--stream-seconds", type=float, default=15, help="(iii) measured seconds per point")
     p.add_argument("--p99-ms", type=float, default=100, help="(iii) real time: p99 frame latency at most this")
     p.add_argument("--baseline-seconds", type=float, default=10, help="(base) client loop seconds (whole clips)")
@@ -283,12 +283,12 @@ def stream_point(a: argparse.Namespace, served: Served, frames_dir: Path, n: int
 
 
 def profiled(served: Served, seconds: float, out_dir: Path, load: Any) -> dict[str, Any]:
-    """py-spy on every worker for `seconds` while `load()` runs (started 2 s before); returns the stage shares
-    and the load's own result."""
+    """py-spy on every worker for `seconds` while `load()` runs (started 3 s before, so locust has spawned its
+    users; the load runs 2 s past the profile); returns the stage shares and the load's own result."""
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(load=load()))
     thread.start()
-    time.sleep(2)
+    time.sleep(3)
     result.update(profile_workers(served.worker_pids, seconds, out_dir))
     thread.join()
     return result
@@ -332,9 +332,9 @@ def run_rest(a: argparse.Namespace, cfg: Any, store: Path, clip: bytes, frames_d
             top = rest["streams"][-1]["users"] if rest["streams"] else 1
             print(f"  profiles (py-spy, not counted): clips with {workers} clients, {top} streams", flush=True)
             rest["profile_clips"] = profiled(served, a.profile_seconds, out_dir / "profile-clips", lambda: clip_point(
-                served, clip, a.frames, workers, a.profile_seconds + 4))
+                served, clip, a.frames, workers, a.profile_seconds + 5))
             rest["profile_streams"] = profiled(served, a.profile_seconds, out_dir / "profile-streams", lambda: (
-                stream_point(a, served, frames_dir, top, out_dir / "locust" / "profile", a.profile_seconds + 4)))
+                stream_point(a, served, frames_dir, top, out_dir / "locust" / "profile", a.profile_seconds + 5)))
     finally:
         server.stop(runtime_dir)
     return rest
