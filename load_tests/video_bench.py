@@ -3,8 +3,9 @@
   (i)    one clip in-process: the handler's SegmentPipeline on the clip's bytes (decode -> preprocess -> infer ->
          post-process -> answer JSON), with one thread (what one server worker gets) and with the whole CPU
   (ii)   clip requests through TorchServe: one client, then one client per worker, each posting the whole clip
-  (iii)  camera streams through TorchServe: N locust users, each a 30 FPS camera posting JPEG frames (paced),
-         N = 1, 2, ... until a stream misses real time: how many streams one node holds with p99 <= 100 ms
+  (iii)  camera streams through TorchServe: N cameras posting JPEG frames at 30 FPS each, on schedule whatever the
+         answers (open loop, up to --in-flight frames per camera), N = 1, 2, ... until a stream misses real
+         time: how many streams one node holds with p99 <= 100 ms
   (base) TorchServe's near-real-time example's pattern: a client decodes the clip, JPEG-encodes each frame and
          sends the frames one by one, waiting for each answer, to the same model's frame endpoint
 
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "stops after the first that misses real time")
     p.add_argument("--stream-seconds", type=float, default=15, help="(iii) measured seconds per point")
     p.add_argument("--p99-ms", type=float, default=100, help="(iii) real time: p99 frame latency at most this")
+    p.add_argument("--in-flight", type=int, default=4, help="(iii) frames a camera may have unanswered: each camera "
+                   "is this many locust users pacing fps / in-flight each, started 1 / fps apart")
     p.add_argument("--baseline-seconds", type=float, default=10, help="(base) client loop seconds (whole clips)")
     p.add_argument("--profile-seconds", type=float, default=8, help="py-spy seconds per profiled point (0: none)")
     p.add_argument("--skip-rest", action="store_true", help="(i) only: no TorchServe")
@@ -271,12 +274,15 @@ def client_loop(served: Served, clip: bytes, seconds: float) -> dict[str, Any]:
 
 def stream_point(a: argparse.Namespace, served: Served, frames_dir: Path, n: int, out: Path,
                  seconds: float | None = None) -> dict[str, Any]:
-    """(iii) n paced locust users, each a camera at a.fps; real time when none fails, p99 <= a.p99_ms and the
-    frames answered keep up with the frames offered (>= 95 %)."""
-    point = run_locust(served.ep, served.key_file, served.url.rsplit("/", 1)[1], str(frames_dir), n,
+    """(iii) n cameras at a.fps: each is a.in_flight paced locust users sending a.fps / a.in_flight frames/s,
+    started 1 / a.fps apart, so a camera sends a frame every 1 / a.fps s while it has fewer than a.in_flight
+    unanswered (a locust user waits for its answer). Real time: no errors, p99 <= a.p99_ms and the frames answered
+    keep up with the frames offered (>= 95 %)."""
+    users = n * a.in_flight
+    point = run_locust(served.ep, served.key_file, served.url.rsplit("/", 1)[1], str(frames_dir), users,
                        seconds or a.stream_seconds, out, served.pid, expect="detections",
-                       extra=["--pace", f"{a.fps:g}"])
-    point["offered_fps"] = round(n * a.fps, 1)
+                       extra=["--pace", f"{a.fps / a.in_flight:g}"], spawn_rate=a.fps)
+    point.update(streams=n, in_flight=a.in_flight, offered_fps=round(n * a.fps, 1))
     point["realtime"] = bool(point["failures"] == 0 and point["p99_ms"] is not None and point["p99_ms"] <= a.p99_ms
                              and point["ok_rps"] >= 0.95 * n * a.fps)
     return point
@@ -329,7 +335,7 @@ def run_rest(a: argparse.Namespace, cfg: Any, store: Path, clip: bytes, frames_d
             if not rest["streams"][-1]["realtime"]:
                 break
         if a.profile_seconds > 0:
-            top = rest["streams"][-1]["users"] if rest["streams"] else 1
+            top = rest["streams"][-1]["streams"] if rest["streams"] else 1
             print(f"  profiles (py-spy, not counted): clips with {workers} clients, {top} streams", flush=True)
             rest["profile_clips"] = profiled(served, a.profile_seconds, out_dir / "profile-clips", lambda: clip_point(
                 served, clip, a.frames, workers, a.profile_seconds + 5))

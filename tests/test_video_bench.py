@@ -15,8 +15,9 @@ from load_tests.payload import check_body
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def stream(users, p99, ok_rps, realtime, failures=0):
-    return {"users": users, "offered_fps": 30.0 * users, "ok_rps": ok_rps, "p50_ms": p99 / 2, "p95_ms": p99 * 0.9,
+def stream(n, p99, ok_rps, realtime, failures=0):
+    return {"streams": n, "in_flight": 4, "users": 4 * n, "offered_fps": 30.0 * n, "ok_rps": ok_rps,
+            "p50_ms": p99 / 2, "p95_ms": p99 * 0.9,
             "p99_ms": p99, "max_ms": p99 * 1.2, "failures": failures, "realtime": realtime}
 
 
@@ -59,6 +60,7 @@ def test_verdicts_say_by_how_much_a_goal_is_missed(quick, tmp_path):
     assert "**60.0 FPS** end to end" in md and "short by 30.0 FPS (needs 1.50x)" in md
     assert "**45.0 FPS**, the per-frame client loop at **20.0 FPS**" in md and "**2.25x**" in md
     assert "| 2 | 60.0 | 48.0 | 125 | 225 | 250 | 300 | 0 | – | – | no |" in md
+    assert "with up to 4 unanswered (4 locust users pacing 7.5 FPS each, started 1/30 s apart)" in md
     png = video_report.plot(result, tmp_path / "video_bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 150_000
     result["rest"]["streams"] = [stream(1, 40.0, 30.0, True), stream(2, 70.0, 59.0, True), stream(3, 90, 80, False)]
