@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -66,6 +67,40 @@ def request_header(context: Any, idx: int, name: str) -> str | None:
     return next((v for k, v in headers.items() if k.lower() == name and isinstance(v, str)), None)
 
 
+# Per-stage time and errors by type, emitted through TorchServe's metrics cache (context.metrics); the config's
+# model_metrics_auto_detect puts them on the Prometheus endpoint (docs/serving.md, "Metrics"). Counters, so rate()
+# gives per-second figures; stage milliseconds / batches = the mean time per worker batch in a stage.
+STAGE_METRIC, BATCHES_METRIC, ERRORS_METRIC = ("handler_stage_milliseconds_total", "handler_batches_total",
+                                               "handler_errors_total")
+
+
+def declare_metrics(cache: Any) -> dict[str, Any]:
+    """Add the stage and error metrics to a worker's metrics cache (once, at load): name -> metric."""
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    labels = ["ModelName", "ModelVersion"]
+    specs = {STAGE_METRIC: ("ms", labels + ["Stage"]), BATCHES_METRIC: ("count", labels),
+             ERRORS_METRIC: ("count", labels + ["Status", "Type"])}
+    return {name: cache.add_metric_to_cache(name, unit, dims, MetricTypes.COUNTER)
+            for name, (unit, dims) in specs.items()}
+
+
+def record_metrics(metrics: dict[str, Any], pipeline: Pipeline, answers: Sequence[tuple[int, Any]],
+                   ran: bool = True) -> None:
+    """One worker batch: milliseconds per stage (the pipeline's `timings`, when it `ran` on this batch), the batch,
+    and each error answer by status and type. Never raises: a metrics failure must not fail the answers."""
+    labels = [pipeline.model_name, pipeline.model_version]
+    try:
+        for stage, seconds in (pipeline.timings.items() if ran else ()):
+            metrics[STAGE_METRIC].add_or_update(round(seconds * 1000, 3), labels + [stage])
+        metrics[BATCHES_METRIC].add_or_update(1, labels)
+        errors = Counter((str(status), str(body.get("type", "Error"))) for status, body in answers if status != 200)
+        for (status, type_), n in sorted(errors.items()):
+            metrics[ERRORS_METRIC].add_or_update(n, labels + [status, type_])
+    except Exception:  # noqa: BLE001
+        log.exception("could not record handler metrics")
+
+
 class PipelineHandler(BaseHandler):
     """Loads the archive's checkpoint into `pipeline_class` and answers each request item on its own."""
 
@@ -100,6 +135,8 @@ class PipelineHandler(BaseHandler):
                                                       model_version=model_meta.get("modelVersion"), **options)
         self.model = self.pipeline.model
         self.mapping = dict(enumerate(self.pipeline.classes))
+        cache = getattr(context, "metrics", None)
+        self.handler_metrics = declare_metrics(cache) if cache is not None else None
         self.initialized = True
         log.info("loaded %s version %s on %s (runtime %s, %d CPU threads)", self.pipeline.model_name,
                  self.pipeline.model_version, self.device, self.pipeline.runtime, torch.get_num_threads())
@@ -123,7 +160,7 @@ class PipelineHandler(BaseHandler):
         # only HTTP answers may leave in parts: TorchServe 0.12 wedges the worker when a unary gRPC answer does, and
         # the handler cannot tell a gRPC stream call from a unary one. HTTP requests carry their headers (Host is
         # never missing), gRPC ones only their inputs' content types.
-        http = {idx for idx in todo if request_header(context, idx, "host") is not None}
+        http = {idx for idx in range(len(data)) if request_header(context, idx, "host") is not None}
         streamed: set[int] = set()
 
         def emit(r: int, lines: list[Any]) -> None:
@@ -158,6 +195,8 @@ class PipelineHandler(BaseHandler):
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
             self.count_answers(context.metrics, [status for status, _ in answers])
+            if getattr(self, "handler_metrics", None) is not None:
+                record_metrics(self.handler_metrics, self.pipeline, answers, ran=bool(todo))
         return bodies
 
     def count_answers(self, metrics: Any, statuses: list[int]) -> None:

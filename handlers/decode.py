@@ -5,6 +5,8 @@ Two decoders share one set of rules:
 - `decode_jpegs` (torchvision/nvjpeg): a whole list of JPEGs in one call on the GPU; whatever it cannot take
   (CMYK, odd streams) falls back to `decode_image` item by item.
 Both check the pixel count from the header (Image.open reads only the header) before any pixel is decoded.
+`image_pixels` is that header check on its own: the shared flow uses it to hold each request and each decoded
+chunk to a pixel budget before decoding (handlers/pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from handlers.errors import BadInput
+from handlers.request import MAX_REQUEST_BYTES
 from training.presets import DEFAULT_BACKGROUND
 
 # A truncated file must be an error, not a half-grey image.
@@ -26,21 +29,31 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Formats we open. Restricting Image.open keeps e.g. EPS (which would run Ghostscript) out of reach.
 # (Multi-picture JPEGs open through the JPEG plugin and report format "MPO".)
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Decoded-pixel budgets per byte of the largest request: 4 pixels per byte (2 bits per pixel, what a JPEG photo
+# takes at ordinary qualities) lets any such request of photos through and refuses bodies that inflate far more
+# (a uniform 6000x6000 PNG is 36 M pixels in ~40 KB).
+PIXELS_PER_REQUEST_BYTE = 4
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = 40_000_000        # width * height from the header; bigger -> 413 before decoding
-    max_bytes: int = 20 * 1024 * 1024   # encoded size of one image; bigger -> 413
+    max_bytes: int = MAX_REQUEST_BYTES  # encoded size of one image; bigger -> 413
     jpeg_draft: bool = True             # let libjpeg decode at 1/2, 1/4, 1/8 scale when that still covers `resize`
+    # header pixels of all the images of one request; more -> 413 TooManyPixels before any is decoded
+    max_request_pixels: int = PIXELS_PER_REQUEST_BYTE * MAX_REQUEST_BYTES
+    # pixels a worker holds decoded at once: a chunk of the batch closes before it would pass this
+    max_batch_pixels: int = PIXELS_PER_REQUEST_BYTE * MAX_REQUEST_BYTES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_pixels <= min(self.max_request_pixels, self.max_batch_pixels):
+            raise ValueError(f"max_image_pixels ({self.max_pixels}) must be >= 1 and at most max_request_pixels "
+                             f"({self.max_request_pixels}) and max_batch_pixels ({self.max_batch_pixels})")
 
 
 def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Parse the header only and enforce the size limits. Raises BadInput (400/413)."""
-    if not data:
-        raise BadInput(400, "EmptyBody", "the request has no image data; send JPEG/PNG/WebP/BMP/GIF/TIFF bytes")
-    if len(data) > limits.max_bytes:
-        raise BadInput(413, "PayloadTooLarge", f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    _check_bytes(data, limits)
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
@@ -50,13 +63,67 @@ def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     except Exception:  # PIL raises many types on hostile headers (UnidentifiedImageError, struct.error, ...)
         raise BadInput(400, "InvalidImage", "the data is not an image we can read; send one of "
                        f"{', '.join(f.lower() for f in FORMATS)}") from None
-    w, h = img.size
+    _check_size(*img.size, limits)
+    return img
+
+
+def image_pixels(data: bytes, limits: DecodeLimits) -> int:
+    """width * height from the header alone (nothing decoded), with `open_image`'s checks and errors. PNG and JPEG
+    sizes are read straight from their IHDR / frame headers (a few microseconds; PIL's full header parse costs
+    several times more, and it runs again when the image is decoded); other formats go through PIL."""
+    size = _header_size(data)
+    if size is None:
+        w, h = open_image(data, limits).size
+    else:
+        _check_bytes(data, limits)
+        w, h = _check_size(*size, limits)
+    return w * h
+
+
+def _check_bytes(data: bytes, limits: DecodeLimits) -> None:
+    if not data:
+        raise BadInput(400, "EmptyBody", "the request has no image data; send JPEG/PNG/WebP/BMP/GIF/TIFF bytes")
+    if len(data) > limits.max_bytes:
+        raise BadInput(413, "PayloadTooLarge", f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+
+
+def _check_size(w: int, h: int, limits: DecodeLimits) -> tuple[int, int]:
     if w * h > limits.max_pixels:
         raise BadInput(413, "ImageTooLarge", f"image is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}; "
                        "downscale it before sending")
     if w < 1 or h < 1:
         raise BadInput(400, "InvalidImage", f"image has no pixels ({w}x{h})")
-    return img
+    return w, h
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_FRAMES = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))  # SOFn
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's frame header; None for anything else or anything odd (PIL
+    then decides). A JPEG with several frame headers before its first scan reports the largest, so the count
+    is never below what a decoder would produce."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, best = 2, None
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan: the frame header came before it
+            return best
+        if marker in _JPEG_FRAMES and i + 9 <= len(data):
+            h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            best = (w, h) if best is None or w * h > best[0] * best[1] else best
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 def decode_image(data: bytes, channels: int, limits: DecodeLimits = DecodeLimits(),

@@ -14,7 +14,8 @@ from training.presets import eval_batch
 
 
 class ImagePipeline(Pipeline):
-    """Classification: `{"predictions": [{"label", "index", "probability"}, ...]}` per image."""
+    """Classification: `{"predictions": [{"label", "index", "probability"}, ...]}` per image; several images are
+    answered as `{"results": [{"predictions": ...}, ...]}`, KServe v1 instances as `{"predictions": [[...], ...]}`."""
 
     OPTIONS = {**Pipeline.OPTIONS, "topk": int, "max_images_per_request": int}
 
@@ -26,10 +27,11 @@ class ImagePipeline(Pipeline):
 
     def parse(self, item: Any) -> Job:
         p = parse_request(item, self.max_images_per_request, self.limits.max_bytes)
-        return Job(p.images, {"topk": self._topk(p.topk), "multi": p.multi})
+        return Job(p.images, {"topk": self._topk(p.topk), "multi": p.multi, "instances": p.instances})
 
     def unit_error(self, job: Job, index: int, error: BadInput) -> BadInput:
-        where = f"images[{index}]: " if job.options["multi"] else ""
+        name = "instances" if job.options["instances"] else "images"
+        where = f"{name}[{index}]: " if job.options["multi"] else ""
         return BadInput(error.status, error.type, where + error.message)
 
     def postprocess(self, logits: torch.Tensor, units: Sequence[Unit]) -> list[Any]:
@@ -42,7 +44,9 @@ class ImagePipeline(Pipeline):
 
     def answer(self, job: Job) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model_name, "version": self.model_version}
-        if job.options["multi"]:
+        if job.options["instances"]:  # KServe v1: one prediction (here: the top-k list) per instance
+            body["predictions"] = job.results
+        elif job.options["multi"]:
             body["results"] = [{"predictions": p} for p in job.results]
         else:
             body["predictions"] = job.results[0]

@@ -5,11 +5,13 @@
     -> post-process (top-k | masks -> boxes) -> answer
 
 `Pipeline` holds the model, its runtime and the loop that runs every request of a worker batch through those
-stages in chunks of at most `max_batch` units (an image, or a video frame), so memory stays bounded however many
-units the requests carry. A task subclass (handlers/image.py: `ImagePipeline`, handlers/segment.py:
-`SegmentPipeline`) supplies parse, post-process and answer, and may stream: after each chunk, `partial` gives a
-streamed request's answer so far to the caller's `emit`. It runs in unit tests, benchmarks and on a GPU box with
-no TorchServe; handlers/adapter.py adapts it.
+stages in chunks of at most `max_batch` units (an image, or a video frame) and `max_batch_pixels` decoded pixels,
+so memory stays bounded however many units the requests carry. Pixels are counted from the image headers before
+anything is decoded: a request whose images add up to more than `max_request_pixels` is refused (413) whole.
+A task subclass (handlers/image.py: `ImagePipeline`, handlers/segment.py: `SegmentPipeline`) supplies parse,
+post-process and answer, and may stream: after each chunk, `partial` gives a streamed request's answer so far to
+the caller's `emit`. It runs in unit tests, benchmarks and on a GPU box with no TorchServe; handlers/adapter.py
+adapts it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from handlers.decode import DecodeLimits, decode_image, decode_jpegs
+from handlers.decode import DecodeLimits, decode_image, decode_jpegs, image_pixels
 from handlers.errors import BadInput, error_body
 from handlers.runtimes import EXPORTED, RUNTIMES, content_sha256, file_sha256, prepare_runtime
 from training.checkpoint import build_model, load_checkpoint
@@ -48,6 +50,17 @@ def check_options(cfg: Mapping[str, Any] | None, options: Mapping[str, type]) ->
     return cfg
 
 
+# handler option -> DecodeLimits field
+LIMIT_OPTIONS = {"max_image_pixels": "max_pixels", "max_image_bytes": "max_bytes", "jpeg_draft": "jpeg_draft",
+                 "max_request_pixels": "max_request_pixels", "max_batch_pixels": "max_batch_pixels"}
+
+
+def decode_limits(options: Mapping[str, Any]) -> DecodeLimits:
+    """The limits among handler options -> DecodeLimits (defaults for the others); ValueError when they do not fit
+    together. The archive step calls it too, so a config with inconsistent limits fails there, not in a worker."""
+    return DecodeLimits(**{LIMIT_OPTIONS[k]: v for k, v in options.items() if k in LIMIT_OPTIONS})
+
+
 @dataclass
 class Decoded:
     """A unit its source decoded itself (a video frame), with what the source knows about it (e.g. the frame's
@@ -65,6 +78,7 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)  # per-request options, validated by `parse`
     results: list[Any] = field(default_factory=list)  # post-processed results of units not yet answered, in order
     count: int = 0  # units taken so far (the index of the next one)
+    pixels: int = 0  # pixels (width x height) of its encoded images taken so far, counted against max_request_pixels
 
 
 @dataclass
@@ -86,6 +100,7 @@ class Pipeline:
     # handler options (model-config `handler:` block) -> type; subclasses add their own
     OPTIONS: ClassVar[dict[str, type]] = {"runtime": str, "max_batch": int, "cpu_threads": int,
                                           "runtime_cache": str, "max_image_pixels": int, "max_image_bytes": int,
+                                          "max_request_pixels": int, "max_batch_pixels": int,
                                           "jpeg_decoder": str, "jpeg_draft": bool, "artifact": str,
                                           "max_answer_bytes": int}  # the last one: for the TorchServe adapter
     # True: the TorchServe adapter sends answers as compact JSON text, refusing one over max_answer_bytes with a
@@ -95,9 +110,11 @@ class Pipeline:
     def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "cpu", *, runtime: str | None = None,
                  max_batch: int = 256, model_name: str | None = None, model_version: str | None = None,
                  cpu_threads: int | None = None, runtime_cache: str | None = None,
-                 checkpoint_sha256: str | None = None, max_image_pixels: int = 40_000_000,
-                 max_image_bytes: int = 20 * 1024 * 1024, jpeg_decoder: str = "auto", jpeg_draft: bool = True,
-                 artifact: str | None = None):
+                 checkpoint_sha256: str | None = None, max_image_pixels: int = DecodeLimits.max_pixels,
+                 max_image_bytes: int = DecodeLimits.max_bytes,
+                 max_request_pixels: int = DecodeLimits.max_request_pixels,
+                 max_batch_pixels: int = DecodeLimits.max_batch_pixels, jpeg_decoder: str = "auto",
+                 jpeg_draft: bool = True, artifact: str | None = None):
         self.device = torch.device(device)
         # None: the device's default -- fp32 eager on CPU, bf16 autocast + channels_last on CUDA
         runtime = runtime or ("bf16" if self.device.type == "cuda" else "eager")
@@ -110,7 +127,9 @@ class Pipeline:
         self.preprocess: dict[str, Any] = dict(ckpt["preprocess"])
         self.classes = [str(c) for c in ckpt["classes"]]
         self.task = str(ckpt.get("task") or "classification")
-        self.limits = DecodeLimits(max_image_pixels, max_image_bytes, jpeg_draft)
+        self.limits = decode_limits({"max_image_pixels": max_image_pixels, "max_image_bytes": max_image_bytes,
+                                     "jpeg_draft": jpeg_draft, "max_request_pixels": max_request_pixels,
+                                     "max_batch_pixels": max_batch_pixels})
         self.jpeg_decoder = (("torchvision" if self.device.type == "cuda" else "pil") if jpeg_decoder == "auto"
                              else jpeg_decoder)
         self.max_batch, self.runtime = max_batch, runtime
@@ -169,6 +188,14 @@ class Pipeline:
         return error
 
     # -- the shared stages ----------------------------------------------------------------------------------
+    def unit_pixels(self, unit: Any) -> int:
+        """Pixels a unit decodes to: an encoded image's from its header (JPEG draft decoding may produce fewer; the
+        budgets count the header), a decoded frame's height x width. Raises BadInput for a bad header."""
+        if isinstance(unit, (bytes, bytearray)):
+            return image_pixels(unit, self.limits)
+        frame = getattr(unit, "pixels", unit)  # a frame tensor, bare or with what its source knows about it
+        return int(frame.shape[-1]) * int(frame.shape[-2])
+
     def decode(self, datas: Sequence[bytes]) -> list[torch.Tensor | BadInput]:
         """Encoded images -> uint8 (C, H, W) tensors on the pipeline device, or a BadInput per failed item."""
         channels, background = self.preprocess["channels"], alpha_background(self.preprocess)
@@ -206,6 +233,7 @@ class Pipeline:
                 log.exception("request %d: parsing failed", r)
                 answers[r] = (500, error_body(500, "InternalError", f"could not read the request ({type(e).__name__})"))
         try:
+            self._admit(jobs, answers)
             with torch.inference_mode():
                 for chunk in self._chunks(jobs, answers):
                     self._run(chunk)
@@ -247,16 +275,57 @@ class Pipeline:
                         answers[r] = (e.status, e.body())
         self.timings["answer"] += time.perf_counter() - start
 
+    def _admit(self, jobs: dict[int, Job], answers: list[Any]) -> None:
+        """The request budget before anything is decoded: the encoded images of a job that lists its units up front
+        are header-checked and counted here (a stream's, as they are read: `_chunks`)."""
+        for r, job in jobs.items():
+            if isinstance(job.units, Sequence):
+                probe = Job(job.units, job.options)  # counts without touching the job
+                for unit in job.units:
+                    if self._count(r, probe, unit, answers) is None:
+                        break
+                    probe.count += 1
+
+    def _count(self, r: int, job: Job, unit: Any, answers: list[Any]) -> int | None:
+        """The unit's pixels; None (and the job answered) for a bad header or when the job's encoded images pass
+        max_request_pixels. (Frames a stream decoded itself count only towards the chunk: a video's own limits on
+        frames, duration and frame size bound its request.)"""
+        try:
+            pixels = self.unit_pixels(unit)
+        except BadInput as e:
+            e = self.unit_error(job, job.count, e)
+            answers[r] = (e.status, e.body())
+            return None
+        if isinstance(unit, (bytes, bytearray)):
+            job.pixels += pixels
+            if job.pixels > self.limits.max_request_pixels:
+                answers[r] = (413, error_body(413, "TooManyPixels", (
+                    f"the request's images decode to more than {self.limits.max_request_pixels} pixels, the limit "
+                    f"per request (width x height from their headers: {job.pixels} in the first {job.count + 1}); "
+                    "send fewer or smaller images per request")))
+                return None
+        return pixels
+
     def _chunks(self, jobs: dict[int, Job], answers: list[Any]) -> Iterator[list[tuple[int, Unit]]]:
-        """Decoded units of all live jobs, in request order, `max_batch` at a time. A unit that fails fails its job
-        (its later units are skipped); a job's unit source may also raise BadInput itself (a corrupt stream)."""
+        """Decoded units of all live jobs, in request order, at most `max_batch` units and `max_batch_pixels`
+        pixels at a time. A unit that fails fails its job (its later units are skipped); a job's unit source may
+        also raise BadInput itself (a corrupt stream)."""
         pending: list[tuple[int, int, bytes | torch.Tensor | Decoded]] = []
+        pending_pixels = 0
         for r, job in jobs.items():
             for unit in self._take(r, job, answers):
+                pixels = self._count(r, job, unit, answers)
+                if pixels is None:
+                    break
+                if pending and pending_pixels + pixels > self.limits.max_batch_pixels:
+                    chunk, pending, pending_pixels = self._decode_chunk(pending, jobs, answers), [], 0
+                    if chunk:
+                        yield chunk
                 pending.append((r, job.count, unit))
+                pending_pixels += pixels
                 job.count += 1
                 if len(pending) >= self.max_batch:
-                    chunk, pending = self._decode_chunk(pending, jobs, answers), []
+                    chunk, pending, pending_pixels = self._decode_chunk(pending, jobs, answers), [], 0
                     if chunk:
                         yield chunk
         if pending:
@@ -321,4 +390,6 @@ class Pipeline:
                 "preprocess": self.preprocess, "device": str(self.device), "runtime": self.runtime,
                 "runtime_info": {k: v for k, v in self.runtime_info.items() if k != "file"},
                 "max_batch": self.max_batch, "max_image_pixels": self.limits.max_pixels,
-                "max_image_bytes": self.limits.max_bytes}
+                "max_image_bytes": self.limits.max_bytes, "max_request_pixels": self.limits.max_request_pixels,
+                "max_batch_pixels": self.limits.max_batch_pixels}
+

@@ -2,7 +2,8 @@
 
 TorchServe hands a handler one dict per request: {"data" or "body": payload, <form fields / query params>...}.
 `split_item` separates the payload from the small fields (e.g. `topk`); `parse_request` is the image grammar
-(raw bytes, base64 JSON, lists, data URLs). No TorchServe import.
+(raw bytes, base64 JSON, lists, data URLs, and the ecosystem's conventions: TorchServe's `{"data": b64}` and
+KServe v1's `{"instances": [{"data": b64}, ...]}`). No TorchServe import.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 
 from handlers.errors import BadInput
 
+# The frontend's max_request_size (archive_configs/config.properties.template; a test keeps them equal): no request
+# body is larger, so it is also the default limit for one encoded image and the base of the decoded-pixel budgets.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _B64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_\r\n")
 
 
@@ -23,6 +27,7 @@ class ParsedRequest:
     images: list[bytes]       # encoded images, in request order
     topk: int | None = None   # None: the configured default
     multi: bool = False       # answered as {"results": [...]} (a list or {"images": [...]} was sent)
+    instances: bool = False   # KServe v1 {"instances": [...]}: answered as {"predictions": [one per instance]}
 
 
 FIELD_MAX_CHARS = 256  # a request field (form field or query parameter) longer than this is a payload, not an option
@@ -65,10 +70,11 @@ def split_item(item: Any, fields: frozenset[str] = frozenset({"topk"})) -> tuple
                    "sends form encoding unless told otherwise), or a multipart field named 'data'")
 
 
-def parse_request(item: Any, max_images: int = 64, max_bytes: int = 20 * 1024 * 1024) -> ParsedRequest:
+def parse_request(item: Any, max_images: int = 64, max_bytes: int = MAX_REQUEST_BYTES) -> ParsedRequest:
     """One TorchServe request item -> ParsedRequest. Raises BadInput (400/413) with a message for the client.
 
-    Accepted: raw image bytes; JSON {"image": b64} or {"images": [b64, ...]} or [b64, ...] (bytes, str or
+    Accepted: raw image bytes; JSON {"image": b64} (or {"data": b64}, TorchServe's convention) or
+    {"images": [b64, ...]} or [b64, ...] or KServe v1 {"instances": [{"data": b64} or b64, ...]} (bytes, str or
     already decoded by TorchServe), each b64 optionally a data URL; an optional "topk" in the JSON object or as
     a multipart field.
     """
@@ -95,12 +101,15 @@ def parse_request(item: Any, max_images: int = 64, max_bytes: int = 20 * 1024 * 
             return ParsedRequest([b64_bytes(text, max_bytes, "body")], field_topk)
     if isinstance(payload, dict):
         topk = payload.get("topk", field_topk)
-        if "image" in payload:
-            return ParsedRequest([b64_bytes(payload["image"], max_bytes, "image")], topk)
+        for key in ("image", "data"):
+            if key in payload:
+                return ParsedRequest([b64_bytes(payload[key], max_bytes, key)], topk)
         if "images" in payload:
             return ParsedRequest(_b64_list(payload["images"], max_images, max_bytes, "images"), topk, True)
+        if "instances" in payload:
+            return ParsedRequest(_instances(payload["instances"], max_images, max_bytes), topk, True, True)
         raise BadInput(400, "MissingImage", 'the JSON has no image; send {"image": "<base64>"} or '
-                       '{"images": ["<base64>", ...]}')
+                       '{"images": ["<base64>", ...]} or {"instances": [{"data": "<base64>"}, ...]}')
     if isinstance(payload, list):
         return ParsedRequest(_b64_list(payload, max_images, max_bytes, ""), field_topk, True)
     raise BadInput(400, "MissingImage", "the request has no image; send image bytes or JSON "
@@ -121,6 +130,17 @@ def _b64_list(items: Any, max_images: int, max_bytes: int, name: str) -> list[by
         raise BadInput(413, "TooManyImages", f"{len(items)} images in one request; the limit is {max_images}; "
                        "split the request")
     return [b64_bytes(s, max_bytes, f"{name}[{i}]") for i, s in enumerate(items)]
+
+
+def _instances(items: Any, max_images: int, max_bytes: int) -> list[bytes]:
+    """KServe v1 instances: each {"data": b64} (TorchServe's KServe convention) or a bare b64 string."""
+    if not isinstance(items, list) or not items:
+        raise BadInput(400, "MissingImage", 'instances must be a non-empty list like [{"data": "<base64>"}, ...]')
+    images = [item.get("data") if isinstance(item, dict) else item for item in items]
+    missing = next((i for i, item in enumerate(items) if isinstance(item, dict) and "data" not in item), None)
+    if missing is not None:
+        raise BadInput(400, "MissingImage", f'instances[{missing}] has no "data"; send {{"data": "<base64>"}}')
+    return _b64_list(images, max_images, max_bytes, "instances")
 
 
 def b64_bytes(text: Any, max_bytes: int, where: str = "image") -> bytes:

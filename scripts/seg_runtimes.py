@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from handlers.runtimes import file_sha256  # noqa: E402
 from handlers.segment import SegmentPipeline  # noqa: E402
-from load_tests.report import write_json  # noqa: E402
+from scripts.video_docs import publish  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.clips import make_config  # noqa: E402
 from training.presets import eval_batch  # noqa: E402
@@ -131,13 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         result["speed_fps"] = speed(pipes, int(ckpt["preprocess"]["size"]), a.batch, a.reps)
         result["accuracy"] = accuracy(pipes, ckpt, a.batch)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    write_json(result, a.out)
-    if a.docs:
-        from load_tests.reliability import write_doc_block
-
-        write_json(result, ROOT / "docs" / "video_runtimes.json")
-        write_doc_block(ROOT / "docs" / "video.md", "video-runtimes", markdown(result))
-    print(markdown(result))
+    publish(result, a.out, "video-runtimes", markdown(result), a.docs)
     print(f"\nload average {result['load_before'][0]} before, {result['load_after'][0]} after; JSON: {a.out}")
     return 0
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from load_tests.report import write_json  # noqa: E402
+from scripts.video_docs import publish  # noqa: E402
 
 SIZES = ((224, 224), (480, 640), (720, 1280))
 FORMATS = {"mp4": "mov,mp4,m4a,3gp,3g2,mj2", "matroska": "matroska,webm"}
@@ -209,13 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         result["speed"] = speed(clips, a.reps, a.frames)
         result["robustness"] = robustness(damaged(Path(tmp), 30), 30)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    write_json(result, a.out)
-    if a.docs:
-        from load_tests.reliability import write_doc_block
-
-        write_json(result, ROOT / "docs" / "video_decoders.json")
-        write_doc_block(ROOT / "docs" / "video.md", "video-decoders", markdown(result))
-    print(markdown(result))
+    publish(result, a.out, "video-decoders", markdown(result), a.docs)
     print(f"\nload average {result['load_before'][0]} before, {result['load_after'][0]} after; JSON: {a.out}")
     return 0
 

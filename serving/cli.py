@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--version", help="a specific version (default: the model's default version)")
     p.add_argument("--topk", type=int, help="number of classes to return (default: the model's topk)")
+    p.add_argument("--grpc", action="store_true", help="over TorchServe's gRPC inference API instead of REST")
     p = add("predict-video", "send a clip to a segmentation model; write it back with masks and boxes drawn in")
     p.add_argument("clip", type=Path)
     p.add_argument("--out", type=Path, required=True, help="the annotated MP4 to write")
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _dry_run(p)
     p = add("metrics", "print the Prometheus metrics")
     p.add_argument("--grep", help="only lines containing this text")
-    p = add("howto", "print working curl commands for a running server (current key, real versions)")
+    add("ping", "health check: TorchServe's /ping with the inference key; exit status 0 when Healthy")
+    p = add("howto", "print working curl commands for a running server (the key read from the key file)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--image", type=Path, help="image in the commands (default: the first reports/samples/*.png)")
     return parser
@@ -215,21 +217,53 @@ def cmd_stop(a: argparse.Namespace) -> int:
 
 def cmd_predict(a: argparse.Namespace, client: Any) -> int:
     failed = 0
+    send = _grpc_sender(a, client) if a.grpc else _rest_sender(a, client)
     for path in a.images:
         data = path.read_bytes()
         if a.topk is not None:  # per-request topk travels in the JSON form of the request
             data = json.dumps({"image": base64.b64encode(data).decode(), "topk": a.topk}).encode()
-        r = client.predict(a.model, data, a.version)
-        try:
-            body = r.json()
-        except ValueError:
-            body = {"code": r.status_code, "message": r.text.strip() or r.reason}
-        failed += r.status_code != 200
+        status, body = send(data)
+        failed += status != 200
         if len(a.images) == 1:
             _print(body)
         else:
-            print(json.dumps({"image": str(path), "status": r.status_code, **body}))
+            print(json.dumps({"image": str(path), "status": status, **body}))
     return 1 if failed else 0
+
+
+def _rest_sender(a: argparse.Namespace, client: Any) -> Any:
+    def send(data: bytes) -> tuple[int, Any]:
+        r = client.predict(a.model, data, a.version)
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            return r.status_code, {"code": r.status_code, "message": r.text.strip() or r.reason}
+    return send
+
+
+def _grpc_sender(a: argparse.Namespace, client: Any) -> Any:
+    """gRPC answers carry no per-request status (TorchServe 0.12): an error body's "code" is the status."""
+    import grpc
+
+    from serving.grpc_client import GrpcClient
+    from serving.server import CONFIG_NAME, read_properties
+
+    props = read_properties(a.runtime_dir / CONFIG_NAME)
+    target = f"{props.get('grpc_inference_address', '127.0.0.1')}:{props.get('grpc_inference_port', '7070')}"
+    grpc_client = GrpcClient(target, client.ep.inference_key, a.runtime_dir / "grpc")
+
+    def send(data: bytes) -> tuple[int, Any]:
+        for attempt in range(2):
+            try:
+                return grpc_client.predict(a.model, data, a.version)
+            except grpc.RpcError as e:
+                if attempt == 0 and e.code() == grpc.StatusCode.PERMISSION_DENIED:  # an expired key: renew once
+                    client._refresh_token("inference")
+                    grpc_client.metadata = [("authorization", f"Bearer {client.ep.inference_key}")]
+                    continue
+                raise ServingError(f"gRPC {e.code().name}: {e.details()}") from None
+        raise AssertionError("unreachable")
+    return send
 
 
 def cmd_models(client: Any) -> int:
@@ -247,7 +281,9 @@ def cmd_models(client: Any) -> int:
 
 
 def cmd_howto(a: argparse.Namespace, client: Any) -> int:
-    """Commands that work as printed: the current key, the model's real versions, an image that exists."""
+    """Commands that work as printed: the model's real versions, an image that exists, and the inference key read
+    from the key file when they run. The key itself is never printed (it would stay in terminal scrollback and CI
+    logs, and a renewed key replaces it)."""
     from training.commands import project_command
 
     ep, key_file = client.ep, a.runtime_dir.resolve() / "key_file.json"
@@ -260,19 +296,25 @@ def cmd_howto(a: argparse.Namespace, client: Any) -> int:
         image = Path("reports/samples/0000_ankle-boot.png")
         samples = project_command(f"training samples --out-dir {image.parent}")
         print(f"No sample image yet; write some first:\n  {samples}")
-    auth, url = f'-H "Authorization: Bearer {ep.inference_key}"', f"{ep.inference_url}/predictions/{a.model}"
-    print(f"""Predict (token from {key_file}, key "inference"; it expires, run howto again for a fresh one):
+    where = "".join(f" --{flag} {path}" for flag, path, usual in (("runtime-dir", a.runtime_dir, DEFAULT_RUNTIME),
+                                                                     ("store", a.store, DEFAULT_STORE))
+                    if Path(path).resolve() != usual.resolve())
+    auth, url = '-H "Authorization: Bearer $KEY"', f"{ep.inference_url}/predictions/{a.model}"
+    read_key = f"""python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' {key_file}"""
+    print(f"""Inference key (the "inference" entry of {key_file}; it expires, and a renewed key replaces it there):
+  KEY=$({read_key})
+Predict:
   curl {auth} -T {image} {url}
   curl {auth} -T {image} {url}/{default}
   curl {auth} -H 'Content-Type: application/json' -d "{{\\"image\\": \\"$(base64 -w0 {image})\\", \\"topk\\": 3}}" {url}
   (curl -d/--data-binary without a Content-Type sends a form: add -H 'Content-Type: application/octet-stream')
+Health (/ping needs the inference key too; `serving ping` also renews an expired key, exit status 0 when Healthy):
+  curl {auth} {ep.inference_url}/ping
+  {project_command("serving ping")}{where}
 Answers per version (Prometheus): curl -s {ep.metrics_url}/metrics | grep 'handler_answers_total{{ModelName="{a.model}"'
 Versions (registered {', '.join(versions)}; default {default}; archived {', '.join(archived) or 'none'}):""")
     from serving.rollout import rollback_target
 
-    where = "".join(f" --{flag} {path}" for flag, path, usual in (("runtime-dir", a.runtime_dir, DEFAULT_RUNTIME),
-                                                                     ("store", a.store, DEFAULT_STORE))
-                    if Path(path).resolve() != usual.resolve())
     commands = ["models", f"describe {a.model}", *[f"rollout {a.model} {v}" for v in archived if v != default]]
     try:
         rollback_target(client.history(), a.model, default, versions)
@@ -305,6 +347,9 @@ def run(a: argparse.Namespace) -> int:
         return cmd_models(client)
     if a.cmd == "howto":
         return cmd_howto(a, client)
+    if a.cmd == "ping":
+        print(client.ping()["status"])
+        return 0
     if a.cmd == "describe":
         _print(client.describe_full(a.name, a.version))
     elif a.cmd == "register":

@@ -203,6 +203,15 @@ class Client:
         body = {"data": image} if image is not None else {}
         return self._request("POST", f"{self.ep.inference_url}{path}", "inference", **body, **kw)
 
+    def ping(self) -> dict[str, Any]:
+        """TorchServe's health check, /ping, with the inference key (TorchServe 0.12 guards /ping with it when token
+        auth is on); an expired key is renewed first. {"status": "Healthy"}, else ServingError."""
+        r = self._request("GET", f"{self.ep.inference_url}/ping", "inference", timeout=10)
+        body = r.json() if r.status_code == 200 else {}
+        if body.get("status") != "Healthy":
+            raise ServingError(f"GET /ping: HTTP {r.status_code}: {_error_message(r)}")
+        return body
+
     def metrics(self) -> str:
         r = requests.get(f"{self.ep.metrics_url}/metrics", timeout=10)
         if r.status_code != 200:

@@ -79,6 +79,7 @@ def test_handler_byte_limits_stay_within_the_frontend_limits():
     ({"torchserve__batchSize": 0}, "torchserve.batchSize must be an integer >= 1"),
     ({"torchserve__maxWorkers": 2, "torchserve__minWorkers": 3}, "maxWorkers must be >= torchserve.minWorkers"),
     ({"torchserve__handler__topk": "five"}, "topk"),
+    ({"torchserve__handler__max_image_pixels": 80_000_000}, "max_image_pixels (80000000) must be >= 1 and at most"),
     ({"handler": "handlers/unknown.py"}, "no pipeline for handler 'unknown.py'"),
 ])
 def test_invalid_configs_name_file_and_key(changes, message):

@@ -147,6 +147,9 @@ def _cases() -> list[Case]:
              "application/json"),
         Case("too_many_images", "65 images in one JSON request (limit 64)", _json({"images": [b64(GOOD)] * 65}),
              413, "TooManyImages", "application/json"),
+        Case("pixel_bomb_request", "64 uniform 1100x1100 PNGs in one 107 KB JSON request (77 M pixels)",
+             _json({"images": [b64(encode(Image.new("L", (1100, 1100)), "PNG"))] * 64}), 413, "TooManyPixels",
+             "application/json"),
     ]
     odd = [
         Case("image_1x1", "1x1 PNG (scaled up)", encode(photo(1, 1), "PNG"), 200, ctype="image/png"),

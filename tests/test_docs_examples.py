@@ -107,11 +107,13 @@ def test_howto_prints_commands_that_work(torchserve, samples):
     assert "..." not in p.stdout and "VERSION" not in p.stdout
     curls = [x for x in lines if x.startswith("curl ")]
     versions = [x for x in lines if " -m serving " in x]
-    assert len(curls) == 3 and all(ts.tokens["inference"] in c for c in curls)
+    read_key = [x for x in lines if x.startswith("KEY=$(")]  # the key is read when the commands run, not printed
+    assert len(curls) == 4 and all('Bearer $KEY"' in c for c in curls) and len(read_key) == 1
+    assert all(key not in p.stdout for key in ts.tokens.values())
     assert any(x.endswith(f"rollout {MODEL} 2.0 --runtime-dir {ts.runtime_dir} --store {ts.store}") for x in versions)
     metrics_line = next(x for x in lines if "handler_answers_total" in x)
-    runnable = curls + [metrics_line[metrics_line.index("curl "):]] + \
-        [x for x in versions if " models " in x or " describe " in x]
+    runnable = read_key + curls + [metrics_line[metrics_line.index("curl "):]] + \
+        [x for x in versions if any(f" serving {c} " in x for c in ("models", "describe", "ping"))]
     results = run_commands([substitute(c, {}, sys.executable, ts.runtime_dir, ts.store) for c in runnable], ROOT)
     for cmd, (rc, http, out) in zip(runnable, results):
         assert (http or 200) == 200 and rc == 0, f"{cmd}\n-> {rc} {http}: {out[:500]}"

@@ -231,3 +231,21 @@ def test_form_encoded_bodies_get_415_and_answers_are_counted_per_version(model_d
     assert counts == {"ModelName:tiny,ModelVersion:2.0,Status:415": 2.0,
                       "ModelName:tiny,ModelVersion:2.0,Status:200": 1.0,
                       "ModelName:tiny,ModelVersion:2.0,Status:400": 1.0}, lines
+
+
+def test_each_batch_emits_stage_times_and_errors_by_type(model_dir, caplog):
+    """The metric lines the worker prints for TorchServe's frontend (the real-server test reads them back from
+    the Prometheus endpoint: tests/test_conventions.py)."""
+    handler, ctx = loaded(model_dir)
+    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
+        serve(handler, ctx, [{"body": encode(photo(), "PNG")}, {"body": b"junk"}, {"body": b""}, {"body": b"\x00junk"}])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]handler_")
+             and "handler_answers_total" not in r.getMessage()]
+    version = "ModelName:tiny,ModelVersion:2.0"
+    for stage in ("decode", "preprocess", "inference", "postprocess", "answer"):
+        assert any("handler_stage_milliseconds_total.Milliseconds:" in x and f"{version},Stage:{stage}|" in x
+                   for x in lines), stage
+    assert sum(x.startswith(f"[METRICS]handler_batches_total.Count:1|#{version}|") for x in lines) == 1
+    errors = sorted(x.split("|")[0:2] for x in lines if x.startswith("[METRICS]handler_errors_total"))
+    assert errors == [["[METRICS]handler_errors_total.Count:1", f"#{version},Status:400,Type:EmptyBody"],
+                      ["[METRICS]handler_errors_total.Count:2", f"#{version},Status:400,Type:InvalidImage"]]

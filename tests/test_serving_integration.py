@@ -378,9 +378,13 @@ def test_session_fixture_serves_tiny(torchserve):
 
 def test_expired_tokens_are_renewed_by_the_client(tiny_store, tmp_path):
     with TorchServe(tiny_store, tmp_path, extra_config={"token_expiration_min": 0.05}) as ts:  # 3 s tokens
-        old = ts.tokens["management"]
+        old, old_inference = ts.tokens["management"], ts.tokens["inference"]
         time.sleep(3.5)
         assert requests.get(f"{ts.management_url}/models", headers={"Authorization": f"Bearer {old}"},
                             timeout=10).status_code == 400
         assert ts.client.model_names() == []  # renewed through the API key, then answered
         assert ts.client.ep.management_key != old
+        # a health probe holding a copy of the inference key fails once it expires; `serving ping` renews it
+        assert requests.get(f"{ts.inference_url}/ping", headers={"Authorization": f"Bearer {old_inference}"},
+                            timeout=10).status_code == 400
+        assert ts.client.ping() == {"status": "Healthy"} and ts.client.ep.inference_key != old_inference

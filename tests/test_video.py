@@ -283,7 +283,8 @@ def test_an_int8_segmentation_archive_is_calibrated_on_training_frames_and_measu
     assert 0 <= accuracy["int8"] <= 1 and abs(accuracy["drop_pt"]) < 5
 
 
-@pytest.mark.parametrize("name, script", [("video-decoders", "video_decoders"), ("video-runtimes", "seg_runtimes")])
+@pytest.mark.parametrize("name, script", [("video-decoders", "video_decoders"), ("video-runtimes", "seg_runtimes"),
+                                          ("video-training", "seg_train_report")])
 def test_every_figure_in_video_md_is_generated_from_a_committed_json(name, script):
     """docs/video.md's measurement blocks are exactly what their JSON files generate (no hand-typed figures)."""
     import importlib
@@ -299,3 +300,25 @@ def test_every_figure_in_video_md_is_generated_from_a_committed_json(name, scrip
         pytest.skip(f"awaits scripts/{script}.py --docs on a quiet machine")
     markdown = importlib.import_module(f"scripts.{script}").markdown
     assert block.group(1) == markdown(json.loads(data.read_text()))
+
+
+def test_the_training_report_states_the_gap_to_the_goal_and_how_to_finish_a_stopped_schedule(tmp_path):
+    from scripts.seg_train_report import markdown, run_entry
+
+    recipe = {"epochs": 8, "batch_size": 32, "data_args": {"train_frames": 2048}, "model_args": {"patch_size": 8}}
+    metrics = {"checkpoint": "checkpoints/s.pt", "arch": "vit_seg_tiny", "img_size": 64, "recipe": recipe,
+               "miou": 0.35, "miou_objects": 0.3, "ap50": 0.2, "pixel_acc": 0.9, "per_class_iou": {}, "frames": 512,
+               "data": "test clips", "training": {"train_time_s": 2400.0, "train_cpu_s": 1200.0, "epochs": 3,
+                                                  "steps": 192, "val_miou": [0.1, 0.2, 0.3], "hardware": "cpu"}}
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    (tmp_path / "run.log").write_text(" up 3:30, load average: 8.79, 7.17, 6.43\nepoch 1\nCommand terminated by "
+                                      "signal 15\n\tUser time (seconds): 780.23\n\tSystem time (seconds): 4.27\n"
+                                      "\tElapsed (wall clock) time (h:mm:ss or m:ss): 40:22.79\n"
+                                      " load average: 2.00, 3, 4\n")
+    run = run_entry(tmp_path / "m.json", tmp_path / "run.log", "r64")
+    assert run["run"] == {"run_wall_s": 2422.79, "run_cpu_s": 784.5, "stopped": True}
+    assert run["training"]["frames_seen"] == 6144 and run["load_start"][0] == 8.79 and run["load_end"][0] == 2.0
+    text = markdown({"runs": [run], "goal_miou": 0.85, "cpus": 2})
+    assert "missed by 0.500" in text and "3/8 epochs, 6,144 frames" in text and "| 8.8 → 2.0 |" in text
+    assert "40.4 min of wall time, 13.1 CPU min, stopped" in text and "10,240 frames" in text
+    assert "--recipe r64 --out checkpoints/s.pt --resume checkpoints/s.pt" in text

@@ -1,0 +1,122 @@
+"""Figures of segmentation training runs for docs/video.md, from what the runs themselves wrote:
+
+    .venv/bin/python scripts/seg_train_report.py \
+        --run reports/seg/cpu64/metrics.json reports/seg/cpu64_train.log vit_seg_tiny_moving_fmnist_cpu64 --docs
+
+Per run: `metrics.json` from `python -m training eval --out-dir D` (test mIoU, AP@0.5, pixel accuracy, and the
+training cost the checkpoint recorded: wall and CPU seconds, epochs, steps, val mIoU per epoch), the run's log
+(the `uptime` lines written before and after it: the load average of the shared machine) and the recipe name.
+Writes reports/seg_training.json (with --docs also docs/video_training.json and its block in docs/video.md);
+the verdict against the mIoU goal and the command that finishes a stopped schedule are generated, not typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.video_docs import publish  # noqa: E402
+
+GOAL_MIOU = 0.85  # the goal for the best model on held-out clips
+
+
+def log_loads(path: Path) -> list[list[float]]:
+    """Every `load average: a, b, c` line of a log, in order."""
+    return [[float(x) for x in m] for m in re.findall(r"load average: ([\d.]+), ([\d.]+), ([\d.]+)", path.read_text())]
+
+
+def log_time(path: Path) -> dict[str, float]:
+    """Wall and CPU seconds of the whole run, from `/usr/bin/time -v` in its log (empty when not there)."""
+    text = path.read_text()
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    if not wall or len(cpu) != 2:
+        return {}
+    seconds = 0.0
+    for part in wall.group(1).split(":"):
+        seconds = seconds * 60 + float(part)
+    return {"run_wall_s": seconds, "run_cpu_s": sum(cpu), "stopped": "terminated by signal" in text}
+
+
+def run_entry(metrics: Path, log: Path, recipe: str) -> dict[str, Any]:
+    m = json.loads(metrics.read_text())
+    loads = log_loads(log)
+    r, t = m["recipe"], m["training"]
+    return {"recipe_name": recipe, "arch": m["arch"], "img_size": m["img_size"], "model_args": r["model_args"],
+            "eval": {k: m[k] for k in ("miou", "miou_objects", "ap50", "pixel_acc", "per_class_iou", "frames", "data")},
+            "training": {**t, "epochs_planned": r["epochs"], "batch_size": r["batch_size"],
+                         "frames_per_epoch": r["data_args"].get("train_frames"),
+                         "frames_seen": (t["steps"] or 0) * r["batch_size"]},
+            "run": log_time(log), "load_start": loads[0] if loads else None,
+            "load_end": loads[-1] if len(loads) > 1 else None,
+            "checkpoint": m["checkpoint"], "recipe": r}
+
+
+def _load(x: list[float] | None) -> str:
+    return "–" if x is None else f"{x[0]:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| model | frames | trained | wall | CPU | load (1 min) start → end | val mIoU per epoch | test mIoU | "
+             "mIoU objects | AP@0.5 | pixel acc. |", "|" + "---|" * 11]
+    for run in result["runs"]:
+        t, e = run["training"], run["eval"]
+        patch = run["model_args"].get("patch_size")
+        val = ", ".join(f"{v:.3f}" for v in t["val_miou"])
+        lines.append(
+            f"| `{run['arch']}`{f' /{patch}' if patch else ''} | {run['img_size']} px | {t['epochs']}/"
+            f"{t['epochs_planned']} epochs, {t['frames_seen']:,} frames | {t['train_time_s'] / 60:.1f} min | "
+            f"{t['train_cpu_s'] / 60:.1f} min | {_load(run['load_start'])} → {_load(run['load_end'])} | {val} | "
+            f"{e['miou']:.3f} | {e['miou_objects']:.3f} | {e['ap50']:.3f} | {e['pixel_acc']:.3f} |")
+    for run in result["runs"]:
+        if run["run"]:
+            lines += ["", f"`{run['recipe_name']}` as a whole (validation and, when it was stopped, the unfinished "
+                      f"epoch included): {run['run']['run_wall_s'] / 60:.1f} min of wall time, "
+                      f"{run['run']['run_cpu_s'] / 60:.1f} CPU min" + (", stopped" if run["run"]["stopped"] else "")
+                      + "; the table's wall and CPU columns count the finished epochs' training steps."]
+    best = max(result["runs"], key=lambda r: r["eval"]["miou"])
+    miou, goal = best["eval"]["miou"], result["goal_miou"]
+    verdict = (f"Verdict: `{best['arch']}` reaches the mIoU goal of {goal} ({miou:.3f})." if miou >= goal else
+               f"Verdict: the goal (mIoU >= {goal} on held-out clips) is missed by {goal - miou:.3f} "
+               f"(best `{best['arch']}`: {miou:.3f} on {best['eval']['frames']} test frames).")
+    lines += ["", verdict]
+    for run in result["runs"]:
+        t = run["training"]
+        if t["epochs"] < t["epochs_planned"]:
+            rate, cpu = t["frames_seen"] / t["train_time_s"], t["train_cpu_s"] / t["frames_seen"]
+            left = (t["epochs_planned"] - t["epochs"]) * t["frames_per_epoch"]
+            lines += ["", f"`{run['recipe_name']}` stopped after {t['epochs']} of {t['epochs_planned']} epochs "
+                      f"(the learning rate had not decayed yet). The rest of its schedule is {left:,} frames: about "
+                      f"{left / rate / 60:.0f} min at this run's {rate:.1f} frames/s, or {left * cpu / 60:.0f} CPU "
+                      f"minutes at its {cpu:.3f} CPU s per frame (about {left * cpu / 60 / result['cpus']:.0f} min "
+                      f"on {result['cpus']} idle cores). It is one command away:",
+                      "", "```bash", f"nice -n 19 .venv/bin/python -m training train --recipe {run['recipe_name']} "
+                      f"--out {run['checkpoint']} --resume {run['checkpoint']}", "```"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", nargs=3, action="append", required=True, metavar=("METRICS_JSON", "LOG", "RECIPE"))
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "seg_training.json")
+    p.add_argument("--docs", action="store_true", help="also docs/video_training.json and its block in video.md")
+    a = p.parse_args(argv)
+    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "goal_miou": GOAL_MIOU,
+              "runs": [run_entry(Path(m), Path(log), name) for m, log, name in a.run]}
+    publish(result, a.out, "video-training", markdown(result), a.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
