@@ -42,7 +42,7 @@ from load_tests import video_report
 from load_tests.bench import free_ports, machine_info
 from load_tests.inprocess import bench_seg_checkpoint
 from load_tests.profile import profile_workers
-from load_tests.report import percentiles, write_json
+from load_tests.report import metric, percentiles, write_json
 from load_tests.rest import process_tree_cpu, run_locust, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +201,24 @@ class Served:
     pid: int | None
     worker_pids: list[int]
 
+    def counters(self) -> dict[str, float]:
+        """The handler's stage milliseconds (all workers) and the frontend's request count for the model, now."""
+        from handlers.adapter import STAGE_METRIC
+        from handlers.pipeline import STAGES
+
+        name = self.url.rsplit("/", 1)[1]
+        text = requests.get(f"{self.ep.metrics_url}/metrics", timeout=10).text
+        return {"requests": metric(text, "ts_inference_requests_total", model_name=name),
+                **{stage: metric(text, STAGE_METRIC, ModelName=name, Stage=stage) for stage in STAGES}}
+
+    def stages_since(self, before: dict[str, float], frames_per_request: int = 1) -> dict[str, Any]:
+        """Server-side milliseconds per frame by stage since `before` (the handler's own timers, summed over the
+        workers; the frontend's queueing and transfer are not in them)."""
+        time.sleep(1.5)  # the workers' metrics reach the frontend's Prometheus endpoint asynchronously
+        after = self.counters()
+        frames = (after["requests"] - before["requests"]) * frames_per_request
+        return {k: round((after[k] - v) / frames, 3) for k, v in before.items() if k != "requests"} if frames else {}
+
     def post(self, session: requests.Session, data: bytes, ctype: str) -> requests.Response:
         return session.post(self.url, data=data, timeout=300,
                             headers={"Authorization": f"Bearer {self.ep.inference_key}", "Content-Type": ctype})
@@ -222,6 +240,7 @@ def clip_point(served: Served, clip: bytes, frames: int, clients: int, seconds: 
                     return
                 latencies.append(time.perf_counter() - t0)
 
+    counters = served.counters()
     cpu0, t0 = process_tree_cpu(served.pid) if served.pid else 0.0, time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -232,7 +251,8 @@ def clip_point(served: Served, clip: bytes, frames: int, clients: int, seconds: 
     cpu = process_tree_cpu(served.pid) - cpu0 if served.pid else 0.0
     return {"clients": clients, "requests": len(latencies), "errors": len(errors), "error": errors[:1],
             "fps": round(frames * len(latencies) / wall, 1), "wall_s": round(wall, 1),
-            **percentiles([1000 * x for x in latencies]), "server_cpu_pct": round(100 * cpu / wall, 1)}
+            **percentiles([1000 * x for x in latencies]), "server_cpu_pct": round(100 * cpu / wall, 1),
+            "server_stages_ms": served.stages_since(counters, frames)}
 
 
 def client_loop(served: Served, clip: bytes, seconds: float) -> dict[str, Any]:
@@ -278,11 +298,12 @@ def stream_point(a: argparse.Namespace, served: Served, frames_dir: Path, n: int
     started 1 / a.fps apart, so a camera sends a frame every 1 / a.fps s while it has fewer than a.in_flight
     unanswered (a locust user waits for its answer). Real time: no errors, p99 <= a.p99_ms and the frames answered
     keep up with the frames offered (>= 95 %)."""
-    users = n * a.in_flight
+    users, counters = n * a.in_flight, served.counters()
     point = run_locust(served.ep, served.key_file, served.url.rsplit("/", 1)[1], str(frames_dir), users,
                        seconds or a.stream_seconds, out, served.pid, expect="detections",
                        extra=["--pace", f"{a.fps / a.in_flight:g}"], spawn_rate=a.fps)
-    point.update(streams=n, in_flight=a.in_flight, offered_fps=round(n * a.fps, 1))
+    point.update(streams=n, in_flight=a.in_flight, offered_fps=round(n * a.fps, 1),
+                 server_stages_ms=served.stages_since(counters))
     point["realtime"] = bool(point["failures"] == 0 and point["p99_ms"] is not None and point["p99_ms"] <= a.p99_ms
                              and point["ok_rps"] >= 0.95 * n * a.fps)
     return point

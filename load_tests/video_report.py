@@ -60,6 +60,12 @@ def stage_rows(result: dict[str, Any]) -> list[tuple[str, float | None, dict[str
     for p in result.get("inprocess", []):
         rows.append((f"(i) one clip in-process, {p['threads']} thread(s)", p["fps"], p["stages_ms"]))
     rest, workers = result.get("rest", {}), result["meta"]["torchserve"]["maxWorkers"]
+    clips, streams = rest.get("clips") or [], rest.get("streams") or []
+    for p, label in ((clips[-1] if clips else None, "(ii) clip requests through TorchServe, {} client(s)"),
+                     (streams[-1] if streams else None, "(iii) camera streams through TorchServe, {} stream(s)")):
+        if p and p.get("server_stages_ms"):
+            rows.append((label.format(p.get("clients") or _n(p)) + " (handler timers)", p.get("fps") or p["ok_rps"],
+                         p["server_stages_ms"]))
     for key, label in (("profile_clips", "(ii) clip requests through TorchServe"),
                        ("profile_streams", "(iii) camera streams through TorchServe")):
         got = profile_ms(rest.get(key), workers)
@@ -146,8 +152,11 @@ def markdown(result: dict[str, Any]) -> str:
            f"JPEG (quality {clip['jpeg_quality']}, {clip['jpeg_mean_bytes'] / 1024:.1f} KiB). Masks as COCO RLE.",
            "", *verdicts(result), "",
            "Milliseconds per frame by stage. (i) from the pipeline's own timers (answer = building it + compact "
-           "JSON); (ii) and (iii) from py-spy samples of the workers during extra, uncounted points (worker wall "
-           "time per answered frame, so idle time shows as frontend I/O); (base) timed by the client.", "",
+           "JSON); (ii) and (iii) \"handler timers\": the same timers in the server's workers "
+           "(`handler_stage_milliseconds_total` on TorchServe's metrics endpoint, over the frames answered in the "
+           "point: the frontend's queueing and transfer are not in them); \"py-spy\": samples of the workers during "
+           "extra, uncounted points (worker wall time per answered frame, so idle time shows as frontend I/O); "
+           "(base) timed by the client.", "",
            "| path | FPS | " + " | ".join(STAGES) + f" | {IDLE} | other |", "|---|---:|" + "---:|" * 7]
     for label, fps, ms in stage_rows(result):
         if "request round trip" in ms:
