@@ -15,9 +15,10 @@ WORKERS ?= 1
 SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo demo-video train eval zoo samples experiment-depth clips seg-speed archive serve stop predict \
-        models describe register scale set-default unregister rollout rollback metrics test lint load-test bench \
-        bench-video reliability clean
+.PHONY: setup demo demo-video train eval zoo samples experiment-depth experiment-transfer bench-loader clips seg-speed \
+        archive serve stop predict models describe register scale set-default unregister rollout rollback metrics \
+        test lint load-test bench bench-video reliability clean fleet-up fleet-down fleet-status fleet-rollout \
+        fleet-canary fleet-promote fleet-rollback manifests reliability-fleet
 
 setup:
 	@bash scripts/setup.sh
@@ -46,6 +47,15 @@ clips: setup
 # Segmentation speeds (bare forward at batch 8, clip generator, training step) -> docs/seg_speed.json.
 seg-speed: setup
 	$(PY) scripts/seg_speed.py
+
+# Pretrain on Fashion-MNIST 0-4, fine-tune on 5-9 four ways (resumable; figures into docs/training.md) and
+# write the checkpoint archive_configs/fmnist-transfer-resnet50 serves.
+experiment-transfer: setup
+	$(PY) -m training experiment-transfer --docs docs --checkpoint-out checkpoints/resnet50-fmnist-transfer.pt
+
+# Loader images/s on a synthetic ImageNet-layout tree (PIL vs torchvision.io, workers); run on a quiet machine.
+bench-loader: setup
+	$(PY) -m training.loader_bench --docs docs
 
 # An archived name+version is immutable: ARCHIVE_ARGS=--replace rebuilds one from changed inputs (recorded).
 archive: setup
@@ -146,6 +156,39 @@ reliability: SOAK_S ?= 600
 reliability: FAULT_S ?= 30
 reliability: setup
 	$(PY) -m load_tests.reliability --soak-duration $(SOAK_S) --fault-seconds $(FAULT_S) $(RELIABILITY_ARGS)
+
+# A local fleet: FLEET_NODES TorchServe nodes behind HAProxy on 127.0.0.1:8090 (docs/fleet.md).
+fleet-up: FLEET_NODES ?= 2
+fleet-up: setup
+	$(PY) -m serving fleet up --nodes $(FLEET_NODES) --models $(SERVE_MODELS)
+
+fleet-down:
+	@if [ -x $(PY) ]; then $(PY) -m serving fleet down; else echo "nothing to stop"; fi
+
+fleet-status:
+	$(PY) -m serving fleet status
+
+fleet-rollout:
+	$(PY) -m serving fleet rollout $(MODEL) $(VERSION)
+
+fleet-canary: PERCENT ?= 10
+fleet-canary:
+	$(PY) -m serving fleet canary $(MODEL) $(VERSION) --percent $(PERCENT)
+
+fleet-promote:
+	$(PY) -m serving fleet promote $(MODEL)
+
+fleet-rollback:
+	$(PY) -m serving fleet rollback $(MODEL)
+
+# Kubernetes manifests (deploy/) from the archive configs.
+manifests: setup
+	$(PY) -m serving manifests
+
+# Fleet operations and node faults under load through HAProxy, plus 1/2/3-node throughput; figures go to
+# docs/fleet.md and docs/fleet-reliability.json. Measure on a quiet machine.
+reliability-fleet: setup
+	$(PY) -m load_tests.fleet_reliability $(RELIABILITY_FLEET_ARGS)
 
 clean:
 	rm -rf reports runs .pytest_cache .ruff_cache

@@ -79,7 +79,7 @@ def verify_artifact(manifest_path: str | os.PathLike, runtime: str,
         raise ArtifactError(f"the checkpoint's sha256 {checkpoint_sha256[:12]}… is not the "
                             f"{str(m.get('checkpoint_sha256'))[:12]}… that {manifest_path.name} was built from; "
                             f"refusing to load; {REBUILD}")
-    info = {k: m[k] for k in ("calibration", "accuracy", "note") if k in m}
+    info = {k: m[k] for k in ("calibration", "accuracy", "note", "built_with") if k in m}
     if runtime not in PACKED:
         return None, info
     name = str(m.get("file") or "")

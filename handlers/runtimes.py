@@ -73,6 +73,17 @@ def builder_versions() -> dict[str, str]:
     return out
 
 
+def version_drift(runtime: str, built_with: Mapping[str, str] | None) -> str | None:
+    """A packed artifact's accuracy was measured with the versions in its manifest (`built_with`): a worker that
+    runs it with another ONNX Runtime (onnx, int8) or torch (the others) says so."""
+    pkg = "onnxruntime" if runtime in PACKED else "torch"
+    built, running = (built_with or {}).get(pkg), builder_versions()[pkg]
+    if built is None or built == running:
+        return None
+    return (f"built and measured with {pkg} {built}, running on {pkg} {running}: the accuracy recorded at archive "
+            "time may not hold exactly; archive it again on this software (--replace) to measure it again")
+
+
 def content_sha256(ckpt: Mapping[str, Any]) -> str:
     """A content hash for a checkpoint held in memory (no file to hash): arch, args, preprocess and weights."""
     h = hashlib.sha256(repr((ckpt["arch"], sorted(ckpt["model_args"].items()), sorted(ckpt["preprocess"].items())))
@@ -149,6 +160,10 @@ def prepare_runtime(name: str, model: nn.Module, preprocess: Mapping[str, Any], 
     if artifact is not None:
         packed, checked = verify_artifact(artifact, name, key)
         info.update(checked)
+        drift = version_drift(name, checked.get("built_with"))
+        if drift:
+            info["version_warning"] = drift
+            log.warning("%s", drift)
     if name == "eager":
         # fp32 on CUDA too (the bf16 runtime is the CUDA default, see ImagePipeline)
         conv = any(isinstance(m, nn.Conv2d) for m in model.modules())

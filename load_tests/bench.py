@@ -24,7 +24,6 @@ import importlib.metadata as md
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -116,17 +115,6 @@ def machine_info() -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-def free_ports(n: int = 3) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @dataclasses.dataclass
 class Archives:
     store: Path
@@ -156,6 +144,7 @@ def run_rest(a: argparse.Namespace, archives: Archives, image_dir: Path, out_dir
     (where (c) keeps < 90 % of the layout (b)) profile our workers; always stop the server."""
     from serving import server
     from serving.manage import Client
+    from serving.server import free_ports
 
     settings = BatchSettings(a.batch_size, a.max_batch_delay, a.workers)
     runtime_dir = a.build_dir / "ts-runtime"

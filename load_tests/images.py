@@ -9,7 +9,6 @@ for real uploads, while the content stays real pictures of clothes that the 10-c
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ def write_jpegs(out_dir: str | Path, n: int = 64, size: tuple[int, int] = SIZE, 
     """The first `n` Fashion-MNIST test images as <index>_<class>.jpg under out_dir (existing files are reused
     only if they match the requested size, so a changed --size never mixes two sets)."""
     from training.data import load_dataset
+    from training.samples import slug
 
     splits = load_dataset("fashion_mnist", data_root)
     test, classes = splits.test, splits.info.classes
@@ -42,8 +42,7 @@ def write_jpegs(out_dir: str | Path, n: int = 64, size: tuple[int, int] = SIZE, 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(min(n, len(test))):
-        name = re.sub(r"[^A-Za-z0-9]+", "-", classes[int(test.labels[i])]).strip("-").lower()
-        path = out / f"{i:04d}_{name}.jpg"
+        path = out / f"{i:04d}_{slug(classes[int(test.labels[i])])}.jpg"
         if not (path.is_file() and _size_of(path) == size):
             to_photo(test.images[i][0].numpy(), size).save(path, "JPEG", quality=quality)
         paths.append(path)

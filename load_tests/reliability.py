@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import requests
@@ -33,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from load_tests.soak import MODEL, Load, build_store  # noqa: E402
 from serving import server  # noqa: E402
-from serving.manage import Client, ServingError  # noqa: E402
+from serving.manage import Client, ServingError, verify_archive  # noqa: E402
 from serving.rollout import rollback, rollout  # noqa: E402
 from tests.torchserve import TorchServe, gray_png  # noqa: E402
+from training.docblock import write_doc_block  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
 FIGURES = "reliability.json"  # next to the doc: the figures its generated blocks come from
@@ -153,7 +153,7 @@ def restart_from_snapshot(ts: TorchServe, timeout: float = 120.0) -> Path:
     snapshot = max((ts.runtime_dir / "logs" / "config").glob("*.cfg"), key=lambda p: p.name)
     for name, versions in read_snapshot(snapshot)["models"].items():
         for version in versions:
-            Client.verify_archive(SimpleNamespace(store=ts.store), name, version)  # uses only .store
+            verify_archive(ts.store, name, version)
     log = ts.runtime_dir / "logs" / "launcher.log"
     with open(log, "wb") as f:
         subprocess.run([server._torchserve(), "--start", "--ts-config", str(snapshot), "--model-store",
@@ -194,18 +194,6 @@ def snapshot_restart(ts: TorchServe) -> dict[str, Any]:
     return {"scenario": "stop + restart from the config snapshot", "snapshot": snapshot.name,
             "restart_s": round(time.time() - t, 1), "restored": before == after, "before": before, "after": after,
             "default_answers": r.json().get("version") if r.ok else r.status_code}
-
-
-def write_doc_block(path: Path, name: str, body: str) -> None:
-    """Replace the text between <!-- name:begin --> and <!-- name:end --> in `path` (appended if missing)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.is_file() else ""
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def summary_md(results: dict[str, Any]) -> str:

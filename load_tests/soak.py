@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,12 @@ class Load:
 
     def running(self) -> bool:
         return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """End the run before its time (SIGTERM: locust stops its users and closes its CSV files). Its CSV
+        files are rewritten once a second, so stop a few seconds after what is being measured."""
+        if self.running():
+            self.proc.send_signal(signal.SIGTERM)
 
     def wait(self) -> dict[str, Any]:
         """Wait for locust to end (bounded) and read its per-second history and failure table."""

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("howto", "print working curl commands for a running server (the key read from the key file)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--image", type=Path, help="image in the commands (default: the first reports/samples/*.png)")
+    from serving.fleet_cli import add_parser as add_fleet
+
+    add_fleet(sub)
     return parser
 
 
@@ -327,6 +330,10 @@ Versions (registered {', '.join(versions)}; default {default}; archived {', '.jo
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.cmd in ("fleet", "manifests"):
+        from serving.fleet_cli import run as run_fleet
+
+        return run_fleet(a)
     local = {"archive": cmd_archive, "serve": cmd_serve, "stop": cmd_stop}
     if a.cmd in local:
         return local[a.cmd](a)
@@ -351,7 +358,13 @@ def run(a: argparse.Namespace) -> int:
         print(client.ping()["status"])
         return 0
     if a.cmd == "describe":
-        _print(client.describe_full(a.name, a.version))
+        versions = client.describe_full(a.name, a.version)
+        _print(versions)
+        for d in versions:  # what a worker warns about (synthetic int8 calibration, ...) also goes to stderr
+            for key in ("warning", "version_warning"):
+                text = ((d.get("customizedMetadata") or {}).get("runtime_info") or {}).get(key)
+                if text:
+                    print(f"warning: {a.name} {d['modelVersion']}: {text}", file=sys.stderr)
     elif a.cmd == "register":
         if a.dry_run:
             mar = client.verify_archive(a.name, a.version)

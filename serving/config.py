@@ -90,7 +90,7 @@ class ArchiveConfig:
 
 def frontend_limits(template: Path | None = None) -> dict[str, int]:
     """max_request_size and max_response_size (bytes) of the TorchServe frontend, from the config template."""
-    path = template or CONFIG_DIR / "config.properties.template"
+    path = template or config_file("config.properties.template")
     props = dict(line.split("=", 1) for line in path.read_text().splitlines()
                  if "=" in line and not line.lstrip().startswith("#"))
     return {key: int(props[key].strip()) for key in ("max_request_size", "max_response_size")}

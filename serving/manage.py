@@ -130,24 +130,8 @@ class Client:
 
     # -- changes ----------------------------------------------------------------------------------------
     def verify_archive(self, name: str, version: str) -> str:
-        """The .mar's file name in the store, after checking its sha256 against index.json and .sha256."""
-        entry = find_entry(self.store, name, version)
-        if entry is None:
-            raise ServingError(f"{name} {version} is not in {self.store / 'index.json'}; "
-                               f"{archive_hint(name, version, self.store)}")
-        mar = self.store / entry["mar"]
-        if Path(entry["mar"]).name != entry["mar"] or not mar.is_file():
-            raise ServingError(f"archive {mar} is missing")
-        side = mar.with_name(mar.name + ".sha256")
-        try:
-            recorded = side.read_text().split()[0]
-        except (OSError, IndexError):
-            raise IntegrityError(f"{side} is missing or empty; refusing to register {mar.name}") from None
-        actual = sha256_file(mar)
-        if not (actual == entry.get("sha256") == recorded):
-            raise IntegrityError(f"sha256 mismatch for {mar.name}: file {actual[:12]}…, index "
-                                 f"{str(entry.get('sha256'))[:12]}…, .sha256 {recorded[:12]}…; refusing to register")
-        return entry["mar"]
+        """The .mar's file name in the store, after checking its sha256 (verify_archive)."""
+        return verify_archive(self.store, name, version)
 
     def register(self, name: str, version: str, min_workers: int | None = None, max_workers: int | None = None,
                  batch_size: int | None = None, max_batch_delay: int | None = None,
@@ -264,6 +248,27 @@ def undo_on_failure(what: str, undo: Any) -> Iterator[None]:
         else:
             e.add_note(f"cleaned up after the failed {what}")
         raise
+
+
+def verify_archive(store: Path, name: str, version: str) -> str:
+    """The .mar's file name in `store`, after checking its sha256 against index.json and its .sha256 file."""
+    entry = find_entry(Path(store), name, version)
+    if entry is None:
+        raise ServingError(f"{name} {version} is not in {Path(store) / 'index.json'}; "
+                           f"{archive_hint(name, version, Path(store))}")
+    mar = Path(store) / entry["mar"]
+    if Path(entry["mar"]).name != entry["mar"] or not mar.is_file():
+        raise ServingError(f"archive {mar} is missing")
+    side = mar.with_name(mar.name + ".sha256")
+    try:
+        recorded = side.read_text().split()[0]
+    except (OSError, IndexError):
+        raise IntegrityError(f"{side} is missing or empty; refusing to register {mar.name}") from None
+    actual = sha256_file(mar)
+    if not (actual == entry.get("sha256") == recorded):
+        raise IntegrityError(f"sha256 mismatch for {mar.name}: file {actual[:12]}…, index "
+                             f"{str(entry.get('sha256'))[:12]}…, .sha256 {recorded[:12]}…; refusing to register")
+    return entry["mar"]
 
 
 def _error_type(r: requests.Response) -> str | None:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -58,6 +59,20 @@ class Endpoints:
     api_key: str
 
 
+def free_ports(n: int = 5) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def allowed_urls_regex(store: Path) -> str:
     """Only .mar files directly inside the store. Registering by bare file name never hits this check
     (it is not a URL); any file:// or http(s):// URL must match it or the frontend refuses the register."""
@@ -74,6 +89,15 @@ def _props_value(value: Any) -> str:
 def render_config(runtime_dir: Path, store: Path, ports: Ports = Ports(), extra: dict[str, Any] | None = None,
                   template: Path = TEMPLATE) -> Path:
     """Write <runtime_dir>/config.properties from the template; `extra` keys override or add properties."""
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    path = runtime_dir / CONFIG_NAME
+    path.write_text(config_text(store, ports, extra, template))
+    return path
+
+
+def config_text(store: Path, ports: Ports = Ports(), extra: dict[str, Any] | None = None,
+                template: Path = TEMPLATE) -> str:
+    """config.properties from the template; `extra` keys override or add properties."""
     values = {
         "inference_port": ports.inference, "management_port": ports.management, "metrics_port": ports.metrics,
         "grpc_inference_port": ports.grpc_inference, "grpc_management_port": ports.grpc_management,
@@ -89,10 +113,7 @@ def render_config(runtime_dir: Path, store: Path, ports: Ports = Ports(), extra:
             lines.append(line)
         else:
             lines[idx] = line
-    runtime_dir.mkdir(parents=True, exist_ok=True)
-    path = runtime_dir / CONFIG_NAME
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return "\n".join(lines) + "\n"
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -123,7 +144,10 @@ def endpoints(runtime_dir: Path = DEFAULT_RUNTIME) -> Endpoints:
     if not cfg.is_file():
         raise ServingError(f"no {cfg}: start the server first (`python -m serving serve`)")
     props = read_properties(cfg)
-    keys = read_keys(runtime_dir)
+    if props.get("disable_token_authorization", "").strip().lower() == "true":
+        keys = {"management": "", "inference": "", "api": ""}  # a fleet node: the balancer checks the key
+    else:
+        keys = read_keys(runtime_dir)
     return Endpoints(props["inference_address"], props["management_address"], props["metrics_address"],
                      keys["inference"], keys["management"], keys["api"])
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARSED_SERVING = {"archive", "serve", "stop"}  # build or start/stop a server: parsed, not run
+PARSED_SERVING = {"archive", "serve", "stop",  # build or start/stop a server: parsed, not run
+                  "predict-video"}  # needs a segmentation model: run for real in tests/test_video_serving.py
 PY = re.compile(r"^(?:\.venv/bin/)?python3?$")
 
 
@@ -119,6 +120,8 @@ def _part_kind(part: str) -> str:
     head = words[0] if words else ""
     if head == "make" or head.endswith("/tensorboard"):
         return "parse"
+    if head.endswith("/torchrun"):  # torchrun [launcher flags] -m training ...: the training CLI, parsed
+        return "parse" if words[words.index("-m") + 1:][:1] == ["training"] else "run"
     if PY.match(head) and len(words) > 1:
         if words[1] == "-m" and words[2] == "training":
             return "parse"
@@ -141,6 +144,12 @@ def check_parsed(cmd: Command, make_targets: set[str]) -> None:
             assert targets and set(targets) <= make_targets, f"{cmd.source}: unknown make target in: {part}"
         elif words[0].endswith("/tensorboard"):
             assert (ROOT / words[0]).is_file(), f"{cmd.source}: {words[0]} is not installed"
+        elif words[0].endswith("/torchrun"):
+            assert (ROOT / words[0]).is_file(), f"{cmd.source}: {words[0]} is not installed"
+            try:
+                training.cli.build_parser().parse_args(words[words.index("-m") + 2:])
+            except SystemExit:
+                raise AssertionError(f"{cmd.source}: the CLI refuses the arguments of: {part}") from None
         elif words[1].endswith(".py"):
             assert (ROOT / words[1]).is_file(), f"{cmd.source}: no script {words[1]}"
         else:

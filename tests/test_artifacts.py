@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,11 +21,12 @@ import handlers.runtimes as runtimes
 import training.data
 from handlers.artifacts import ArtifactError, require_artifact, verify_artifact
 from handlers.image import ImagePipeline
+from handlers.runtimes import SYNTHETIC_WARNING
 from serving.archive import ArchiveError, build_archive, read_index, sha256_file
 from serving.artifacts import ArtifactBuildError, _accuracy
 from serving.config import load_config
 from serving.manage import ServingError
-from tests.torchserve import TorchServe, gray_png, resign_archive
+from tests.torchserve import ROOT, TorchServe, gray_png, resign_archive
 from training.calibration import CalibrationError, calibration_set, measure
 from training.checkpoint import build_model, load_checkpoint
 from training.data import FASHION_MNIST_ROOT
@@ -145,6 +148,21 @@ def test_a_worker_loads_the_packed_artifact_without_data_or_cache(archived, tmp_
     info = pipe.describe()["runtime_info"]
     assert info["artifact"] == "model.int8.onnx" and info["artifact_sha256"] == archived.entry["artifact"]["sha256"]
     assert info["calibration"]["source"] == "fashion_mnist:train" and info["accuracy"] == archived.entry["accuracy"]
+    assert "warning" not in info and "version_warning" not in info
+
+
+def test_a_worker_on_other_software_than_the_archive_says_so(archived, monkeypatch, caplog):
+    """The recorded accuracy was measured with the ONNX Runtime in the manifest (`built_with`); a worker running
+    another one loads the artifact and says so in its log and in `describe`."""
+    versions = runtimes.builder_versions()
+    monkeypatch.setattr(runtimes, "builder_versions", lambda: {**versions, "onnxruntime": "9.9.9"})
+    with caplog.at_level("WARNING", logger="handlers.runtimes"):
+        pipe = ImagePipeline.from_file(archived.unpacked / archived.ckpt.name, runtime="int8", artifact="artifact.json")
+    info = pipe.describe()["runtime_info"]
+    assert info["built_with"]["onnxruntime"] == versions["onnxruntime"]
+    assert info["version_warning"].startswith(f"built and measured with onnxruntime {versions['onnxruntime']}, "
+                                              "running on onnxruntime 9.9.9")
+    assert info["version_warning"] in caplog.text
 
 
 def test_a_changed_artifact_or_checkpoint_is_refused_at_load(archived, tmp_path):
@@ -206,6 +224,7 @@ def test_describe_shows_what_the_worker_loaded_and_its_accuracy(servers, archive
     assert worker["artifact_sha256"] == archived.entry["artifact"]["sha256"]
     assert worker["calibration"]["source"] == "fashion_mnist:train"
     assert desc["archive"]["accuracy"]["int8"] == archived.entry["accuracy"]["int8"]
+    assert worker["built_with"] == runtimes.builder_versions() and "warning" not in worker
 
 
 def test_a_tampered_artifact_inside_a_mar_is_refused(servers, archived):
@@ -222,3 +241,27 @@ def test_a_tampered_artifact_inside_a_mar_is_refused(servers, archived):
     assert not a.client.is_registered("fm", "3.0")
     log = (a.runtime_dir / "logs" / "model_log.log").read_text()
     assert "was changed after the archive was built; refusing to load" in log
+
+
+def test_int8_calibrated_on_synthetic_images_says_so_in_the_worker_log_and_describe(servers, archived, caplog):
+    """`artifact.calibration: synthetic` (random-weight benchmark models): warned about when the archive is built,
+    recorded in index.json, and at load in the worker's log and in `describe` (its JSON and a line on stderr)."""
+    a, _ = servers
+    cfg = load_config(write_config(archived.configs, "fm", "4.0", archived.ckpt, "int8", calibration="synthetic",
+                                   max_accuracy_drop=None))
+    with caplog.at_level("WARNING"):
+        entry = build_archive(cfg, archived.store)
+    assert "int8 calibrated on synthetic images" in caplog.text
+    assert entry["artifact"]["calibration"]["source"] == "synthetic" and entry["accuracy"]["budget_pt"] is None
+    a.client.register("fm", "4.0")
+    try:
+        r = subprocess.run([sys.executable, "-m", "serving", "describe", "fm", "4.0", "--runtime-dir",
+                            str(a.runtime_dir), "--store", str(a.store)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        [desc] = json.loads(r.stdout)
+        assert desc["customizedMetadata"]["runtime_info"]["warning"] == SYNTHETIC_WARNING
+        assert f"warning: fm 4.0: {SYNTHETIC_WARNING}" in r.stderr
+        assert SYNTHETIC_WARNING in (a.runtime_dir / "logs" / "model_log.log").read_text()
+    finally:
+        a.client.unregister("fm", "4.0")

@@ -291,7 +291,7 @@ def test_server_still_serves_with_the_same_workers(ts):
 
 
 if __name__ == "__main__":  # rewrite the table in docs/reliability.md from CASES
-    from load_tests.reliability import write_doc_block
+    from training.docblock import write_doc_block
 
     write_doc_block(DOC, "bad-input", render_table())
     print(f"updated {DOC}")

@@ -2,7 +2,6 @@
 worker's own loader and Service.predict, whose wire response carries each request's status and body."""
 
 import json
-import os
 import shutil
 import struct
 import sys
@@ -17,6 +16,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl  # noqa: E402
 from ts.model_loader import TsModelLoader  # noqa: E402
 
 from handlers.classifier import ImageClassifier  # noqa: E402
+from handlers.cpu import cpu_budget  # noqa: E402
 from tests.images import b64, encode, photo, tiny_checkpoint  # noqa: E402
 from training.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 
@@ -81,7 +81,7 @@ def test_initialize_reads_manifest_and_handler_options(model_dir, monkeypatch):
     assert handler.pipeline.model_name == "tiny" and handler.pipeline.model_version == "2.0"
     assert handler.pipeline.topk == 3 and handler.pipeline.max_images_per_request == 4
     assert handler.manifest == MANIFEST and handler.mapping[0] == "class0"
-    assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)  # cores shared by maxWorkers=2
+    assert torch.get_num_threads() == max(1, cpu_budget() // 2)  # the CPU budget shared by maxWorkers=2
     loaded(model_dir, {"cpu_threads": 1})
     assert torch.get_num_threads() == 1
 

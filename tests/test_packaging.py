@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchserve import ROOT, tiny_checkpoint
+from tests.torchserve import ROOT, free_ports, tiny_checkpoint
 
 SOURCES = ("pyproject.toml", "requirements.txt", "README.md", "training", "handlers", "serving", "load_tests",
            "archive_configs")
@@ -99,3 +99,21 @@ def test_training_help_is_fast_and_lists_architectures_and_recipes():
     assert "torch" not in imported and "numpy" not in imported
     assert ", ".join(list_models())[:60] in " ".join(r.stdout.split())
     assert all(name in r.stdout for name in recipes())
+
+
+def test_the_pod_helpers_run_from_the_installed_package(installed, tiny_store):
+    """deploy/Dockerfile installs the project this way; the init container and the probes run `python -m
+    serving.pod` from it, outside any checkout."""
+    _, site, work = installed
+    r = _run(site, work, sys.executable, "-m", "serving.pod", "stage", "--store", str(tiny_store), "--dest",
+             str(work / "models"), "tiny:1.0")
+    assert r.returncode == 0 and "staged" in r.stdout, r.stderr
+    r = _run(site, work, sys.executable, "-m", "serving.pod", "stage", "--store", str(tiny_store), "--dest",
+             str(work / "models"), "tiny:9.9")
+    assert r.returncode == 1 and r.stderr.startswith("error: tiny 9.9 is not in") and "Traceback" not in r.stderr
+    config = work / "pod.properties"
+    config.write_text(f"inference_address=http://0.0.0.0:{free_ports(1)[0]}\ndisable_token_authorization=true\n")
+    r = _run(site, work, sys.executable, "-m", "serving.pod", "probe", "live", "--config", str(config))
+    assert r.returncode == 1 and "TorchServe does not answer" in r.stderr  # nothing listens there
+    r = _run(site, work, sys.executable, "-c", "import serving.haproxy as h; print(h.TEMPLATE.read_text()[:40])")
+    assert r.returncode == 0 and r.stdout.startswith("# HAProxy"), r.stderr  # the fleet's template is packed too

@@ -11,7 +11,6 @@ frontend and its Python workers) is stopped on exit, also when the body raised.
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,20 +24,7 @@ if str(ROOT) not in sys.path:
 from load_tests.report import metric  # noqa: E402, F401  (the tests read Prometheus text with it)
 from serving import server  # noqa: E402
 from serving.manage import Client  # noqa: E402
-
-
-def free_ports(n: int = 5) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from serving.server import free_ports  # noqa: E402
 
 
 class TorchServe:

@@ -1,4 +1,5 @@
-"""`python -m training {zoo,train,eval,clips,samples,experiment-depth}`.
+"""`python -m training {zoo,train,eval,clips,samples,experiment-depth,experiment-transfer,imagenet-val}`.
+
 Errors end with one clear line and exit code 2."""
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> None:
+    from training import distributed
     from training.models import list_models
     from training.recipe import RecipeError, load_recipe
     from training.train import train
 
     overrides = {"arch": args.arch, "dataset": args.dataset, "epochs": args.epochs, "data_root": args.data_root,
                  "batch_size": args.batch_size, "lr": args.lr, "limit": args.limit, "seed": args.seed,
-                 "img_size": args.img_size}
+                 "img_size": args.img_size, "init_from": args.init_from,
+                 "pretrained_weights": args.pretrained_weights, "freeze": args.freeze}
     recipe = load_recipe(args.recipe or "default", overrides)
     if recipe.arch not in list_models():
         raise RecipeError(f"unknown arch {recipe.arch!r}; known: {', '.join(list_models())}")
@@ -32,9 +35,11 @@ def _train(args: argparse.Namespace) -> None:
         both = {f"{k}_{w}": m.get(f"{k}_{w}") for k in ("test_acc", "val_acc") for w in ("raw", "ema")}
         scores = {"test_acc": m.get("test_acc"), "val_acc": m.get("val_acc"), "weights": m.get("weights"),
                   **{k: v for k, v in both.items() if v is not None}}
-    print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, **scores, "steps": m.get("steps"),
-                      "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"],
-                      "tensorboard": log_dir, "warnings": m.get("warnings", [])}))
+    if distributed.rank() == 0:
+        print(json.dumps({"checkpoint": str(out), "arch": recipe.arch, **scores, "steps": m.get("steps"),
+                          "train_time_s": round(m["train_time_s"], 1), "hardware": m["hardware"],
+                          "tensorboard": log_dir, "warnings": m.get("warnings", [])}))
+    distributed.shutdown()
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -80,6 +85,32 @@ def _depth(args: argparse.Namespace) -> None:
     depth_experiment(args.out_dir, epochs=args.epochs, limit=args.limit, data_root=args.data_root)
 
 
+def _transfer(args: argparse.Namespace) -> None:
+    from training.transfer import run_experiment, summarize, verdict, write_docs
+
+    results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick,
+                             serve_checkpoint=args.checkpoint_out, full=args.full,
+                             train_missing=not args.report_only)
+    summary = summarize(results)
+    (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.docs:
+        write_docs(summary, args.docs)
+    for cell in summary["cells"].values():
+        print(f"{cell['shots']:>3} images/class  {cell['method']:<13} {100 * cell['mean']:5.1f} ± "
+              f"{100 * cell['std']:.1f} % (n={cell['n']})")
+    print(verdict(summary))
+    print(f"wrote {args.out_dir}/results.json, summary.json" + (f"; {args.docs}/transfer.json, transfer.png, "
+                                                               "training.md" if args.docs else ""))
+
+
+def _imagenet_val(args: argparse.Namespace) -> None:
+    from training.imagenet import reorganise_val
+
+    r = reorganise_val(args.val_dir, args.ground_truth, mode=args.mode)
+    print(f"{args.val_dir}: {r['sorted_now']} images sorted now, {r['images']} in {r['classes']} class folders"
+          + (f"; {r['labels_without_image']} labelled images are not there" if r["labels_without_image"] else ""))
+
+
 def _samples(args: argparse.Namespace) -> None:
     from training.samples import export_samples
 
@@ -117,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="continue from this checkpoint")
     t.add_argument("--stop-after-epoch", type=int, metavar="E",
                    help="end this run after epoch E (the schedule still spans --epochs; --resume continues it)")
+    t.add_argument("--init-from", help="start from one of our checkpoints (a new head when the classes differ)")
+    t.add_argument("--pretrained-weights", help="start from a torchvision-format state-dict file")
+    t.add_argument("--freeze", help="none | linear_probe | layer4_head | gradual")
     t.add_argument("--log-dir", help="TensorBoard log dir (default runs/<checkpoint name>)")
     t.add_argument("--no-tensorboard", action="store_true")
     t.add_argument("--quiet", action="store_true")
@@ -154,6 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=12000)
     d.add_argument("--data-root")
     d.set_defaults(fn=_depth)
+    x = sub.add_parser("experiment-transfer", help="pretrain on Fashion-MNIST 0-4, fine-tune on 5-9 with "
+                       "10/20/50 images per class four ways (resumable)")
+    x.add_argument("--out-dir", default="reports/transfer")
+    x.add_argument("--data-root")
+    x.add_argument("--docs", help="also write the figures into this docs folder (docs/)")
+    x.add_argument("--quick", action="store_true", help="a tiny version that checks the pipeline in seconds")
+    x.add_argument("--report-only", action="store_true", help="train nothing: summarize the runs that have "
+                   "finished (the others show as not run)")
+    x.add_argument("--full", action="store_true", help="the longer run: 5000 pretraining images per class, "
+                   "3 seeds, 300 fine-tuning steps, 400 test images per class (hours on 2 cores)")
+    x.add_argument("--checkpoint-out", help="copy the model to archive and serve here (layer4 + head, 50 images "
+                   "per class); archive_configs/fmnist-transfer-resnet50 reads checkpoints/resnet50-fmnist-transfer.pt")
+    x.set_defaults(fn=_transfer)
+    v = sub.add_parser("imagenet-val", help="sort ImageNet's flat val/ folder into val/<wnid>/ from its ground truth")
+    v.add_argument("val_dir")
+    v.add_argument("--ground-truth", required=True, help="LOC_val_solution.csv, '<file> <wnid>' lines, or the "
+                   "devkit's ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it)")
+    v.add_argument("--mode", choices=["move", "copy", "link"], default="move")
+    v.set_defaults(fn=_imagenet_val)
     return p
 
 
@@ -164,15 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:1]) if argv[:1] == ["zoo"] else parser.parse_args(argv)
     if args.cmd == "zoo":
         args.rest = argv[1:]
+    from training import distributed
     from training.checkpoint import CheckpointError
     from training.data import DatasetError
+    from training.distributed import DistributedError
     from training.recipe import RecipeError
 
     try:
         args.fn(args)
-    except (DatasetError, RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    except (DatasetError, RecipeError, CheckpointError, DistributedError, FileNotFoundError, ValueError,
+            KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        rank = distributed.rank()
+        if rank == 0 or not getattr(e, "all_ranks", False):  # an error every process saw: rank 0 says it
+            print(f"error: {f'rank {rank}: ' if rank else ''}{msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

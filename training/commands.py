@@ -48,9 +48,16 @@ def recipe_for(arch: str, dataset: str) -> str | None:
     return None
 
 
+# Checkpoints an experiment writes (not one recipe's run): their name -> the command that writes them.
+EXPERIMENT_CHECKPOINTS = {"resnet50-fmnist-transfer": "training experiment-transfer --checkpoint-out {path}"}
+
+
 def train_args(checkpoint: str | os.PathLike) -> str:
-    """`training train ...` arguments that write `checkpoint`. Checkpoints are named <arch>-<dataset>.pt by
-    default, which names the recipe; any other name gets the demo recipe."""
+    """`training ...` arguments that write `checkpoint`. Checkpoints are named <arch>-<dataset>.pt by
+    default, which names the recipe; an experiment's checkpoint names its experiment; any other name gets the
+    demo recipe."""
+    if (experiment := EXPERIMENT_CHECKPOINTS.get(Path(checkpoint).stem)) is not None:
+        return experiment.format(path=shown_path(checkpoint))
     arch, _, dataset = Path(checkpoint).stem.partition("-")
     recipe = recipe_for(arch, dataset) or "default"
     return f"training train --recipe {recipe} --out {shown_path(checkpoint)}"

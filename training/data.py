@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 DATASETS = ("fashion_mnist", "cifar10", "imagefolder")
@@ -29,6 +29,8 @@ CIFAR10_ROOT = "data"  # holds cifar-10-batches-py/ (git-ignored)
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+DECODERS = ("pil", "torchvision")
+_TORCHVISION_DECODES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}  # torchvision.io; the rest go through PIL
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IDX_FILES = ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
 _CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
@@ -61,11 +63,12 @@ class TensorSplit:
 
 class ImageFolderSplit(Dataset):
     """(uint8 tensor (3, H, W) at the file's own size, label) per image. `transform` (a callable on that
-    tensor) is set by the trainer on the training split for per-sample augmentation."""
+    tensor) is set by the trainer on the training split for per-sample augmentation; `decoder` is pil or
+    torchvision (torchvision.io for JPEG/PNG/GIF/WebP, PIL for the other formats)."""
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str],
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.samples, self.classes, self.transform = samples, classes, transform
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, decoder: str = "pil"):
+        self.samples, self.classes, self.transform, self.decoder = samples, classes, transform, decoder
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,9 +76,14 @@ class ImageFolderSplit(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
         try:
-            with Image.open(path) as img:
-                x = pil_to_tensor(img.convert("RGB"))  # grayscale/palette/RGBA photos all become 3 channels
-        except (OSError, ValueError) as e:
+            if self.decoder == "torchvision" and os.path.splitext(path)[1].lower() in _TORCHVISION_DECODES:
+                from torchvision.io import ImageReadMode, decode_image
+
+                x = decode_image(path, mode=ImageReadMode.RGB)
+            else:
+                with Image.open(path) as img:
+                    x = pil_to_tensor(img.convert("RGB"))  # grayscale/palette/RGBA photos all become 3 channels
+        except (OSError, ValueError, RuntimeError) as e:
             raise DatasetError(f"cannot decode image {path}: {e}") from None
         return (self.transform(x) if self.transform is not None else x), label
 
@@ -326,19 +334,40 @@ def collate_uint8(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor |
     return (torch.stack(images) if same else images), labels
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch `epoch`: a function of (seed, epoch) only, the same in every process."""
+    state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return torch.randperm(n, generator=torch.Generator().manual_seed(state))
+
+
+def shard_bounds(n: int, batch_size: int, drop_last: bool, rank: int = 0, world_size: int = 1
+                 ) -> Iterator[tuple[int, int]]:
+    """(start, end) positions, in the epoch's order, of process `rank`'s share of each global batch of
+    `batch_size`: a contiguous 1/world_size of it, so N processes together see exactly the batches one process
+    would. Empty shares (a last batch smaller than world_size) are skipped."""
+    n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+    for b in range(n_batches):
+        start, length = b * batch_size, min(batch_size, n - b * batch_size)
+        lo, hi = start + length * rank // world_size, start + length * (rank + 1) // world_size
+        if hi > lo:
+            yield lo, hi
+
+
 class TensorLoader:
     """Mini-batches (uint8 images, int64 labels) sliced straight from in-memory tensors. The tensors move to
     `device` once, so an epoch on a GPU is index ops only. Epoch e is shuffled by a generator seeded from
-    (seed, e), so a rerun, or a resumed run after `set_epoch`, sees the same order."""
+    (seed, e), so a rerun, or a resumed run after `set_epoch`, sees the same order. With world_size > 1 this
+    process gets its share (see shard_bounds) of every global batch of `batch_size`."""
 
     def __init__(self, split: TensorSplit, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
-                 device: torch.device | str | None = None, seed: int = 0):
+                 device: torch.device | str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = split
         self.images = split.images.to(device) if device is not None else split.images
         self.labels = split.labels.to(device) if device is not None else split.labels
         self.batch_size, self.shuffle, self.drop_last, self.seed, self.epoch = batch_size, shuffle, drop_last, seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -348,40 +377,79 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = None
-        if self.shuffle:
-            state = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-            order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(state))
-            order = order.to(self.images.device)
+        order = epoch_order(len(self.labels), self.seed, self.epoch).to(self.images.device) if self.shuffle else None
         self.epoch += 1
-        bs = self.batch_size
-        for b in range(len(self)):
-            idx = slice(b * bs, (b + 1) * bs) if order is None else order[b * bs:(b + 1) * bs]
+        for lo, hi in shard_bounds(len(self.labels), self.batch_size, self.drop_last, self.rank, self.world_size):
+            idx = slice(lo, hi) if order is None else order[lo:hi]
             yield self.images[idx], self.labels[idx]
 
 
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices for a DataLoader, in the same order and with the same sharding as
+    TensorLoader: epoch e's shuffle depends on (seed, e) only, and `set_epoch` makes resuming exact."""
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.n, self.batch_size, self.shuffle, self.drop_last, self.seed = n, batch_size, shuffle, drop_last, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(self.n, self.seed, self.epoch).tolist() if self.shuffle else range(self.n)
+        self.epoch += 1
+        for lo, hi in shard_bounds(self.n, self.batch_size, self.drop_last, self.rank, self.world_size):
+            yield list(order[lo:hi])
+
+
+class FolderLoader(DataLoader):
+    """A DataLoader over a ShardedBatchSampler, with TensorLoader's `set_epoch`."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
 def make_loaders(splits: Splits, batch_size: int, device: torch.device | str | None, seed: int,
-                 num_workers: int = 0, train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> tuple[Iterable, Iterable, Iterable]:
+                 num_workers: int = 0, train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 decoder: str = "pil", rank: int = 0, world_size: int = 1) -> tuple[Iterable, Iterable, Iterable]:
     """(train, val, test) loaders yielding (uint8 images, int64 labels). In-memory data -> TensorLoader on
-    `device` (augment batches with presets.train_batch); ImageFolder -> DataLoader whose training split
+    `device` (augment batches with presets.train_batch); ImageFolder -> FolderLoader whose training split
     applies `train_transform` per sample (e.g. presets.imagefolder_train_transform); its batches stay on the CPU
-    (pinned for CUDA) and may be lists of differently sized images outside training (see collate_uint8)."""
+    (pinned for CUDA) and may be lists of differently sized images outside training (see collate_uint8).
+    `batch_size` is the global batch: with world_size processes, each loads batch_size / world_size of it."""
+    if world_size > 1 and batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
+    if world_size > 1 and len(splits.train) < world_size:
+        raise DatasetError(f"{len(splits.train)} training images cannot be shared by {world_size} processes")
+
     def drop(split) -> bool:  # never drop the only (partial) batch of a tiny training set
         return len(split) > batch_size
 
+    shard = {"rank": rank, "world_size": world_size}
     if splits.info.in_memory:
         if train_transform is not None:
             raise ValueError("train_transform is for imagefolder; augment in-memory batches with presets.train_batch")
         return (TensorLoader(splits.train, batch_size, shuffle=True, drop_last=drop(splits.train), device=device,
-                             seed=seed),
-                TensorLoader(splits.val, batch_size, device=device),
-                TensorLoader(splits.test, batch_size, device=device))
+                             seed=seed, **shard),
+                TensorLoader(splits.val, batch_size, device=device, **shard),
+                TensorLoader(splits.test, batch_size, device=device, **shard))
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if train_transform is not None:
         splits.train.transform = train_transform
+    for split in (splits.train, splits.val, splits.test):
+        split.decoder = decoder
     pin = device is not None and torch.device(device).type == "cuda"
-    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "collate_fn": collate_uint8,
-                              "pin_memory": pin, "persistent_workers": num_workers > 0}
-    return (DataLoader(splits.train, shuffle=True, drop_last=drop(splits.train),
-                       generator=torch.Generator().manual_seed(seed), **common),
-            DataLoader(splits.val, **common), DataLoader(splits.test, **common))
+    common: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate_uint8, "pin_memory": pin,
+                              "persistent_workers": num_workers > 0}
+
+    def loader(split, train: bool) -> FolderLoader:
+        batches = ShardedBatchSampler(len(split), batch_size, shuffle=train, drop_last=train and drop(split),
+                                      seed=seed, **shard)
+        return FolderLoader(split, batch_sampler=batches, **common)
+
+    return loader(splits.train, True), loader(splits.val, False), loader(splits.test, False)

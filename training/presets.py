@@ -125,12 +125,26 @@ def train_batch(x: torch.Tensor, preprocess: dict[str, Any], pad: int = 4, flip:
     return x
 
 
-def imagefolder_train_transform(preprocess: dict[str, Any]) -> T.Compose:
-    """Per-sample augmentation for photo datasets (ImageFolder): RandomResizedCrop + flip + ColorJitter.
-    Produces uint8 tensors at model size; `normalize` then runs on the whole batch."""
-    return T.Compose([
-        T.RandomResizedCrop(preprocess["size"], scale=(0.35, 1.0), interpolation=_INTERP[preprocess["interpolation"]],
-                            antialias=True),
+def imagefolder_train_transform(preprocess: dict[str, Any], *, size: int | None = None, scale_min: float = 0.35,
+                                color_jitter: float = 0.3, auto_augment: str = "none",
+                                random_erasing: float = 0.0) -> T.Compose:
+    """Per-sample augmentation for photo datasets (ImageFolder), from torchvision.transforms.v2:
+    RandomResizedCrop (area scale_min..1) + flip, optionally TrivialAugmentWide or RandAugment (2 ops,
+    magnitude 9), ColorJitter, RandomErasing (filled with the mean colour, i.e. zero after normalisation).
+    Produces uint8 tensors at `size` (default: the model size); `normalize` then runs on the whole batch."""
+    interp = _INTERP[preprocess["interpolation"]]
+    ops: list[T.Transform] = [
+        T.RandomResizedCrop(size or preprocess["size"], scale=(scale_min, 1.0), interpolation=interp, antialias=True),
         T.RandomHorizontalFlip(),
-        T.ColorJitter(0.3, 0.3, 0.3, 0.05),
-    ])
+    ]
+    if auto_augment == "trivial":
+        ops.append(T.TrivialAugmentWide(interpolation=interp))
+    elif auto_augment == "randaugment":
+        ops.append(T.RandAugment(num_ops=2, magnitude=9, interpolation=interp))
+    elif auto_augment != "none":
+        raise ValueError(f"auto_augment must be none, trivial or randaugment, got {auto_augment!r}")
+    if color_jitter > 0:
+        ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter, min(0.5, color_jitter / 6)))
+    if random_erasing > 0:
+        ops.append(T.RandomErasing(random_erasing, value=[round(255 * m) for m in preprocess["mean"]]))
+    return T.Compose(ops)

@@ -15,6 +15,12 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 SEGMENTATION_DATASETS = ("moving_fmnist",)
 
 
+HEAD_MODES = ("auto", "keep", "new")
+FREEZE_POLICIES = ("none", "linear_probe", "layer4_head", "gradual")
+AUTO_AUGMENTS = ("none", "trivial", "randaugment")
+FOLDER_ONLY_KEYS = ("train_img_size", "crop_scale_min", "color_jitter", "auto_augment", "random_erasing", "decoder")
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be used as written."""
 
@@ -53,6 +59,23 @@ class Recipe:
     num_workers: int = 0                # DataLoader workers for folder datasets
     seed: int = 0
     threads: int | None = None          # CPU threads (None: torch default)
+    # -- starting weights and fine-tuning (training/finetune.py) --
+    init_from: str | None = None        # one of our checkpoints to start from (its EMA weights when it has them)
+    pretrained_weights: str | None = None  # a torchvision-format state-dict file, e.g. resnet50-11ad3fa6.pth
+    head: str = "auto"                  # auto (new head when the classes differ) | keep | new
+    freeze: str = "none"                # none | linear_probe | layer4_head | gradual
+    unfreeze_every: int = 1             # gradual: one more stage (from the top) trains every N epochs
+    backbone_lr_factor: float = 1.0     # backbone LR = factor x head LR (e.g. 0.1 when fine-tuning)
+    # -- folder datasets: per-image augmentation (training/presets.py) and decoding --
+    train_img_size: int | None = None   # RandomResizedCrop output (None = img_size); e.g. 176 for 224 eval
+    crop_scale_min: float = 0.35        # RandomResizedCrop area from crop_scale_min to 1 (ImageNet: 0.08)
+    color_jitter: float = 0.3           # brightness/contrast/saturation strength (hue = strength / 6); 0 = off
+    auto_augment: str = "none"          # none | trivial (TrivialAugmentWide) | randaugment (2 ops, magnitude 9)
+    random_erasing: float = 0.0         # probability of erasing a random box (filled with the mean colour)
+    interpolation: str = "bilinear"     # bilinear | bicubic, for training crops and the eval resize
+    decoder: str = "pil"                # pil | torchvision (torchvision.io; other formats fall back to PIL)
+    # -- data parallel (torchrun; training/distributed.py) --
+    sync_bn: bool = False               # SyncBatchNorm across processes (CUDA only)
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,6 +96,19 @@ class Recipe:
             ((self.task == "segmentation") == (self.dataset in SEGMENTATION_DATASETS),
              f"task segmentation goes with dataset {' or '.join(SEGMENTATION_DATASETS)}, and only it"),
             (self.dice_weight >= 0, "dice_weight must be >= 0"),
+            (self.head in HEAD_MODES, f"head must be one of {', '.join(HEAD_MODES)}"),
+            (self.freeze in FREEZE_POLICIES,
+             f"unknown freeze policy {self.freeze!r}; choose one of: {', '.join(FREEZE_POLICIES)}"),
+            (self.unfreeze_every >= 1, "unfreeze_every must be >= 1 (epochs)"),
+            (self.backbone_lr_factor > 0, "backbone_lr_factor must be > 0 (freeze layers with `freeze` instead)"),
+            (not (self.init_from and self.pretrained_weights), "give init_from or pretrained_weights, not both"),
+            (self.train_img_size is None or self.train_img_size >= 8, "train_img_size must be >= 8"),
+            (0 < self.crop_scale_min <= 1, "crop_scale_min must be in (0, 1]"),
+            (self.color_jitter >= 0, "color_jitter must be >= 0"),
+            (self.auto_augment in AUTO_AUGMENTS, f"auto_augment must be one of {', '.join(AUTO_AUGMENTS)}"),
+            (0 <= self.random_erasing <= 1, "random_erasing must be in [0, 1]"),
+            (self.interpolation in ("bilinear", "bicubic"), "interpolation must be bilinear or bicubic"),
+            (self.decoder in ("pil", "torchvision"), "decoder must be pil or torchvision"),
         ]
         if self.task == "segmentation":
             checks += [(self.mixup_alpha == 0 and self.cutmix_alpha == 0, "MixUp/CutMix are for classification")]
@@ -97,6 +133,14 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def folder_only_keys(self) -> list[str]:
+        """Keys set away from their defaults that only folder datasets use (in-memory data is augmented in
+        batches by presets.train_batch)."""
+        return [k for k in FOLDER_ONLY_KEYS if getattr(self, k) != getattr(_DEFAULTS, k)]
+
+
+_DEFAULTS = Recipe()
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -123,8 +167,7 @@ def make_recipe(values: dict[str, Any], source: str = "recipe") -> Recipe:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise RecipeError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
-    defaults = Recipe()
-    kwargs = {k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()}
+    kwargs = {k: _coerce(k, v, getattr(_DEFAULTS, k)) for k, v in values.items()}
     try:
         return Recipe(**kwargs)
     except RecipeError as e:

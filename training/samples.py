@@ -10,6 +10,11 @@ from PIL import Image
 from training.data import load_dataset
 
 
+def slug(name: str) -> str:
+    """A class name as a file or folder name: 'T-shirt/top' -> 't-shirt-top'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
 def export_samples(dataset: str, out_dir: str | Path, n: int = 8, data_root: str | None = None) -> list[Path]:
     splits = load_dataset(dataset, data_root)
     test = splits.test
@@ -19,8 +24,7 @@ def export_samples(dataset: str, out_dir: str | Path, n: int = 8, data_root: str
     for i in range(min(n, len(test))):
         img = test.images[i].numpy()  # (C, H, W) uint8
         pil = Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0))
-        name = re.sub(r"[^A-Za-z0-9]+", "-", splits.info.classes[int(test.labels[i])]).strip("-").lower()
-        path = out / f"{i:04d}_{name}.png"
+        path = out / f"{i:04d}_{slug(splits.info.classes[int(test.labels[i])])}.png"
         pil.save(path)
         paths.append(path)
     return paths

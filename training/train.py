@@ -15,9 +15,11 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from tqdm import tqdm
 
+from training import distributed
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.data import DatasetInfo, load_dataset, make_loaders
+from training.data import DatasetInfo, Splits, load_dataset, make_loaders
 from training.ema import WeightEMA, ema_horizon, recalibrate_bn
+from training.finetune import FreezePolicy, init_weights, param_groups
 from training.models import get_model, model_task
 from training.presets import (
     eval_batch,
@@ -36,19 +38,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_name() -> str:
+    """The CPU model (e.g. 'AMD EPYC 9R14 96-Core Processor'), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return f"{platform.processor() or platform.machine()} CPU"
+
+
 def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norm weights, tokens and position embeddings (all 1-D or tiny params)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or p.shape[0] == 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -132,29 +134,39 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
           resume: str | Path | None = None, progress: bool = True, stop_after_epoch: int | None = None
           ) -> dict[str, Any]:
     """Train per recipe; write the checkpoint to `out` after every epoch (atomically). Returns the checkpoint.
-    `stop_after_epoch` ends this run early (the schedule still spans recipe.epochs; `resume` continues it)."""
+    `stop_after_epoch` ends this run early (the schedule still spans recipe.epochs; `resume` continues it).
+    Under torchrun each process trains its share of every batch (training/distributed.py); rank 0 writes."""
+    ctx = distributed.init(recipe.sync_bn)
+    progress = progress and ctx.is_main
     torch.manual_seed(recipe.seed)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    device = pick_device()
+    device = ctx.device
     on_cuda = device.type == "cuda"
     autocast = recipe.amp == "bf16" or (recipe.amp == "auto" and on_cuda)
     channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and on_cuda)
 
     if model_task(recipe.arch) != recipe.task:
         raise RecipeError(f"{recipe.arch} is a {model_task(recipe.arch)} model; the recipe's task is {recipe.task}")
-    info, preprocess, n_train, (train_loader, val_loader, test_loader) = make_data(recipe, device)
+    info, preprocess, n_train, (train_loader, val_loader, test_loader) = make_data(recipe, device, ctx)
     size = preprocess["size"]
     model_args = {"num_classes": len(info.classes), "in_channels": info.channels, "img_size": size,
                   **recipe.model_args}
-    model = get_model(recipe.arch, **model_args).to(device)
+    model = get_model(recipe.arch, **model_args)
+    init = None if resume else init_weights(model, recipe, list(info.classes))
+    if init and progress:
+        print(f"starting weights: {init['source']} ({init['tensors']} tensors, head {init['head']})", flush=True)
+    model = distributed.prepare(model, ctx, recipe.sync_bn).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    freeze = FreezePolicy(model, recipe.freeze, recipe.unfreeze_every)
+    freeze.start_epoch(model, 0)
+    groups = param_groups(model, recipe.weight_decay, recipe.lr, recipe.backbone_lr_factor,
+                          include_frozen=recipe.freeze == "gradual")
     if recipe.optimizer == "sgd":
-        opt = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
-                              nesterov=True)
+        opt = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
     else:
-        opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr)
+        opt = torch.optim.AdamW(groups, lr=recipe.lr)
     steps_per_epoch = len(train_loader)
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = max(1, int(recipe.warmup_epochs * steps_per_epoch))
@@ -178,12 +190,13 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         if ema is not None and state.get("ema_state_dict"):
             ema.load_state_dict(state["ema_state_dict"], updates=int(state.get("ema_updates", sched.last_epoch)))
         start_epoch = int(state["epoch"])
+        init = state.get("init")
         history = list(state["metrics"].get("history", []))
         train_time = float(state["metrics"].get("train_time_s", 0.0))
         train_cpu = float(state["metrics"].get("train_cpu_s", 0.0))
 
     writer = None
-    if log_dir:
+    if log_dir and ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(log_dir))
     gen = torch.Generator(device=device)
@@ -200,11 +213,14 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     ckpt: dict[str, Any] = {}
+    net = ctx.wrap(model)  # what the training step calls: DistributedDataParallel when distributed
     for epoch in range(start_epoch, recipe.epochs):
-        # Per-epoch seeds: a resumed run draws the same augmentations as an uninterrupted one.
-        torch.manual_seed(recipe.seed * 1000 + epoch)
-        gen.manual_seed(recipe.seed * 1000 + epoch)
-        model.train()
+        # Per-epoch seeds: a resumed run draws the same augmentations as an uninterrupted one; each process
+        # of a distributed run draws its own.
+        torch.manual_seed(recipe.seed * 1000 + epoch + ctx.rank * 1_000_003)
+        gen.manual_seed(recipe.seed * 1000 + epoch + ctx.rank * 1_000_003)
+        if freeze.start_epoch(model, epoch):  # model.train(), this epoch's trainable stages, frozen BN in eval
+            net = ctx.wrap(model)
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)  # the same shuffle order whether resumed or not
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -218,7 +234,7 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             if mixer is not None and torch.rand(1).item() < recipe.mix_prob:
                 x, target = mixer(x, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = criterion(model(x).float(), target)
+                loss = criterion(net(x).float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip > 0:
@@ -239,15 +255,17 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         if ema is not None:  # BN statistics measured with the averaged weights, not the raw ones
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 recalibrate_bn(ema.module, (model_input(x) for x, _ in train_loader))
+            freeze.copy_frozen_bn(model, ema.module)  # frozen layers keep their pretrained statistics
         val_loss, val_scores = validate(recipe.task, eval_model, val_loader, preprocess, info.classes, device,
-                                        autocast, channels_last)
+                                        autocast, channels_last, ctx)
         score = next(iter(val_scores))  # the headline: acc (classification) or miou (segmentation)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen), "val_loss": val_loss,
+        loss_total, seen_total = ctx.sum(loss_sum, seen)
+        row = {"epoch": epoch + 1, "train_loss": loss_total / max(1, seen_total), "val_loss": val_loss,
                **{f"val_{k}": v for k, v in val_scores.items()}, "lr": sched.get_last_lr()[0],
                "train_time_s": train_time}
         if ema is not None:
             row[f"val_{score}_raw"] = validate(recipe.task, model, val_loader, preprocess, info.classes, device,
-                                               autocast, channels_last)[1][score]
+                                               autocast, channels_last, ctx)[1][score]
         history.append(row)
         if progress:
             raw = f" (raw {row[f'val_{score}_raw']:.4f})" if ema is not None else ""
@@ -261,18 +279,20 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
         metrics = {"history": history, **{f"val_{k}": v for k, v in val_scores.items()}, "train_time_s": train_time,
                    "train_cpu_s": train_cpu,
                    "hardware": hardware_name(device), "epochs": epoch + 1, "steps": sched.last_epoch,
-                   "weights": "ema" if ema is not None else "raw", "warnings": [warning] if warning else []}
+                   "weights": "ema" if ema is not None else "raw", "warnings": [warning] if warning else [],
+                   "processes": ctx.world_size}
         if ema is not None:
             metrics.update({f"val_{score}_ema": val_scores[score], f"val_{score}_raw": row[f"val_{score}_raw"]})
         if final:
             tests = test_metrics(recipe.task, eval_model, test_loader, preprocess, info.classes, device, autocast,
-                                 channels_last)
+                                 channels_last, ctx)
             metrics.update(tests)
             test_score = tests[f"test_{score}"]
             if ema is not None:
                 metrics.update({f"test_{score}_ema": test_score,
                                 f"test_{score}_raw": validate(recipe.task, model, test_loader, preprocess,
-                                                              info.classes, device, autocast, channels_last)[1][score]})
+                                                              info.classes, device, autocast, channels_last,
+                                                              ctx)[1][score]})
             near_chance = near_chance_warning(test_score, len(info.classes), warning) \
                 if recipe.task == "classification" else None
             if near_chance:
@@ -294,10 +314,11 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
             "model_args": model_args, "classes": list(info.classes), "preprocess": preprocess,
             "state_dict": _cpu_state(model), "ema_state_dict": _cpu_state(ema.module) if ema is not None else None,
             "metrics": metrics, "recipe": recipe.to_dict(), "dataset": info.name, "epoch": epoch + 1,
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "init": init,
             "ema_updates": ema.updates if ema is not None else 0,
         }
-        save_checkpoint(ckpt, out)
+        if ctx.is_main:
+            save_checkpoint(ckpt, out)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     if writer is not None:
@@ -307,42 +328,51 @@ def train(recipe: Recipe, out: str | Path, log_dir: str | Path | None = None,
     return ckpt
 
 
-def make_data(recipe: Recipe, device: torch.device) -> tuple[DatasetInfo, dict[str, Any], int, tuple]:
+def make_data(recipe: Recipe, device: torch.device, ctx: Any) -> tuple[DatasetInfo, dict[str, Any], int, tuple]:
     """(dataset info, preprocess, training images per epoch, (train, val, test) loaders) for the recipe."""
     if recipe.task == "segmentation":
         from training import seg_data
         from training.clips import make_config
 
+        if ctx.world_size > 1:
+            raise RecipeError("segmentation trains in one process (moving_fmnist frames are drawn per step)")
         info = seg_data.dataset_info(recipe.img_size)
         preprocess = make_preprocess(info.size, info.channels, info.mean, info.std, crop=False)
         cfg = seg_data.limited(make_config(recipe.data_args), recipe.limit)
         return info, preprocess, cfg.train_frames, seg_data.make_loaders(cfg, info.size, recipe.batch_size,
                                                                           recipe.seed, recipe.data_root, device)
-    splits = load_dataset(recipe.dataset, recipe.data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
-                          image_size=recipe.img_size, limit=recipe.limit)
+    splits = ctx.agree("dataset", lambda: load_dataset(
+        recipe.dataset, recipe.data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
+        image_size=recipe.img_size, limit=recipe.limit), _describe)
     info = splits.info
+    if info.in_memory and (folder_keys := recipe.folder_only_keys()):
+        raise RecipeError(f"{', '.join(folder_keys)}: for folder datasets only; {info.name} is augmented in "
+                          "batches (crop_padding, hflip)")
     size = recipe.img_size or info.size
     preprocess = make_preprocess(size, info.channels, info.mean, info.std, resize=recipe.resize or size,
+                                 interpolation=recipe.interpolation,
                                  background=recipe.background or info.background)
-    transform = None if info.in_memory else imagefolder_train_transform(preprocess)
-    return info, preprocess, len(splits.train), make_loaders(splits, recipe.batch_size, device, recipe.seed,
-                                                             num_workers=recipe.num_workers,
-                                                             train_transform=transform)
+    transform = None if info.in_memory else imagefolder_train_transform(
+        preprocess, size=recipe.train_img_size, scale_min=recipe.crop_scale_min, color_jitter=recipe.color_jitter,
+        auto_augment=recipe.auto_augment, random_erasing=recipe.random_erasing)
+    return info, preprocess, len(splits.train), make_loaders(
+        splits, recipe.batch_size, device, recipe.seed, num_workers=recipe.num_workers, train_transform=transform,
+        decoder=recipe.decoder, rank=ctx.rank, world_size=ctx.world_size)
 
 
 def validate(task: str, model: nn.Module, loader, preprocess: dict[str, Any], classes: list[str],
-             device: torch.device, autocast: bool, channels_last: bool) -> tuple[float, dict[str, float]]:
-    """(loss, scores), the headline score first: {"acc"} for classification, {"miou", "pixel_acc"} for
-    segmentation."""
+             device: torch.device, autocast: bool, channels_last: bool, ctx: Any) -> tuple[float, dict[str, float]]:
+    """(loss, scores), the headline score first: {"acc"} for classification (averaged over the processes of a
+    distributed run), {"miou", "pixel_acc"} for segmentation."""
     if task == "segmentation":
         r = seg_evaluate(model, loader, preprocess, classes, device, autocast, channels_last)
         return r["loss"], {"miou": r["miou"], "pixel_acc": r["pixel_acc"]}
-    loss, acc, *_ = evaluate(model, loader, preprocess, device, autocast, channels_last)
+    loss, acc = ctx.mean_by_count(*_scored(evaluate(model, loader, preprocess, device, autocast, channels_last)))
     return loss, {"acc": acc}
 
 
 def test_metrics(task: str, model: nn.Module, loader, preprocess: dict[str, Any], classes: list[str],
-                 device: torch.device, autocast: bool, channels_last: bool) -> dict[str, Any]:
+                 device: torch.device, autocast: bool, channels_last: bool, ctx: Any) -> dict[str, Any]:
     """Held-out scores for the checkpoint: test_acc/test_loss, or for segmentation test_miou, test_ap50 (AP@0.5
     of the masks' connected components), test_pixel_acc, test_loss and per-class IoU / AP."""
     if task == "segmentation":
@@ -350,8 +380,19 @@ def test_metrics(task: str, model: nn.Module, loader, preprocess: dict[str, Any]
         return {"test_miou": r["miou"], "test_ap50": r["ap50"], "test_pixel_acc": r["pixel_acc"],
                 "test_loss": r["loss"], "test_per_class_iou": r["per_class_iou"],
                 "test_ap50_per_class": r["ap50_per_class"]}
-    loss, acc, *_ = evaluate(model, loader, preprocess, device, autocast, channels_last)
-    return {"test_acc": acc, "test_loss": loss}
+    loss, scores = validate(task, model, loader, preprocess, classes, device, autocast, channels_last, ctx)
+    return {"test_acc": scores["acc"], "test_loss": loss}
+
+
+def _describe(splits: Splits) -> str:
+    """What every process of a distributed run must agree on about its dataset."""
+    return (f"{splits.info.name}, {len(splits.info.classes)} classes, {len(splits.train)} train / "
+            f"{len(splits.val)} val / {len(splits.test)} test images")
+
+
+def _scored(result: tuple) -> tuple[float, float, int]:
+    """(loss, accuracy, number of images) from evaluate()'s result."""
+    return result[0], result[1], len(result[2])
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -141,6 +141,12 @@ def vit_small(**kwargs) -> ViT:
 
 
 @register_model
+def vit_base(**kwargs) -> ViT:
+    """ViT-B; at img_size > 64 the default patch is 16, i.e. ViT-B/16 (86 M parameters at 224 px)."""
+    return _vit(dict(dim=768, depth=12, heads=12, mlp_dim=3072), kwargs)
+
+
+@register_model
 def hybrid_vit(*, backbone_layers: Sequence[int] = (2, 2, 2), backbone_width: int = 64, **kwargs) -> ViT:
     """ResNet-18's stem and first three stages (stride 4 up to 64 px, 16 above: 7x7 tokens at 28 px, 14x14
     at 224) feed a ViT-Tiny-wide encoder of half depth, since the CNN already does the early local mixing.

@@ -1,0 +1,113 @@
+"""The transfer experiment's pipeline at a tiny scale (trees, pretraining, the four fine-tuning methods,
+resuming, the generated figures), and a fine-tuned checkpoint served through the archive and the handler's
+pipeline like any other."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from tests.datagen import write_fashion_mnist
+from tests.torchserve import tiny_archive
+from training.checkpoint import build_model, load_checkpoint
+from training.commands import train_args
+from training.presets import eval_batch
+from training.transfer import METHODS, markdown, run_experiment, summarize, write_docs
+
+TARGET = ["ankle-boot", "bag", "sandal", "shirt", "sneaker"]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("transfer")
+    fm = write_fashion_mnist(tmp / "fm", n_train=400, n_test=60)
+    return tmp, fm, run_experiment(tmp / "exp", data_root=str(fm), quick=True, progress=False,
+                                   serve_checkpoint=tmp / "served.pt")
+
+
+def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick, tmp_path):
+    _, fm, results = quick
+    out = Path(results["trees"]["pretrain"]).parent
+    tree = Path(results["trees"]["finetune"]["2-0"])
+    assert sorted(p.name for p in (tree / "train").iterdir()) == TARGET
+    assert [len(list((tree / "train" / c).iterdir())) for c in TARGET] == [2] * 5
+    assert sorted(p.name for p in (Path(results["trees"]["pretrain"]) / "train").iterdir()) == \
+        ["coat", "dress", "pullover", "t-shirt-top", "trouser"]
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == set(METHODS)
+    assert runs["scratch"]["init"] is None
+    assert runs["layer4_head"]["init"]["head"] == "new" and runs["full"]["init"]["source"] == str(out / "pretrain.pt")
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    again = run_experiment(out, data_root=str(fm), quick=True, progress=False)  # everything is reused
+    assert again["runs"] == results["runs"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps
+
+    summary = summarize(results)
+    assert summary["cells"]["2/layer4_head"]["n"] == 1
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "training.md").write_text("# T\n<!-- transfer-figures:begin -->\nold\n<!-- transfer-figures:end -->\n")
+    write_docs(summary, docs)
+    page = (docs / "training.md").read_text()
+    assert "old" not in page and markdown(summary) in page
+    assert "layer4 + head beats from scratch by" in page and (docs / "transfer.png").stat().st_size > 1000
+    assert summary["runs_done"] == summary["runs_planned"] == 4 and summary["wall_s_total"] > 0
+    assert summary["loadavg_max"] >= summary["loadavg_min"] >= 0
+
+    # Reporting what has finished: a run that is missing shows as not run, and no verdict is made without it.
+    (out / "runs" / "2shot-scratch-seed0.json").unlink()
+    part = summarize(run_experiment(out, data_root=str(fm), quick=True, progress=False, train_missing=False))
+    assert part["runs_done"] == 3 and part["cells"]["2/scratch"]["n"] == 0
+    md = markdown(part)
+    assert "| not run |" in md and "3 of the 4 planned runs have finished" in md
+    assert "the goal is not measured yet" in md and "beats from scratch" not in md
+    write_docs(part, docs)  # the plot leaves the missing point out
+
+
+def test_a_fine_tuned_checkpoint_archives_and_serves_like_any_other(quick, tmp_path):
+    tmp, _, results = quick
+    ckpt_path = tmp / "served.pt"  # a copy of the layer4 + head run with the most images per class
+    assert load_checkpoint(ckpt_path)["init"]["source"].endswith("pretrain.pt")
+    entry = tiny_archive(tmp_path / "store", tmp_path / "configs", "fmnist-transfer", "1.0", ckpt_path)
+    assert entry["arch"] == "resnet50" and (tmp_path / "store" / "fmnist-transfer-1.0.mar").is_file()
+
+    from handlers.image import ImagePipeline
+
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["preprocess"]["channels"] == 3 and ckpt["classes"] == TARGET
+    png = sorted((Path(results["trees"]["finetune"]["2-0"]) / "test" / "bag").iterdir())[0].read_bytes()
+    status, body = ImagePipeline.from_file(ckpt_path, topk=1).handle_requests([{"body": png}])[0]
+    # What `python -m training eval` computes for the same file: decode as the loader does, then eval_batch.
+    x = pil_to_tensor(Image.open(io.BytesIO(png)).convert("RGB"))
+    with torch.no_grad():
+        probs = build_model(ckpt)(eval_batch([x], ckpt["preprocess"])).softmax(1)[0]
+    assert status == 200
+    [top] = body["predictions"]
+    assert top["label"] == TARGET[int(probs.argmax())] and abs(top["probability"] - float(probs.max())) < 1e-4
+
+
+def test_the_served_checkpoints_hint_names_the_experiment():
+    """archive --all skips a config whose checkpoint is missing and says what writes it."""
+    from serving.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    ckpt = load_config(root / "archive_configs/fmnist-transfer-resnet50/1.0.yaml").checkpoint
+    assert train_args(ckpt) == "training experiment-transfer --checkpoint-out checkpoints/resnet50-fmnist-transfer.pt"
+
+
+def test_the_docs_figures_are_generated_from_the_committed_summary():
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    page = (docs / "training.md").read_text()
+    block = page.split("<!-- transfer-figures:begin -->\n")[1].split("\n<!-- transfer-figures:end -->")[0]
+    if not (docs / "transfer.json").is_file():
+        assert block.startswith("Not measured yet")
+        return
+    assert block == markdown(json.loads((docs / "transfer.json").read_text()))
+    assert (docs / "transfer.png").is_file()
