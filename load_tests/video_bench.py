@@ -39,7 +39,7 @@ import yaml
 
 from handlers.cpu import cpu_budget, threads_per_worker
 from load_tests import video_report
-from load_tests.bench import free_ports, machine_info
+from load_tests.bench import machine_info
 from load_tests.inprocess import bench_seg_checkpoint
 from load_tests.profile import profile_workers
 from load_tests.report import metric, percentiles, write_json
@@ -327,7 +327,7 @@ def run_rest(a: argparse.Namespace, cfg: Any, store: Path, clip: bytes, frames_d
     from serving.manage import Client
 
     runtime_dir = a.build_dir / "ts-runtime"
-    ports = server.Ports(*free_ports(len(dataclasses.fields(server.Ports))))
+    ports = server.Ports(*server.free_ports(len(dataclasses.fields(server.Ports))))
     ep = server.start(store, runtime_dir, ports, timeout=180)
     rest: dict[str, Any] = {"streams": []}
     try:
