@@ -17,8 +17,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup demo demo-video train eval zoo samples experiment-depth experiment-attention experiment-transfer bench-loader clips seg-speed \
         archive serve stop predict models describe register scale set-default unregister rollout rollback metrics \
-        test lint load-test bench reliability clean fleet-up fleet-down fleet-status fleet-rollout fleet-canary \
-        fleet-promote fleet-rollback manifests reliability-fleet \
+        test lint load-test bench bench-video reliability clean fleet-up fleet-down fleet-status fleet-rollout \
+        fleet-canary fleet-promote fleet-rollback manifests reliability-fleet \
         experiment-kd experiment-qat search model-report
 
 setup:
@@ -164,6 +164,11 @@ load-test: setup
 
 bench: setup
 	$(PY) -m load_tests.bench $(BENCH_ARGS)
+
+# Video end to end: a clip in-process, clip requests and 30 FPS camera streams through TorchServe, the per-frame
+# client loop as the baseline, py-spy profiles; ~6 min. Rewrites docs/video_bench.json, .png and its docs/video.md block.
+bench-video: setup
+	$(PY) -m load_tests.video_bench $(BENCH_VIDEO_ARGS)
 
 # Faults under load (worker kill, rollout/rollback, snapshot restart) + a soak; figures go to reports/reliability/
 # and docs/reliability.md. Shorter: make reliability SOAK_S=60 FAULT_S=20 (SOAK_S=0: no soak).

@@ -42,6 +42,26 @@ def bench_checkpoint(path: str | Path, arch: str = "resnet18", img_size: int = 2
     return ckpt
 
 
+def bench_seg_checkpoint(path: str | Path, arch: str = "vit_seg_tiny", img_size: int = 224, seed: int = 0,
+                         **model_args: Any) -> dict[str, Any]:
+    """A random-but-seeded segmentation checkpoint as training writes one (classes with background first, the
+    whole frame resized, the clip generator's mean/std); `model_args` shrink it (the --quick run)."""
+    from training.checkpoint import save_checkpoint
+    from training.clips import CLASSES, MEAN, STD
+    from training.models import get_model
+    from training.presets import make_preprocess
+
+    torch.manual_seed(seed)
+    args = {"num_classes": len(CLASSES), "in_channels": 3, "img_size": img_size, **model_args}
+    model = get_model(arch, **args).eval()
+    ckpt = {"arch": arch, "model_args": args, "state_dict": model.state_dict(), "classes": list(CLASSES),
+            "task": "segmentation", "preprocess": make_preprocess(img_size, 3, MEAN, STD, crop=False),
+            "metrics": {"note": "random weights for benchmarking", "seed": seed},
+            "recipe": {"name": "bench-random-weights", "seed": seed}}
+    save_checkpoint(ckpt, path)
+    return ckpt
+
+
 def _cpu_s() -> float:
     t = os.times()
     return t.user + t.system

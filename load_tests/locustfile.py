@@ -7,8 +7,10 @@
 Each request is one image file's raw bytes with the Content-Type of its extension (with --topk: a multipart
 form with the image and a topk field). A request counts as a success only when the answer is HTTP 200 with a
 JSON body that has predictions (exactly K of them with --topk); --expect labels accepts the stock TorchServe
-handler's {"label": probability} body instead. Users do not wait between requests
-(--think-time 0), so a run is a closed loop: N users keep at most N requests in flight.
+handler's {"label": probability} body instead, --expect detections a segmentation model's frame answer. Users do
+not wait between requests (--think-time 0), so a run is a closed loop: N users keep at most N requests in flight.
+With --pace F each user is a camera instead: one request every 1/F s (a late answer delays the next frame; frames
+never bunch up), so N users offer N x F requests/s whatever the server does.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from locust import FastHttpUser, LoadTestShape, events, task
+from locust import FastHttpUser, LoadTestShape, constant_pacing, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `load_tests` imports under the locust CLI
-from load_tests.payload import check_body, load_images, multipart, read_token  # noqa: E402
+from load_tests.payload import EXPECT, check_body, load_images, multipart, read_token  # noqa: E402
 from load_tests.shapes import SHAPES, Step, shape_name  # noqa: E402
 
 IMAGES: list[tuple[str, bytes, str]] = []  # (file name, body, content type), built once per process
@@ -43,9 +45,12 @@ def add_options(parser: Any) -> None:
                    "field 'data' next to a field 'topk' (0: raw image bytes, the model's default top-k)")
     g.add_argument("--shape", default="", choices=["", *SHAPES],
                    help="load profile (default: $LOAD_SHAPE, else steady); uses -u, -r and -t")
-    g.add_argument("--expect", default="predictions", choices=["predictions", "labels"],
-                   help="what a good body holds: our handler's predictions, or the stock handler's labels")
+    g.add_argument("--expect", default="predictions", choices=list(EXPECT),
+                   help="what a good body holds: our classifier's predictions, the stock handler's labels, or a "
+                   "segmentation model's detections")
     g.add_argument("--think-time", type=float, default=0.0, help="seconds each user waits between requests")
+    g.add_argument("--pace", type=float, default=0.0, help="requests per second per user, e.g. 30 for a 30 FPS "
+                   "camera (constant pacing; overrides --think-time; 0: off)")
     g.add_argument("--cpu-report", default="", help="write this process's CPU use over the measured window "
                    "(from spawning complete to the end) as JSON to this path")
 
@@ -107,10 +112,13 @@ class InferenceUser(FastHttpUser):
     """One client posting the image files round-robin (each user starts at a different file)."""
 
     def wait_time(self) -> float:
+        if self.pacer is not None:
+            return self.pacer(self)
         return self.environment.parsed_options.think_time
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
+        self.pacer = constant_pacing(1.0 / opts.pace) if opts.pace > 0 else None
         self.path = f"/predictions/{opts.model}" + (f"/{opts.model_version}" if opts.model_version else "")
         self.expect, self.topk = opts.expect, opts.topk
         start = id(self) % max(1, len(IMAGES))

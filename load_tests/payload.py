@@ -7,6 +7,7 @@ import json
 import mimetypes
 from pathlib import Path
 
+EXPECT = ("predictions", "labels", "detections")  # what a good answer body holds (check_body)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -49,8 +50,9 @@ def check_body(status: int, text: str, expect: str = "predictions", topk: int = 
     """None when the answer is a success, else why it is a failure (shown in locust's failure table).
 
     expect="predictions": our handler's {"predictions": [...]} (or {"results": [...]} for a multi-image body);
-    expect="labels": the stock TorchServe handler's {"label": probability, ...}. topk > 0: exactly that many
-    predictions (the per-request topk reached the handler).
+    expect="labels": the stock TorchServe handler's {"label": probability, ...}; expect="detections": a
+    segmentation model's frame answer ({"kind": "frame", "detections": [...], ...}, the list may be empty).
+    topk > 0: exactly that many predictions (the per-request topk reached the handler).
     """
     if status != 200:
         return f"HTTP {status}: {text[:120]}"
@@ -61,6 +63,9 @@ def check_body(status: int, text: str, expect: str = "predictions", topk: int = 
     if expect == "labels":
         ok = isinstance(body, dict) and body and all(isinstance(v, (int, float)) for v in body.values())
         return None if ok else "HTTP 200 but the body has no {label: probability} map"
+    if expect == "detections":
+        ok = isinstance(body, dict) and isinstance(body.get("detections"), list)
+        return None if ok else "HTTP 200 but the body has no detections list"
     preds = body.get("predictions") or body.get("results") if isinstance(body, dict) else None
     if not preds:
         return "HTTP 200 but the body has no predictions"

@@ -3,10 +3,12 @@ while locust runs, and every sample is put in one stage by the frames on its sta
 
     summary = profile_workers(pids, seconds, out_dir)  # {"stages": {"inference": 41.0, ...}, "samples": N, ...}
 
-Stages, first match from the top of the list: decode (handlers/decode.py), preprocess (training/presets.py),
-inference (handlers/runtimes.py, ONNX Runtime or torch), answer (handlers/image.py, request.py: parse and top-k
-JSON), frontend I/O (TorchServe's worker loop in model_service_worker.py with nothing of ours on the stack:
-waiting for the next batch, reading it, writing the answers), and other. A worker that spends a large share of its
+Stages, first match from the top of the list: decode (handlers/decode.py images, handlers/video.py clip frames),
+preprocess (training/presets.py), inference (handlers/runtimes.py, ONNX Runtime or torch), postprocess (a
+pipeline's `postprocess`: top-k, or masks -> detections (training/masks.py) and mask encoding), answer
+(handlers/image.py, segment.py, request.py, adapter.py: parse, answer bodies, JSON), frontend I/O (TorchServe's
+worker loop in model_service_worker.py with nothing of ours on the stack: waiting for the next batch, reading it,
+writing the answers), and other. A worker that spends a large share of its
 time in frontend I/O is starved by the frontend or the load generator, not slowed by its own code.
 """
 
@@ -19,9 +21,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-STAGES = (("decode", ("handlers/decode.py",)), ("preprocess", ("training/presets.py",)),
+STAGES = (("decode", ("handlers/decode.py", "handlers/video.py")), ("preprocess", ("training/presets.py",)),
           ("inference", ("handlers/runtimes.py", "onnxruntime", "torch/nn/")),
-          ("answer", ("handlers/image.py", "handlers/request.py", "handlers/pipeline.py")),
+          ("postprocess", ("postprocess (", "training/masks.py")),
+          ("answer", ("handlers/image.py", "handlers/segment.py", "handlers/request.py", "handlers/pipeline.py",
+                      "handlers/adapter.py")),
           ("frontend I/O", ("model_service_worker.py",)))
 
 

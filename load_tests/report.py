@@ -48,6 +48,19 @@ def read_locust_stats(path: str | Path, name: str = "Aggregated") -> dict[str, A
             "p95_ms": _round(num("95%")), "p99_ms": _round(num("99%")), "max_ms": _round(num("Max Response Time"))}
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of Prometheus metric `name` whose labels include `labels` (0.0 when none does)."""
+    import re
+
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) + 1:line.rindex("}")]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def _round(x: float | None, nd: int = 1) -> float | None:
     return None if x is None or math.isnan(x) else round(x, nd)
 
@@ -264,6 +277,13 @@ def plot_concurrency(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylim(bottom=0)
     ax1.legend(fontsize=7)
     fig.suptitle(f"{result['meta']['model']} on {result['meta']['hardware']}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write and close a matplotlib figure (its folder made as needed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,16 +143,19 @@ def _interp(samples: list[tuple[float, float]], t: float) -> float:
 
 
 def run_locust(ep: Any, key_file: Path, model: str, images: str, users: int, seconds: float, out_prefix: Path,
-               server_pid: int | None, expect: str = "predictions") -> dict[str, Any]:
-    """One closed-loop point: `users` users with no think time for `seconds` after all are spawned."""
+               server_pid: int | None, expect: str = "predictions", extra: Sequence[str] = (),
+               spawn_rate: float | None = None) -> dict[str, Any]:
+    """One point: `users` users for `seconds` after all are spawned (all at once, or `spawn_rate` per second);
+    closed loop (no think time) unless `extra` locustfile options say otherwise (["--pace", "7.5"]: each user
+    sends 7.5 requests/s)."""
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     cpu_report = out_prefix.with_name(out_prefix.name + "_cpu.json")
     cpu_report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-           "-u", str(users), "-r", str(users), "-t", f"{max(1, round(seconds))}s", "--shape", "steady",
+           "-u", str(users), "-r", f"{spawn_rate or users:g}", "-t", f"{max(1, round(seconds))}s", "--shape", "steady",
            "--host", ep.inference_url, "--model", model, "--images", images, "--token-file", str(key_file),
            "--expect", expect, "--csv", str(out_prefix), "--reset-stats", "--cpu-report", str(cpu_report),
-           "--loglevel", "WARNING"]
+           "--loglevel", "WARNING", *extra]
     samples: list[tuple[float, float]] = []
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent)

@@ -138,3 +138,14 @@ def test_load_shape_is_chosen_by_environment(torchserve, image_dir, tmp_path):
     users = [int(r["User Count"]) for r in history]
     assert users == sorted(users) and users[0] < 6 and max(users) == 6, users
     assert read_locust_stats(f"{out}_stats.csv")["failures"] == 0
+
+
+@needs_java
+def test_paced_users_send_at_the_camera_rate(torchserve, image_dir, tmp_path):
+    """--pace 10: each user sends 10 requests/s however fast the server answers (a closed loop on this tiny model
+    would send hundreds), so 2 users offer about 20 requests/s."""
+    out = tmp_path / "paced"
+    proc = run_locust(torchserve, image_dir, out, "-u", "2", "-r", "2", "-t", "3s", "--pace", "10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = read_locust_stats(f"{out}_stats.csv")
+    assert stats["failures"] == 0 and 30 <= stats["requests"] <= 2 * 10 * 3 + 4, stats

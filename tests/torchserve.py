@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from load_tests.report import metric  # noqa: E402, F401  (the tests read Prometheus text with it)
 from serving import server  # noqa: E402
 from serving.manage import Client  # noqa: E402
 from serving.server import free_ports  # noqa: E402
@@ -135,19 +136,6 @@ def tiny_archive(store: str | Path, configs_dir: str | Path, name: str, version:
                                     "handler": handler_file, "runtime": "eager", "description": "tiny test model",
                                     "torchserve": block}))
     return build_archive(load_config(path), store)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of Prometheus metric `name` whose labels include `labels` (0.0 when none does)."""
-    import re
-
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) + 1:line.rindex("}")]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def gray_png(seed: int = 0, size: int = 28) -> bytes:
