@@ -168,24 +168,13 @@ def test_predict_video_writes_the_annotated_clip(env):
 
 @pytest.fixture(scope="module")
 def grpc_stub(env, tmp_path_factory):
-    """An inference stub generated from the protos inside TorchServe's own jar (nothing copied into the repo)."""
-    import importlib
-    import zipfile
-    from pathlib import Path
-
+    """An inference stub from the protos inside TorchServe's own jar (serving/grpc_client.py: one set of generated
+    modules per process, so other gRPC tests of the session share the descriptor pool)."""
     grpc = pytest.importorskip("grpc")
-    protoc = pytest.importorskip("grpc_tools.protoc")
-    import google
-    import ts
+    pytest.importorskip("grpc_tools.protoc")
+    from serving.grpc_client import stubs
 
-    out = tmp_path_factory.mktemp("proto")
-    with zipfile.ZipFile(Path(ts.__file__).parent / "frontend" / "model-server.jar") as jar:
-        jar.extractall(out, [n for n in jar.namelist() if n.startswith(("proto/", "google/")) and n.endswith(".proto")])
-    assert protoc.main(["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}",
-                        "proto/inference.proto", "google/rpc/status.proto"]) == 0
-    sys.path.insert(0, str(out))
-    google.__path__.append(str(out / "google"))  # google.rpc next to the installed google.protobuf
-    pb2, pb2_grpc = importlib.import_module("proto.inference_pb2"), importlib.import_module("proto.inference_pb2_grpc")
+    pb2, pb2_grpc = stubs(tmp_path_factory.mktemp("proto"))
     channel = grpc.insecure_channel(f"127.0.0.1:{env.ts.ports.grpc_inference}")
     yield SimpleNamespace(stub=pb2_grpc.InferenceAPIsServiceStub(channel), pb2=pb2, grpc=grpc,
                           auth=(("authorization", f"Bearer {env.ts.ep.inference_key}"),))
