@@ -265,7 +265,7 @@ def plot_concurrency(result: dict[str, Any], path: str | Path) -> Path:
     pipe = _at_batch(result.get("pipeline", []), result.get("meta", {}).get("torchserve", {}).get("batchSize", 8))
     if pipe:
         ax1.axhline(pipe["img_s"], color="grey", lw=1, ls=":", label=f"(b) in-process, batch {pipe['batch']}")
-    ticks = sorted({p["users"] for pts in result.get("rest", {}).values() for p in pts})
+    ticks = sorted({p["users"] for key in ("ours", "stock") for p in result.get("rest", {}).get(key, [])})
     for ax, title in ((ax1, "throughput (req/s)"), (ax2, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
         if ticks:

@@ -136,6 +136,8 @@ def test_json_and_png_are_written(result, tmp_path):
     result["ratios"] = report.compute_ratios(result)
     path = report.write_json(result, tmp_path / "bench" / "bench-x.json")
     assert json.loads(path.read_text())["ratios"][1]["c_over_d_rps"] == 1.5
+    # a full run's rest section also holds the eager point, worker start times and the profile
+    result["rest"].update(ours_eager=[point(16, 25.0, 800.0)], ready_s={"ours": 3.0}, profile={"stages": {}})
     png = report.plot_concurrency(result, tmp_path / "docs" / "bench_concurrency.png")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 200_000
