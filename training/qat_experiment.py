@@ -27,9 +27,10 @@ BASES = {"LeNet-5": "lenet5", "ResNet-18": "teacher"}  # kd_experiment run names
 QAT_EPOCHS = 1
 
 
-def plan(ckpt_dir: Path, profile: str = "full") -> dict[str, dict[str, tuple[Recipe, Path]]]:
+def plan(ckpt_dir: Path, profile: str = "full",
+         threads: int | None = None) -> dict[str, dict[str, tuple[Recipe, Path]]]:
     """model -> {base: (recipe, path), qat: (recipe, path), control: (recipe, path)}."""
-    kd = recipes(ckpt_dir, profile)
+    kd = recipes(ckpt_dir, profile, threads)
     out = {}
     for label, run in BASES.items():
         base, base_path = kd[run], run_path(ckpt_dir, profile, run)
@@ -44,11 +45,11 @@ def plan(ckpt_dir: Path, profile: str = "full") -> dict[str, dict[str, tuple[Rec
 
 def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
         docs: str | Path = "docs", train_only: bool = False, reps: int = 30,
-        profile: str = "full", measure_only: bool = False) -> dict[str, Any] | None:
-    """Train what is missing (the bases come from `make experiment-kd`), then measure and write the table;
-    `measure_only` trains nothing and measures the runs that have finished."""
+        profile: str = "full", measure_only: bool = False, threads: int | None = None) -> dict[str, Any] | None:
+    """Train what is missing (the bases come from `make experiment-kd`) with `threads` training threads, then
+    measure and write the table; `measure_only` trains nothing and measures the runs that have finished."""
     ckpt_dir = Path(ckpt_dir)
-    for runs in ([] if measure_only else plan(ckpt_dir, profile).values()):
+    for runs in ([] if measure_only else plan(ckpt_dir, profile, threads).values()):
         base_recipe, base_path = runs["base"]
         train_or_resume(base_recipe, base_path)
         for key in ("qat", "control"):
@@ -130,7 +131,7 @@ def qat_table(summary: dict[str, Any]) -> str:
                          f"{fp32['ms_b8'] / x['ms_b8']:.2f} | {x['file_mb']:.2f} |")
         if not (r["qat"].get("error") or r["control_ptq"].get("error")):
             diff = 100 * (r["qat"]["acc"] - r["control_ptq"]["acc"])
-            verdicts.append(f"- {r['model']}: QAT {'gains' if diff >= 0 else 'loses'} {abs(diff):.2f} points over "
+            verdicts.append(f"- {r['model']}: QAT scores {abs(diff):.2f} points {'above' if diff >= 0 else 'below'} "
                             f"PTQ after the same extra training ({100 * r['qat']['acc']:.2f} vs "
                             f"{100 * r['control_ptq']['acc']:.2f} %), and "
                             f"{100 * (r['qat']['acc'] - r['ptq']['acc']):+.2f} over PTQ of the base; int8 runs "
@@ -142,8 +143,10 @@ def qat_table(summary: dict[str, Any]) -> str:
                             "not finish, so how much of the difference is the extra training is not measured.")
         else:
             verdicts.append(f"- {r['model']}: the QAT run did not finish: QAT is not measured for it.")
-    lines += ["", *verdicts, "", f"Measured {m['date']} on {m['hardware']}, {m['threads']} threads, load average "
-              f"{m['load_average_start'][0]:g} before and {m['load_average'][0]:g} after; accuracy on the whole test "
-              f"split ({m['test_images']:,} images) through each runtime. Source: "
+    lines += ["", *verdicts, "", f"Measured {m['date']} on {m['hardware']} ({m['cores']} cores), every runtime with "
+              f"{m['threads']} threads, median of {m['reps']} forward passes; load average "
+              f"{m['load_average_start'][0]:g} before and {m['load_average'][0]:g} after (other jobs' niced training "
+              "ran beside the measurement, which ran at normal priority: latencies are upper bounds); accuracy on the "
+              f"whole test split ({m['test_images']:,} images) through each runtime. Source: "
               "[efficiency/qat.json](efficiency/qat.json)."]
     return "\n".join(lines)
