@@ -15,7 +15,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,25 +25,11 @@ import torch
 from training.docblock import write_doc_block
 from training.gradnorm import GradNormRecorder
 from training.recipe import Recipe
+from training.runs import write_json
 from training.train import train
 
 # Recipe keys that change how fast a run goes or where its data lives, not what it computes.
 NOT_RESULT_KEYS = ("data_root", "threads", "num_workers")
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def result_recipe(recipe: Recipe) -> dict[str, Any]:
