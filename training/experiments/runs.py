@@ -9,7 +9,6 @@ pair and redoes at most one epoch. A record made with another recipe is an error
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -65,8 +64,7 @@ class Run:
         old = {"gradnorm_every": record.get("gradnorm_every"), **record.get("recipe", {})}
         new = json.loads(json.dumps({"gradnorm_every": self.gradnorm_every, **result_recipe(self.recipe)}))
         # a recipe key added after the record was made counts as unchanged while it keeps its default
-        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Recipe)
-                                          if f.default is not dataclasses.MISSING}, default=str))
+        defaults = json.loads(json.dumps(result_recipe(Recipe())))  # factory defaults ({} for data_args) too
         diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
                 if old.get(k, defaults.get(k, old.get(k))) != v]
         if diff:
