@@ -38,14 +38,20 @@ def train_or_resume(recipe: Recipe, path: Path, progress: bool = True) -> dict[s
     return train(recipe, path, progress=progress)
 
 
-def write_json(path: Path, data: Any) -> Path:
-    """Atomically (temp file + os.replace), indented, keys in insertion order."""
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Atomically (temp file in the same folder + os.replace), indented, keys in insertion order, mode 0644."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
