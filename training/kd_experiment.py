@@ -139,7 +139,8 @@ def _brief(run: dict[str, Any] | None) -> dict[str, Any] | None:
     if not run:
         return None
     keys = ("arch", "model_args", "test_acc", "params", "train_time_s", "epochs")
-    out = {k: run[k] for k in keys} | {"threads": run["recipe"].get("threads")}
+    out = {k: run[k] for k in keys} | {"threads": run["recipe"].get("threads"),
+                                       "val_history": [h["val_acc"] for h in run["history"]]}
     if run.get("distillation"):
         out["teacher_time_s"] = run["distillation"]["teacher_time_s"]
     return out
@@ -188,7 +189,7 @@ def kd_table(summary: dict[str, Any]) -> str:
                 short = goal * r["gap_pt"] - r["gain_pt"]
                 verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
                                 f"{r['gap_pt']:.2f}-point gap to the teacher: short of the goal "
-                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy.")
+                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy. {_longer(summary, d)}")
     m = summary.get("machine", {})
     load = m.get("load_average", ["?"])[0]
     lines += ["", *verdicts, "", f"Measured {m.get('date', '?')} on {m.get('hardware', '?')} ({m.get('cores')} cores, "
@@ -197,14 +198,26 @@ def kd_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
+    """Why a missed goal may be the profile's size, and the command of the longer run."""
+    size, full = summary["size"], PROFILES["full"]
+    steps = -(-size["limit"] // AUGMENT["batch_size"]) * distilled["epochs"]
+    curve = ", ".join(f"{100 * v:.1f}" for v in distilled.get("val_history", []))
+    if summary["profile"] == "full":
+        return f"Validation accuracy by epoch: {curve} %."
+    return (f"This profile gives each ViT {steps} optimizer steps (the distilled run's validation accuracy by "
+            f"epoch: {curve} %); the longer run is `make experiment-kd` (the full profile: "
+            f"{full['limit']:,} images, {full['vit_epochs']} epochs, hours on this machine).")
+
+
 def _threads(summary: dict[str, Any]) -> str:
     """The training threads: the profile's, and the runs that finished with another count (a resumed run)."""
     usual = summary["data"]["threads"]
     runs = [("the teacher", summary["teacher"])] + [(f"{r['student']} {side}", r[side]) for r in summary["students"]
                                                     for side in ("alone", "distilled")]
-    other = [f"{name} finished with {run['threads']}" for name, run in runs
-             if run and run.get("threads") not in (None, usual)]
-    return f"{usual} training threads per run" + (f" ({'; '.join(other)}: resumed at nice 19)" if other else "")
+    other = [f"{name} {run['threads']}" for name, run in runs if run and run.get("threads") not in (None, usual)]
+    return f"{usual} training threads per run" + (f" (at the end of the run, at nice 19: {', '.join(other)})"
+                                                   if other else "")
 
 
 def _pct(run: dict[str, Any] | None) -> str:

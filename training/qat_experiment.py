@@ -96,7 +96,7 @@ def _finished(path: Path, recipe: Recipe) -> bool:
 
 def _side(m: dict[str, Any], runtime: str) -> dict[str, Any]:
     r = m["runtimes"].get(runtime, {"error": "not run: its training did not finish"})
-    return {k: r.get(k) for k in ("acc", "ms_b1", "ms_b8", "file_mb", "error")}
+    return {k: r.get(k) for k in ("acc", "ms_b1", "ms_b8", "file_mb", "convs", "error")}
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
@@ -134,15 +134,27 @@ def qat_table(summary: dict[str, Any]) -> str:
             verdicts.append(f"- {r['model']}: QAT scores {abs(diff):.2f} points {'above' if diff >= 0 else 'below'} "
                             f"PTQ after the same extra training ({100 * r['qat']['acc']:.2f} vs "
                             f"{100 * r['control_ptq']['acc']:.2f} %), and "
-                            f"{100 * (r['qat']['acc'] - r['ptq']['acc']):+.2f} over PTQ of the base; int8 runs "
+                            f"{100 * (r['qat']['acc'] - r['ptq']['acc']):+.2f} against PTQ of the base; int8 runs "
                             f"{fp32['ms_b8'] / r['qat']['ms_b8']:.1f}x (QAT) and "
                             f"{fp32['ms_b8'] / r['ptq']['ms_b8']:.1f}x (PTQ) the fp32 speed at batch 8.")
-        elif not (r["qat"].get("error") or r["ptq"].get("error")):
+        if r["control_ptq"].get("error") and not (r["qat"].get("error") or r["ptq"].get("error")):
             verdicts.append(f"- {r['model']}: QAT {100 * r['qat']['acc']:.2f} % vs PTQ of the base "
                             f"{100 * r['ptq']['acc']:.2f} %; the control (the same extra epoch in float, then PTQ) did "
                             "not finish, so how much of the difference is the extra training is not measured.")
-        else:
+        elif r["qat"].get("error"):
             verdicts.append(f"- {r['model']}: the QAT run did not finish: QAT is not measured for it.")
+        if not (r["control_fp32"].get("error") or fp32.get("error")):
+            noise = abs(r["control_fp32"]["ms_b8"] / fp32["ms_b8"] - 1)
+            verdicts.append(f"- {r['model']}: the two fp32 rows run the same computation; their batch-8 latencies "
+                            f"differ by {100 * noise:.0f} %, the noise of this measurement at this load.")
+        if (q := r["qat"].get("convs")) and (p := r["ptq"].get("convs")) and not q["float"] + p["float"]:
+            verdicts.append(f"- {r['model']}: ONNX Runtime runs every convolution of the QAT and PTQ graphs as int8 "
+                            "kernels (QLinearConv).")
+        elif q and p:
+            verdicts.append(f"- {r['model']}: ONNX Runtime runs {q['int8']} of the QAT graph's "
+                            f"{q['int8'] + q['float']} convolutions as int8 kernels (QLinearConv) and {p['int8']} "
+                            f"of PTQ's {p['int8'] + p['float']}; the others run in float between "
+                            "quantize/dequantize pairs it could not fuse.")
     lines += ["", *verdicts, "", f"Measured {m['date']} on {m['hardware']} ({m['cores']} cores), every runtime with "
               f"{m['threads']} threads, median of {m['reps']} forward passes; load average "
               f"{m['load_average_start'][0]:g} before and {m['load_average'][0]:g} after (other jobs' niced training "

@@ -261,7 +261,8 @@ def front_table(summary: dict[str, Any]) -> str:
              f"{summary['search_s'] / 60:.1f} min; proxy: {s['epochs']} epoch(s) on {s['limit']} training images, "
              f"scored on {s['limit']} validation images; latency: batch 1, eager runtime, {s['threads']} threads, "
              f"median of {s['reps']}. Measured {m['date']} on {m['hardware']} (load average "
-             f"{m.get('load_average_start', ['?'])[0]} at the start, {m['load_average'][0]:g} at the end).", "",
+             f"{m.get('load_average_start', ['?'])[0]} at the start, {m['load_average'][0]:g} at the end; other jobs' "
+             "niced training ran beside the search, which ran at normal priority: latencies are upper bounds).", "",
              "| | family | arch | knobs | val acc % | CPU ms (b=1) | params (M) |", "|---|---|---|---|---:|---:|---:|"]
     for t in summary["front"]:
         star = "**chosen**" if t["number"] == c["number"] else ""
@@ -317,7 +318,7 @@ def plot_front(trials: list[dict[str, Any]], summary: dict[str, Any], path: Path
     ax.set(xscale="log", xlabel="CPU latency, batch 1 (ms, log scale)", ylabel="validation accuracy after proxy (%)",
            title=f"Architecture search: {summary['trials']} trials ({summary['machine']['date']})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")  # the infeasible crosses sit along the bottom
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
