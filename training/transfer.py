@@ -27,7 +27,7 @@ from PIL import Image
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import FASHION_MNIST_CLASSES, load_dataset
 from training.finetune import sha256_of
-from training.recipe import Recipe, load_recipe, make_recipe
+from training.recipe import Recipe, RecipeError, load_recipe, make_recipe
 from training.samples import slug
 from training.train import hardware_name, train
 
@@ -127,6 +127,17 @@ def write_trees(out: Path, cfg: dict[str, Any], data_root: str | None = None) ->
     return info
 
 
+def same_recipe(stored: dict[str, Any] | None, recipe: Recipe) -> bool:
+    """Whether a recipe stored in a checkpoint or run file is `recipe`. Keys added to Recipe since it was
+    stored take their defaults (what the run did), so earlier work of the same configuration is reused."""
+    if not isinstance(stored, dict):
+        return False
+    try:
+        return make_recipe(stored).to_dict() == recipe.to_dict()
+    except (RecipeError, TypeError, ValueError):  # a key since removed, or a value no longer valid
+        return False
+
+
 def _load1() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -144,7 +155,7 @@ def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True,
     resume, wall = None, {"wall_s": 0.0, "loadavg": []}
     if path.is_file():
         state = load_checkpoint(path)
-        if state["recipe"] == recipe.to_dict():  # else another configuration's: train anew
+        if same_recipe(state["recipe"], recipe):  # else another configuration's: train anew
             if wall_file.is_file():
                 wall = json.loads(wall_file.read_text())
             if state["epoch"] >= recipe.epochs:
@@ -204,7 +215,8 @@ def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: boo
             recipe = finetune_recipe(cfg, method, trees["finetune"][f"{shots}-{seed}"], shots, seed,
                                      str(out / "pretrain.pt"))
             key = {"recipe": recipe.to_dict(), "pretrain_sha256": base_sha}
-            if not path.is_file() or {k: json.loads(path.read_text()).get(k) for k in key} != key:
+            done = json.loads(path.read_text()) if path.is_file() else {}
+            if done.get("pretrain_sha256") != base_sha or not same_recipe(done.get("recipe"), recipe):
                 if not train_missing:
                     continue
                 if progress:
