@@ -13,6 +13,7 @@ Resumable: the trees, the pretraining checkpoint and one JSON per fine-tuning ru
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -252,10 +253,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         for method in results["config"]["methods"]:
             done = [r for r in results["runs"] if r["shots"] == shots and r["method"] == method]
             accs, times = [r["test_acc"] for r in done], [r["train_time_s"] for r in done]
+            losses = [r["history"][-1]["train_loss"] for r in done]
             cells[f"{shots}/{method}"] = {
                 "shots": shots, "method": method, "n": len(accs), "mean": statistics.fmean(accs) if accs else None,
                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accs": accs,
-                "seeds": [r["seed"] for r in done], "train_time_s": statistics.fmean(times) if times else None}
+                "seeds": [r["seed"] for r in done], "train_time_s": statistics.fmean(times) if times else None,
+                "final_train_loss": statistics.fmean(losses) if losses else None}
     cfg, pre, runs = results["config"], results["pretrain"], results["runs"]
     total_train = pre["train_time_s"] + sum(r["train_time_s"] for r in runs)
     loads = pre.get("loadavg", []) + [x for r in runs for x in r.get("loadavg", [])]
@@ -265,7 +268,14 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "wall_s_total": pre.get("wall_s", 0.0) + sum(r.get("wall_s", 0.0) for r in runs),
             "loadavg_min": min(loads, default=None), "loadavg_max": max(loads, default=None),
             "runs_done": len(runs), "runs_planned": len(cfg["shots"]) * len(cfg["methods"]) * len(cfg["seeds"]),
-            "test_images": results["trees"]["test_images"], "cells": cells}
+            "test_images": results["trees"]["test_images"], "cells": cells,
+            "train_loss_floor": loss_floor(runs[0]["recipe"]["label_smoothing"]) if runs else None}
+
+
+def loss_floor(label_smoothing: float, classes: int = len(TARGET_CLASSES)) -> float:
+    """The lowest training loss there is with label smoothing: the entropy of the smoothed target."""
+    hit, miss = 1 - label_smoothing + label_smoothing / classes, label_smoothing / classes
+    return -(hit * math.log(hit) + (classes - 1) * miss * math.log(miss)) if miss else 0.0
 
 
 METHOD_NAMES = {"scratch": "from scratch", "linear_probe": "linear probe", "layer4_head": "layer4 + head",
@@ -319,6 +329,7 @@ def markdown(summary: dict[str, Any]) -> str:
         *partial,
         verdict(summary),
         "",
+        *fit_line(summary),
         f"Pretraining ({cfg['arch']} at width {cfg['width']}, {cfg['img_size']} px, {cfg['pretrain_epochs']} "
         f"epochs on {cfg['pretrain_per_class']} images per class of classes 0-4): "
         f"{100 * summary['pretrain_test_acc']:.1f} % test accuracy on those classes, "
@@ -332,6 +343,22 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "![transfer learning curves](transfer.png)",
     ])
+
+
+def fit_line(summary: dict[str, Any]) -> list[str]:
+    """How far the runs at the fewest images per class got on their own training images (their final
+    training loss against the lowest there is): tells an underfit schedule from a weak backbone."""
+    k, floor = min(summary["config"]["shots"]), summary.get("train_loss_floor")
+    cells = [summary["cells"][f"{k}/{m}"] for m in summary["config"]["methods"]]
+    if floor is None or not all(c.get("final_train_loss") is not None for c in cells):
+        return []
+    names = " / ".join(METHOD_NAMES[m] for m in summary["config"]["methods"])
+    losses = " / ".join(f"{c['final_train_loss']:.2f}" for c in cells)
+    gap = min(c["final_train_loss"] for c in cells) - floor
+    state = ("every method ends well above it: the schedule stops before the runs fit their own training images"
+             if gap > 0.25 else "the runs fit their training images")
+    return [f"Final training loss at {k} images per class ({names}, mean over seeds): {losses}; with label "
+            f"smoothing the lowest possible is {floor:.2f}, so {state}.", ""]
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
