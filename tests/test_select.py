@@ -56,6 +56,9 @@ def test_the_report_builds_from_small_checkpoints(small_checkpoints, tmp_path):
     assert set(models["cnn-qat"]["runtimes"]) == {"eager", "int8", "qat"}  # qat only where QAT trained
     assert set(models["cnn"]["runtimes"]) == {"eager", "int8"}
     assert (models["vit"]["family"], models["cnn"]["family"]) == ("ViT", "CNN")
+    assert models["cnn"]["runtimes"]["int8"]["convs"] == {"int8": 2, "float": 0}  # LeNet-5's two, fused by ORT
+    assert sum(models["cnn-qat"]["runtimes"]["qat"]["convs"].values()) == 2
+    assert "convs" not in models["cnn"]["runtimes"]["eager"]  # eager runs no ONNX graph
     for m in summary["models"]:
         assert m["params"] > 0 and m["gflops"] > 0 and m["train_images"] == 256
         for r in m["runtimes"].values():
@@ -66,6 +69,7 @@ def test_the_report_builds_from_small_checkpoints(small_checkpoints, tmp_path):
     for name in models:
         assert f"| {name} |" in page
     assert "int8 QAT (ORT)" in page and "GPU columns are empty" in page
+    assert "Checkpoints of one architecture run the same computation" in page  # cnn and cnn-qat: both LeNet-5
     pts = points(summary)
     for budget in (0.25, 1.0, 10.0):  # the page's choice under a budget is the most accurate that fits
         pick = best_under(pts, budget)
