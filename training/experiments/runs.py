@@ -9,13 +9,11 @@ pair and redoes at most one epoch. A record made with another recipe is an error
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,25 +24,11 @@ import torch
 from training.docblock import write_doc_block
 from training.gradnorm import GradNormRecorder
 from training.recipe import Recipe
+from training.runs import write_json
 from training.train import train
 
 # Recipe keys that change how fast a run goes or where its data lives, not what it computes.
 NOT_RESULT_KEYS = ("data_root", "threads", "num_workers")
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def result_recipe(recipe: Recipe) -> dict[str, Any]:
@@ -80,8 +64,7 @@ class Run:
         old = {"gradnorm_every": record.get("gradnorm_every"), **record.get("recipe", {})}
         new = json.loads(json.dumps({"gradnorm_every": self.gradnorm_every, **result_recipe(self.recipe)}))
         # a recipe key added after the record was made counts as unchanged while it keeps its default
-        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Recipe)
-                                          if f.default is not dataclasses.MISSING}, default=str))
+        defaults = json.loads(json.dumps(result_recipe(Recipe())))  # factory defaults ({} for data_args) too
         diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
                 if old.get(k, defaults.get(k, old.get(k))) != v]
         if diff:
