@@ -185,8 +185,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"{silent['pyav']}, torchcodec for {silent['torchcodec']}, the handler for {silent['handler']}.",
               "", f"Measured {result['date'][:16].replace('T', ' ')} UTC on {result['cpus']} cores "
               f"({result['machine']}), PyAV {result['versions']['av']} (libavcodec "
-              f"{result['versions']['ffmpeg_pyav']}), torchcodec {result['versions']['torchcodec']}; {result['frames']} "
-              f"frames per clip, median of {result['reps']} passes, both decoders round-robin in one process at normal "
+              f"{result['versions']['ffmpeg_pyav']}), torchcodec {result['versions']['torchcodec']}; "
+              f"{result['frames']} frames per clip, median of {result['reps']} passes, both decoders round-robin in one process at normal "
               f"priority. Load average (1 min) {result['load_before'][0]} before, {result['load_after'][0]} after" +
               (": other jobs (niced training) ran beside it on the same cores." if max(
                   result["load_before"][0], result["load_after"][0]) > 1 else ".")]
