@@ -180,16 +180,16 @@ def markdown(result: dict[str, Any]) -> str:
     pace = "; ".join(f"{size}: PyAV / torchcodec {r:.2f} (" + ("within 10 %" if abs(r - 1) < 0.1 else
                      "PyAV faster" if r > 1 else f"torchcodec {1 / r:.2f}x faster") + ")"
                      for size, r in per_size.items())
+    versions, before, after = result["versions"], result["load_before"][0], result["load_after"][0]
     lines += ["", f"Verdict: decoding speed, median of the 4 settings per frame size: {pace}; "
               f"of {len(result['robustness']) - 2} damaged bodies PyAV alone returned frames without an error for "
               f"{silent['pyav']}, torchcodec for {silent['torchcodec']}, the handler for {silent['handler']}.",
               "", f"Measured {result['date'][:16].replace('T', ' ')} UTC on {result['cpus']} cores "
-              f"({result['machine']}), PyAV {result['versions']['av']} (libavcodec "
-              f"{result['versions']['ffmpeg_pyav']}), torchcodec {result['versions']['torchcodec']}; "
-              f"{result['frames']} frames per clip, median of {result['reps']} passes, both decoders round-robin in one process at normal "
-              f"priority. Load average (1 min) {result['load_before'][0]} before, {result['load_after'][0]} after" +
-              (": other jobs (niced training) ran beside it on the same cores." if max(
-                  result["load_before"][0], result["load_after"][0]) > 1 else ".")]
+              f"({result['machine']}), PyAV {versions['av']} (libavcodec {versions['ffmpeg_pyav']}), torchcodec "
+              f"{versions['torchcodec']}; {result['frames']} frames per clip, median of {result['reps']} passes, both "
+              f"decoders round-robin in one process at normal priority. Load average (1 min) {before} before, "
+              f"{after} after" + (": other jobs (niced training) ran beside it on the same cores." if max(before, after)
+                                  > 1 else ".")]
     return "\n".join(lines)
 
 
