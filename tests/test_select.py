@@ -12,7 +12,7 @@ import pytest
 
 from training.recipe import Recipe
 from training.select import SelectError, Settings, measure
-from training.select_report import best_under, fastest_reaching, front, points, write
+from training.select_report import best_under, fastest_reaching, front, points, transfer_lines, write
 from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +30,20 @@ def test_choices_under_a_budget_and_for_a_target():
     assert best_under(pts, 0.05) is None and best_under(pts, 1.0)["model"] == "b"
     assert best_under(pts, 10.0)["model"] == "d"
     assert fastest_reaching(pts, 0.85)["model"] == "b" and fastest_reaching(pts, 0.95) is None
+
+
+def test_transfer_lines_compare_the_best_pretrained_start_with_scratch_per_data_size():
+    cell = lambda mean: {"mean": mean, "n": 2}  # noqa: E731
+    transfer = {"config": {"arch": "resnet50", "width": 16, "finetune_steps": 50, "seeds": [0, 1], "shots": [10, 50],
+                           "methods": ["scratch", "linear_probe", "full"]},
+                "pretrain_test_acc": 0.75, "test_images": 1000,
+                "cells": {"10/scratch": cell(0.50), "10/linear_probe": cell(0.55), "10/full": cell(0.57),
+                          "50/scratch": cell(0.60), "50/linear_probe": {"n": 0}}}
+    lines = transfer_lines(transfer)
+    assert "resnet50 at width 16" in lines[0] and "mean of 2 seeds on 1,000 test images" in lines[0]
+    assert lines[1] == ("  - 10 images per class: from scratch 50.0 %, the best pretrained start (full fine-tuning) "
+                        "57.0 % (+7.0 points).")
+    assert lines[2] == "  - 50 images per class: not all runs finished."
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,9 @@ def data_lines(summary: dict[str, Any], kd: dict[str, Any] | None, transfer: dic
                 lines.append(f"- {r['student']} on {kd['data']['limit']:,} images: {100 * a['test_acc']:.2f} % "
                              f"alone, {100 * d['test_acc']:.2f} % distilled from the {t['arch']} teacher "
                              f"({100 * t['test_acc']:.2f} %): {r['gain_pt']:+.2f} points.")
-    if not transfer:
+    if transfer:
+        lines += transfer_lines(transfer)
+    else:
         lines.append("- The transfer experiment (pretrained backbone vs from scratch with 10-50 images per class, "
                      "[training.md](training.md#the-transfer-experiment)) has no committed figures yet, so how each "
                      "family scales with the number of images is not measured here.")
@@ -116,6 +118,32 @@ def noise_lines(summary: dict[str, Any]) -> list[str]:
             f"differs by up to {ratio:.1f}x here ({lo[1]} {lo[0]:.3f} ms vs {hi[1]} {hi[0]:.3f} ms, "
             f"{LABEL.get(runtime, runtime)}): a smaller latency difference between two models is within this "
             "measurement's spread on this loaded machine."]
+
+
+METHODS = {"scratch": "from scratch", "linear_probe": "linear probe", "layer4_head": "layer4 + head",
+           "full": "full fine-tuning"}
+
+
+def transfer_lines(transfer: dict[str, Any]) -> list[str]:
+    """Pretrained backbone vs from scratch per number of images per class, from docs/transfer.json."""
+    c = transfer["config"]
+    out = [f"- Transfer ([training.md](training.md#the-transfer-experiment)): a {c['arch']} at width {c['width']} "
+           f"pretrained on half the classes ({100 * transfer['pretrain_test_acc']:.1f} % on them), fine-tuned on the "
+           f"other half with {c['finetune_steps']} optimizer steps whatever the number of images, mean of "
+           f"{len(c['seeds'])} seeds on {transfer['test_images']:,} test images:"]
+    for shots in c["shots"]:
+        cells = {m: transfer["cells"].get(f"{shots}/{m}") for m in c["methods"]}
+        done = {m: x for m, x in cells.items() if x and x.get("n")}
+        scratch = done.get("scratch")
+        pre = {m: x for m, x in done.items() if m != "scratch"}
+        if not (scratch and pre):
+            out.append(f"  - {shots} images per class: not all runs finished.")
+            continue
+        best = max(pre, key=lambda m: pre[m]["mean"])
+        gain = 100 * (pre[best]["mean"] - scratch["mean"])
+        out.append(f"  - {shots} images per class: from scratch {100 * scratch['mean']:.1f} %, the best pretrained "
+                   f"start ({METHODS.get(best, best)}) {100 * pre[best]['mean']:.1f} % ({gain:+.1f} points).")
+    return out
 
 
 def page(summary: dict[str, Any], kd: dict[str, Any] | None = None, transfer: dict[str, Any] | None = None,
