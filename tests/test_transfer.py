@@ -102,6 +102,9 @@ def test_the_verdict_pairs_the_seeds_and_says_how_far_the_gap_is_from_the_goal()
                                 "(per seed: +3.0, +9.0; goal: >= 10): **not met**, 4.0 points short.")
     cells["10/layer4_head"].update(mean=0.62, accs=[0.64, 0.60], seeds=[1, 0])  # paired by seed, not by order
     assert verdict(summary).endswith("by +12.0 points (per seed: +13.0, +11.0; goal: >= 10): **met**.")
+    cells["10/layer4_head"].update(mean=0.61, accs=[0.58, 0.64], seeds=[0, 1])
+    assert verdict(summary).endswith("(per seed: +9.0, +13.0; goal: >= 10): **met** on the mean (1 of 2 seeds short "
+                                     "of it on their own).")
     cells["10/scratch"].update(n=1, mean=0.49, accs=[0.49], seeds=[0])
     assert "per seed" not in verdict(summary)
 

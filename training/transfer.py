@@ -51,7 +51,7 @@ def experiment_config(quick: bool = False, full: bool = False) -> dict[str, Any]
     cfg = {
         "arch": "resnet50", "width": 16, "img_size": 28,  # ResNet-50's bottleneck 3-4-6-3 at a quarter width
         # Sized for a shared 2-core CPU; FULL_SIZE is the longer run (`--full`).
-        "pretrain_per_class": 1000, "pretrain_epochs": 3, "pretrain_batch": 128, "pretrain_lr": 0.1,
+        "pretrain_per_class": 1000, "pretrain_epochs": 6, "pretrain_batch": 128, "pretrain_lr": 0.1,
         "val_per_class": 10, "test_per_class": 200,
         "shots": list(SHOTS), "methods": list(METHODS), "seeds": [0, 1],
         "finetune_steps": 50, "finetune_batch": 16, "head_lr": 0.05, "backbone_lr_factor": 0.1,
@@ -291,9 +291,11 @@ def verdict(summary: dict[str, Any]) -> str:
     tuned, scratch = summary["cells"][f"{k}/layer4_head"], summary["cells"][f"{k}/scratch"]
     gap = 100 * (tuned["mean"] - scratch["mean"])
     base = dict(zip(scratch["seeds"], scratch["accs"]))  # the same training images per seed: paired gaps
-    paired = [f"{100 * (acc - base[seed]):+.1f}" for seed, acc in zip(tuned["seeds"], tuned["accs"]) if seed in base]
-    seeds = f"per seed: {', '.join(paired)}; " if len(paired) > 1 else ""
-    met = "**met**" if gap >= GOAL_POINTS else f"**not met**, {GOAL_POINTS - gap:.1f} points short"
+    paired = [100 * (acc - base[seed]) for seed, acc in zip(tuned["seeds"], tuned["accs"]) if seed in base]
+    seeds = f"per seed: {', '.join(f'{g:+.1f}' for g in paired)}; " if len(paired) > 1 else ""
+    short = sum(1 for g in paired if g < GOAL_POINTS) if len(paired) > 1 else 0
+    met = f"**not met**, {GOAL_POINTS - gap:.1f} points short" if gap < GOAL_POINTS else (
+        "**met**" if not short else f"**met** on the mean ({short} of {len(paired)} seeds short of it on their own)")
     return (f"At {k} images per class, layer4 + head beats from scratch by {gap:+.1f} points "
             f"({seeds}goal: >= {GOAL_POINTS:.0f}): {met}.")
 
