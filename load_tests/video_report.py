@@ -118,10 +118,15 @@ def verdicts(result: dict[str, Any]) -> list[str]:
         if prof and prof.get("stages"):
             busy = {k: v for k, v in prof["stages"].items() if k not in (IDLE, "other") and v}
             top = max(busy, key=busy.get) if busy else None
+            idle = prof["stages"].get(IDLE, 0.0)
+            verdict = "." if not top else (
+                f". The workers waited for work {idle:.0f} % of the time: the limit lies outside their compute "
+                f"(frontend, batching or the clients); of their busy time **{top}** is the largest share."
+                if idle > sum(busy.values()) else f". Bottleneck: **{top}**.")
             lines.append(f"- Where the workers' time went under {what} (py-spy, {prof['samples']} samples over "
                          f"{prof['workers']} workers, idle included): "
                          + ", ".join(f"{k} {v:.0f} %" for k, v in sorted(prof["stages"].items(), key=lambda kv: -kv[1])
-                                     if v) + (f". Bottleneck: **{top}**." if top else "."))
+                                     if v) + verdict)
     return lines
 
 
@@ -134,7 +139,8 @@ def _shares(stages: dict[str, float]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
     ts, clip = m["torchserve"], m["clip"]
-    busy = (" The machine is shared: with a load above 1 at the start, treat the figures as lower bounds."
+    busy = (" The machine is shared: other jobs (niced training) ran beside the benchmark, which runs at normal "
+            "priority; with a load above 1 at the start, treat the figures as lower bounds."
             if m["loadavg_start"][0] > 1 else "")
     out = [f"Measured by `make bench-video` (`python -m load_tests.video_bench`) on {m['date']} in {m['wall_s']} s; "
            f"every figure below is in [{JSON_NAME}]({JSON_NAME}) (a copy of `{m['json']}`).", "",

@@ -36,16 +36,21 @@ def log_loads(path: Path) -> list[list[float]]:
 
 
 def log_time(path: Path) -> dict[str, float]:
-    """Wall and CPU seconds of the whole run, from `/usr/bin/time -v` in its log (empty when not there)."""
+    """Wall and CPU seconds of the whole run, from `/usr/bin/time -v` in its log, summed over its parts when it was
+    resumed (one block per part; empty when there is none)."""
     text = path.read_text()
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    walls = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
     cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
-    if not wall or len(cpu) != 2:
+    if not walls or len(cpu) != 2 * len(walls):
         return {}
     seconds = 0.0
-    for part in wall.group(1).split(":"):
-        seconds = seconds * 60 + float(part)
-    return {"run_wall_s": seconds, "run_cpu_s": sum(cpu), "stopped": "terminated by signal" in text}
+    for wall in walls:
+        part = 0.0
+        for field in wall.split(":"):
+            part = part * 60 + float(field)
+        seconds += part
+    return {"run_wall_s": seconds, "run_cpu_s": sum(cpu), "stopped": "terminated by signal" in text,
+            "parts": len(walls)}
 
 
 def run_entry(metrics: Path, log: Path, recipe: str) -> dict[str, Any]:
@@ -81,14 +86,25 @@ def markdown(result: dict[str, Any]) -> str:
     for run in result["runs"]:
         if run["run"]:
             lines += ["", f"`{run['recipe_name']}` as a whole (validation and, when it was stopped, the unfinished "
-                      f"epoch included): {run['run']['run_wall_s'] / 60:.1f} min of wall time, "
-                      f"{run['run']['run_cpu_s'] / 60:.1f} CPU min" + (", stopped" if run["run"]["stopped"] else "")
+                      f"epoch included; {run['training']['hardware']}): {run['run']['run_wall_s'] / 60:.1f} min of "
+                      f"wall time, {run['run']['run_cpu_s'] / 60:.1f} CPU min"
+                      + (f" in {run['run']['parts']} parts (resumed)" if run["run"].get("parts", 1) > 1 else "")
+                      + (", stopped" if run["run"]["stopped"] else "")
                       + "; the table's wall and CPU columns count the finished epochs' training steps."]
+    classes = list(result["runs"][0]["eval"]["per_class_iou"])
+    if classes:
+        lines += ["", "| class | " + " | ".join(f"IoU `{run['arch']}`" for run in result["runs"]) + " |",
+                  "|---|" + "---:|" * len(result["runs"])]
+        lines += [f"| {c} | " + " | ".join(f"{run['eval']['per_class_iou'].get(c, float('nan')):.3f}"
+                                            for run in result["runs"]) + " |" for c in classes]
     best = max(result["runs"], key=lambda r: r["eval"]["miou"])
     miou, goal = best["eval"]["miou"], result["goal_miou"]
+    low = sorted((v, c) for c, v in best["eval"]["per_class_iou"].items() if v < goal)
     verdict = (f"Verdict: `{best['arch']}` reaches the mIoU goal of {goal} ({miou:.3f})." if miou >= goal else
                f"Verdict: the goal (mIoU >= {goal} on held-out clips) is missed by {goal - miou:.3f} "
-               f"(best `{best['arch']}`: {miou:.3f} on {best['eval']['frames']} test frames).")
+               f"(best `{best['arch']}`: {miou:.3f} on {best['eval']['frames']} test frames)"
+               + (f"; {len(low)} of {len(best['eval']['per_class_iou'])} classes score an IoU under {goal}: "
+                  + ", ".join(f"{c} {v:.3f}" for v, c in low) if low else "") + ".")
     lines += ["", verdict]
     for run in result["runs"]:
         t = run["training"]

@@ -176,12 +176,20 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"| {r['case']} | {r['pyav']} | {r['torchcodec']} | {r['handler']} |" for r in result["robustness"]]
     silent = {name: sum(1 for r in result["robustness"] if "intact" not in r["case"] and r[name].startswith("frames"))
               for name in (*LIBRARIES, "handler")}
-    faster = statistics.median(ratios)
-    pace = (f"decode equally fast within 10 % (PyAV / torchcodec median {faster:.2f}" if abs(faster - 1) < 0.1
-            else f"differ: PyAV / torchcodec median {faster:.2f}")
-    lines += ["", f"Verdict: the two {pace} over {len(ratios)} settings, range {min(ratios):.2f}-{max(ratios):.2f}); "
+    per_size = {f"{h}x{w}": statistics.median(ratios[i * 4:(i + 1) * 4]) for i, (h, w) in enumerate(SIZES)}
+    pace = "; ".join(f"{size}: PyAV / torchcodec {r:.2f} (" + ("within 10 %" if abs(r - 1) < 0.1 else
+                     "PyAV faster" if r > 1 else f"torchcodec {1 / r:.2f}x faster") + ")"
+                     for size, r in per_size.items())
+    versions, before, after = result["versions"], result["load_before"][0], result["load_after"][0]
+    lines += ["", f"Verdict: decoding speed, median of the 4 settings per frame size: {pace}; "
               f"of {len(result['robustness']) - 2} damaged bodies PyAV alone returned frames without an error for "
-              f"{silent['pyav']}, torchcodec for {silent['torchcodec']}, the handler for {silent['handler']}."]
+              f"{silent['pyav']}, torchcodec for {silent['torchcodec']}, the handler for {silent['handler']}.",
+              "", f"Measured {result['date'][:16].replace('T', ' ')} UTC on {result['cpus']} cores "
+              f"({result['machine']}), PyAV {versions['av']} (libavcodec {versions['ffmpeg_pyav']}), torchcodec "
+              f"{versions['torchcodec']}; {result['frames']} frames per clip, median of {result['reps']} passes, both "
+              f"decoders round-robin in one process at normal priority. Load average (1 min) {before} before, "
+              f"{after} after" + (": other jobs (niced training) ran beside it on the same cores." if max(before, after)
+                                  > 1 else ".")]
     return "\n".join(lines)
 
 

@@ -157,3 +157,17 @@ def test_a_distilled_run_records_its_teacher_and_serves_the_averaged_heads(tmp_p
     x = torch.randn(2, 1, 28, 28)
     cls, dist = model(x, both_heads=True)
     assert torch.allclose(model(x), (cls + dist) / 2, atol=1e-6)
+
+
+@needs_fmnist
+def test_an_experiment_run_resumes_with_another_thread_count_but_not_another_recipe(tmp_path):
+    from dataclasses import replace
+
+    from training.runs import train_or_resume
+
+    recipe = Recipe(arch="lenet5", epochs=2, batch_size=32, limit=64, crop_padding=0, threads=2)
+    train(recipe, tmp_path / "r.pt", progress=False, stop_after_epoch=1)
+    ckpt = train_or_resume(replace(recipe, threads=1), tmp_path / "r.pt", progress=False)
+    assert ckpt["epoch"] == 2 and ckpt["recipe"]["threads"] == 1
+    with pytest.raises(ValueError, match="differs in lr"):
+        train_or_resume(replace(recipe, lr=recipe.lr / 2), tmp_path / "r.pt", progress=False)

@@ -122,3 +122,8 @@ def test_loader_benchmark_measures_and_reports(tmp_path):
                      "tree": {"classes": 2, "per_class": 4, "size": [64, 48], "quality": 90, "mean_kb": 3.0},
                      "rows": rows})
     assert "The machine was busy (load average up to 6.3" in busy
+    beside = markdown({"date": "d", "machine": "m", "torch": "t", "loadavg_start": 1.2, "loadavg_end": 1.4,
+                       "tree": {"classes": 2, "per_class": 4, "size": [64, 48], "quality": 90, "mean_kb": 3.0},
+                       "beside": "niced training, one thread", "rows": rows})
+    assert "Beside the benchmark ran: niced training, one thread" in beside and "busy" not in beside
+    assert "Beside the benchmark" not in md

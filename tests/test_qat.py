@@ -42,7 +42,8 @@ def test_the_checkpoint_keeps_float_weights_under_registry_names_and_the_quantis
     assert set(ckpt["qat"]["versions"]) == {"torch", "torchao"}
 
 
-def test_converted_int8_model_agrees_with_the_fake_quantised_one_and_runs_in_onnx_runtime(qat_checkpoint, tmp_path):
+def test_converted_int8_model_agrees_with_the_fake_quantised_one_and_runs_in_onnx_runtime(qat_checkpoint, tmp_path,
+                                                                                          monkeypatch):
     import onnxruntime as ort
 
     from handlers.runtimes import export_onnx
@@ -58,6 +59,14 @@ def test_converted_int8_model_agrees_with_the_fake_quantised_one_and_runs_in_onn
     assert (fake.argmax(1) == real.argmax(1)).float().mean().item() >= 0.98
     assert (fake - real).abs().max().item() <= 0.05 * fake.abs().max().item()
     assert sum(t.dtype == torch.int8 for t in int8.state_dict().values()) >= 5  # int8 weights, really
+    # torchao's pattern graphs are exported once per process: converting again exports only the model itself
+    exports = []
+    real_export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    with torch.no_grad():
+        again = quantized(ckpt)(x)
+    monkeypatch.undo()
+    assert len(exports) == 1 and torch.equal(again, real)
     # the QDQ ONNX graph that serving runs gives the same answers
     export_onnx(int8, ckpt["preprocess"], tmp_path / "q.onnx")
     session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])

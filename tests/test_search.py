@@ -68,3 +68,25 @@ def test_an_impossible_latency_cap_is_one_clear_cli_error(tmp_path):
     assert "no architecture in the search space runs under 0.001 ms on this CPU: the fastest" in lines[0]
     assert "raise --latency-cap-ms" in lines[0]
     assert not (tmp_path / "trials.json").exists()
+
+
+def test_knobs_proposed_again_are_found_and_not_rerun():
+    import optuna
+
+    from training.search import _done_before, suggest
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    knobs = {"family": "cnn", "cnn_width": 8, "cnn_hidden": 32}
+    for values in (knobs, knobs, knobs | {"cnn_width": 16}):
+        study.enqueue_trial(values)
+    first = study.ask()
+    suggest(first, ("cnn",))
+    assert _done_before(first) is None  # nothing finished yet
+    first.set_user_attr("constraint", [-1.0])
+    study.tell(first, (0.5, 0.2))
+    again = study.ask()
+    suggest(again, ("cnn",))
+    assert again.params == knobs and _done_before(again).number == first.number
+    other = study.ask()
+    suggest(other, ("cnn",))
+    assert other.params["cnn_width"] == 16 and _done_before(other) is None

@@ -12,7 +12,7 @@ import pytest
 
 from training.recipe import Recipe
 from training.select import SelectError, Settings, measure
-from training.select_report import best_under, fastest_reaching, front, points, write
+from training.select_report import best_under, fastest_reaching, front, points, transfer_lines, write
 from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +30,20 @@ def test_choices_under_a_budget_and_for_a_target():
     assert best_under(pts, 0.05) is None and best_under(pts, 1.0)["model"] == "b"
     assert best_under(pts, 10.0)["model"] == "d"
     assert fastest_reaching(pts, 0.85)["model"] == "b" and fastest_reaching(pts, 0.95) is None
+
+
+def test_transfer_lines_compare_the_best_pretrained_start_with_scratch_per_data_size():
+    cell = lambda mean: {"mean": mean, "n": 2}  # noqa: E731
+    transfer = {"config": {"arch": "resnet50", "width": 16, "finetune_steps": 50, "seeds": [0, 1], "shots": [10, 50],
+                           "methods": ["scratch", "linear_probe", "full"]},
+                "pretrain_test_acc": 0.75, "test_images": 1000,
+                "cells": {"10/scratch": cell(0.50), "10/linear_probe": cell(0.55), "10/full": cell(0.57),
+                          "50/scratch": cell(0.60), "50/linear_probe": {"n": 0}}}
+    lines = transfer_lines(transfer)
+    assert "resnet50 at width 16" in lines[0] and "mean of 2 seeds on 1,000 test images" in lines[0]
+    assert lines[1] == ("  - 10 images per class: from scratch 50.0 %, the best pretrained start (full fine-tuning) "
+                        "57.0 % (+7.0 points).")
+    assert lines[2] == "  - 50 images per class: not all runs finished."
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +70,9 @@ def test_the_report_builds_from_small_checkpoints(small_checkpoints, tmp_path):
     assert set(models["cnn-qat"]["runtimes"]) == {"eager", "int8", "qat"}  # qat only where QAT trained
     assert set(models["cnn"]["runtimes"]) == {"eager", "int8"}
     assert (models["vit"]["family"], models["cnn"]["family"]) == ("ViT", "CNN")
+    assert models["cnn"]["runtimes"]["int8"]["convs"] == {"int8": 2, "float": 0}  # LeNet-5's two, fused by ORT
+    assert sum(models["cnn-qat"]["runtimes"]["qat"]["convs"].values()) == 2
+    assert "convs" not in models["cnn"]["runtimes"]["eager"]  # eager runs no ONNX graph
     for m in summary["models"]:
         assert m["params"] > 0 and m["gflops"] > 0 and m["train_images"] == 256
         for r in m["runtimes"].values():
@@ -66,6 +83,7 @@ def test_the_report_builds_from_small_checkpoints(small_checkpoints, tmp_path):
     for name in models:
         assert f"| {name} |" in page
     assert "int8 QAT (ORT)" in page and "GPU columns are empty" in page
+    assert "Checkpoints of one architecture run the same computation" in page  # cnn and cnn-qat: both LeNet-5
     pts = points(summary)
     for budget in (0.25, 1.0, 10.0):  # the page's choice under a budget is the most accurate that fits
         pick = best_under(pts, budget)

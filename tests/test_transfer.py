@@ -15,10 +15,19 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from tests.datagen import write_fashion_mnist
 from tests.torchserve import tiny_archive
-from training.checkpoint import build_model, load_checkpoint
+from training.checkpoint import build_model, load_checkpoint, save_checkpoint
 from training.commands import train_args
 from training.presets import eval_batch
-from training.transfer import METHODS, markdown, run_experiment, summarize, write_docs
+from training.transfer import (
+    METHODS,
+    experiment_config,
+    markdown,
+    pretrain,
+    run_experiment,
+    summarize,
+    verdict,
+    write_docs,
+)
 
 TARGET = ["ankle-boot", "bag", "sandal", "shirt", "sneaker"]
 
@@ -69,6 +78,35 @@ def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick
     assert "| not run |" in md and "3 of the 4 planned runs have finished" in md
     assert "the goal is not measured yet" in md and "beats from scratch" not in md
     write_docs(part, docs)  # the plot leaves the missing point out
+
+
+def test_pretraining_stored_before_a_recipe_key_existed_is_reused_and_another_configuration_is_not(quick, tmp_path):
+    _, _, results = quick
+    cfg, tree = experiment_config(quick=True), results["trees"]["pretrain"]
+    state = load_checkpoint(Path(tree).parent / "pretrain.pt")
+    del state["recipe"]["qat"]  # written before Recipe had the key: the default is what that run did
+    save_checkpoint(state, tmp_path / "pretrain.pt")
+    reused, _ = pretrain(tmp_path, cfg, tree, progress=False, train_missing=False)
+    assert reused["epoch"] == cfg["pretrain_epochs"]
+    for key, value in (("lr", 2 * state["recipe"]["lr"]), ("no_such_key", 1)):
+        save_checkpoint({**state, "recipe": {**state["recipe"], key: value}}, tmp_path / "pretrain.pt")
+        with pytest.raises(FileNotFoundError, match="has not finished"):
+            pretrain(tmp_path, cfg, tree, progress=False, train_missing=False)
+
+
+def test_the_verdict_pairs_the_seeds_and_says_how_far_the_gap_is_from_the_goal():
+    cells = {"10/layer4_head": {"n": 2, "mean": 0.56, "accs": [0.52, 0.60], "seeds": [0, 1]},
+             "10/scratch": {"n": 2, "mean": 0.50, "accs": [0.49, 0.51], "seeds": [0, 1]}}
+    summary = {"config": {"shots": [10, 20]}, "cells": cells}
+    assert verdict(summary) == ("At 10 images per class, layer4 + head beats from scratch by +6.0 points "
+                                "(per seed: +3.0, +9.0; goal: >= 10): **not met**, 4.0 points short.")
+    cells["10/layer4_head"].update(mean=0.62, accs=[0.64, 0.60], seeds=[1, 0])  # paired by seed, not by order
+    assert verdict(summary).endswith("by +12.0 points (per seed: +13.0, +11.0; goal: >= 10): **met**.")
+    cells["10/layer4_head"].update(mean=0.61, accs=[0.58, 0.64], seeds=[0, 1])
+    assert verdict(summary).endswith("(per seed: +9.0, +13.0; goal: >= 10): **met** on the mean (1 of 2 seeds short "
+                                     "of it on their own).")
+    cells["10/scratch"].update(n=1, mean=0.49, accs=[0.49], seeds=[0])
+    assert "per seed" not in verdict(summary)
 
 
 def test_a_fine_tuned_checkpoint_archives_and_serves_like_any_other(quick, tmp_path):

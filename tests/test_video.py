@@ -316,9 +316,17 @@ def test_the_training_report_states_the_gap_to_the_goal_and_how_to_finish_a_stop
                                       "\tElapsed (wall clock) time (h:mm:ss or m:ss): 40:22.79\n"
                                       " load average: 2.00, 3, 4\n")
     run = run_entry(tmp_path / "m.json", tmp_path / "run.log", "r64")
-    assert run["run"] == {"run_wall_s": 2422.79, "run_cpu_s": 784.5, "stopped": True}
+    assert run["run"] == {"run_wall_s": 2422.79, "run_cpu_s": 784.5, "stopped": True, "parts": 1}
     assert run["training"]["frames_seen"] == 6144 and run["load_start"][0] == 8.79 and run["load_end"][0] == 2.0
     text = markdown({"runs": [run], "goal_miou": 0.85, "cpus": 2})
     assert "missed by 0.500" in text and "3/8 epochs, 6,144 frames" in text and "| 8.8 → 2.0 |" in text
     assert "40.4 min of wall time, 13.1 CPU min, stopped" in text and "10,240 frames" in text
     assert "--recipe r64 --out checkpoints/s.pt --resume checkpoints/s.pt" in text
+    resumed = tmp_path / "resumed.log"  # a run finished by --resume: one /usr/bin/time block per part, summed
+    resumed.write_text("\tUser time (seconds): 100.0\n\tSystem time (seconds): 2.0\n\tElapsed (wall clock) time "
+                       "(h:mm:ss or m:ss): 1:00:00\n\tUser time (seconds): 50.0\n\tSystem time (seconds): 1.0\n"
+                       "\tElapsed (wall clock) time (h:mm:ss or m:ss): 10:30.5\n")
+    run = run_entry(tmp_path / "m.json", resumed, "r64")
+    assert run["run"] == {"run_wall_s": 4230.5, "run_cpu_s": 153.0, "stopped": False, "parts": 2}
+    assert "70.5 min of wall time, 2.5 CPU min in 2 parts (resumed);" in markdown({"runs": [run], "goal_miou": 0.85,
+                                                                                     "cpus": 2})

@@ -123,7 +123,8 @@ def _kd(args: argparse.Namespace) -> None:
     if args.report_only:
         summary = report(args.checkpoints, args.reports, "docs", args.profile)
     else:
-        summary = run(args.checkpoints, args.reports, "docs", only=args.only, profile=args.profile)
+        summary = run(args.checkpoints, args.reports, "docs", only=args.only, profile=args.profile,
+                      threads=args.threads)
     print(json.dumps({"teacher": summary["teacher"], "students": summary["students"]}, indent=1))
 
 
@@ -131,7 +132,7 @@ def _qat(args: argparse.Namespace) -> None:
     from training.qat_experiment import run
 
     summary = run(args.checkpoints, args.reports, "docs", train_only=args.train_only, reps=args.reps,
-                  profile=args.profile, measure_only=args.measure_only)
+                  profile=args.profile, measure_only=args.measure_only, threads=args.threads)
     print("trained" if summary is None else json.dumps(summary["rows"], indent=1))
 
 
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--profile", choices=("full", "quick"), default="full",
                    help="full: 10,000 images, 10 epochs (hours); quick: 2,000 images, a few epochs (under an hour)")
     k.add_argument("--only", nargs="+", metavar="RUN", help="train these runs (and the teacher when one needs it)")
+    k.add_argument("--threads", type=int, help="training threads (default 2; a run may resume with another count)")
     k.set_defaults(fn=_kd)
     q = sub.add_parser("experiment-qat", help="PTQ vs QAT for LeNet-5 and ResNet-18: accuracy and CPU latency")
     q.add_argument("--checkpoints", default="checkpoints/efficiency")
@@ -350,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--profile", choices=("full", "quick"), default="full",
                    help="the experiment-kd profile to start from")
     q.add_argument("--reps", type=int, default=30, help="timed forward passes per latency (median)")
+    q.add_argument("--threads", type=int, help="training threads (default 2); latency is measured with 2")
     q.set_defaults(fn=_qat)
     return p
 

@@ -45,10 +45,10 @@ STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
 GOAL = 0.5  # the distilled ViT-Tiny should close at least half of its gap to the teacher
 
 
-def recipes(ckpt_dir: Path, profile: str = "full") -> dict[str, Recipe]:
-    """Every run's recipe by run name (the teacher first)."""
+def recipes(ckpt_dir: Path, profile: str = "full", threads: int | None = None) -> dict[str, Recipe]:
+    """Every run's recipe by run name (the teacher first); `threads` overrides DATA's training threads."""
     size = PROFILES[profile]
-    data = {**DATA, "limit": size["limit"]}
+    data = {**DATA, "limit": size["limit"], **({"threads": threads} if threads else {})}
     # zero_init_residual off: experiment-qat trains the same recipe with qat, which folds the BatchNorm scales
     teacher_args = {"width": size["teacher_width"], "zero_init_residual": False}
     out = {"teacher": Recipe(**data, **AUGMENT, **size["teacher_opt"], arch="resnet18", model_args=teacher_args,
@@ -66,10 +66,11 @@ def run_path(ckpt_dir: Path, profile: str, name: str) -> Path:
 
 
 def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
-        docs: str | Path = "docs", only: list[str] | None = None, profile: str = "full") -> dict[str, Any]:
-    """Train (or resume, or reuse) every run (or those in `only`, the teacher first when one needs it), then write
-    the raw and summary JSON and the docs table."""
-    plan = recipes(Path(ckpt_dir), profile)
+        docs: str | Path = "docs", only: list[str] | None = None, profile: str = "full",
+        threads: int | None = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) every run (or those in `only`, the teacher first when one needs it) with
+    `threads` training threads (default DATA's), then write the raw and summary JSON and the docs table."""
+    plan = recipes(Path(ckpt_dir), profile, threads)
     for name, recipe in plan.items():
         if only and name not in only and not (name == "teacher" and any(plan[n].teacher for n in only)):
             continue
@@ -138,7 +139,8 @@ def _brief(run: dict[str, Any] | None) -> dict[str, Any] | None:
     if not run:
         return None
     keys = ("arch", "model_args", "test_acc", "params", "train_time_s", "epochs")
-    out = {k: run[k] for k in keys}
+    out = {k: run[k] for k in keys} | {"threads": run["recipe"].get("threads"),
+                                       "val_history": [h["val_acc"] for h in run["history"]]}
     if run.get("distillation"):
         out["teacher_time_s"] = run["distillation"]["teacher_time_s"]
     return out
@@ -187,14 +189,35 @@ def kd_table(summary: dict[str, Any]) -> str:
                 short = goal * r["gap_pt"] - r["gain_pt"]
                 verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
                                 f"{r['gap_pt']:.2f}-point gap to the teacher: short of the goal "
-                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy.")
+                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy. {_longer(summary, d)}")
     m = summary.get("machine", {})
     load = m.get("load_average", ["?"])[0]
     lines += ["", *verdicts, "", f"Measured {m.get('date', '?')} on {m.get('hardware', '?')} ({m.get('cores')} cores, "
               f"shared with other jobs — load average {load} when the table was written: times are upper bounds); "
-              "one run each, seed 0. Source: "
-              "[efficiency/kd.json](efficiency/kd.json)."]
+              f"{_threads(summary)}; one run each, seed 0. Source: [efficiency/kd.json](efficiency/kd.json)."]
     return "\n".join(lines)
+
+
+def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
+    """Why a missed goal may be the profile's size, and the command of the longer run."""
+    size, full = summary["size"], PROFILES["full"]
+    steps = -(-size["limit"] // AUGMENT["batch_size"]) * distilled["epochs"]
+    curve = ", ".join(f"{100 * v:.1f}" for v in distilled.get("val_history", []))
+    if summary["profile"] == "full":
+        return f"Validation accuracy by epoch: {curve} %."
+    return (f"This profile gives each ViT {steps} optimizer steps (the distilled run's validation accuracy by "
+            f"epoch: {curve} %); the longer run is `make experiment-kd` (the full profile: "
+            f"{full['limit']:,} images, {full['vit_epochs']} epochs, hours on this machine).")
+
+
+def _threads(summary: dict[str, Any]) -> str:
+    """The training threads: the profile's, and the runs that finished with another count (a resumed run)."""
+    usual = summary["data"]["threads"]
+    runs = [("the teacher", summary["teacher"])] + [(f"{r['student']} {side}", r[side]) for r in summary["students"]
+                                                    for side in ("alone", "distilled")]
+    other = [f"{name} {run['threads']}" for name, run in runs if run and run.get("threads") not in (None, usual)]
+    return f"{usual} training threads per run" + (f" (at the end of the run, at nice 19: {', '.join(other)})"
+                                                   if other else "")
 
 
 def _pct(run: dict[str, Any] | None) -> str:

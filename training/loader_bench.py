@@ -93,8 +93,9 @@ def measure(root: Path, decoder: str, workers: int, augment: bool, batch_size: i
             "runs": rates, "batch_size": batch_size, "batches": batches}
 
 
-def run(root: str | Path, out_dir: str | Path, repeats: int = 3) -> dict[str, Any]:
-    """Every configuration, one process at a time; the main process uses one thread (workers each use one)."""
+def run(root: str | Path, out_dir: str | Path, repeats: int = 3, beside: str | None = None) -> dict[str, Any]:
+    """Every configuration, one process at a time; the main process uses one thread (workers each use one).
+    `beside`: what else ran on the machine meanwhile (recorded, and said in the figures block)."""
     tree = write_synthetic_imagenet(root)
     torch.set_num_threads(1)
     load_start = os.getloadavg()[0]
@@ -103,7 +104,7 @@ def run(root: str | Path, out_dir: str | Path, repeats: int = 3) -> dict[str, An
     machine = f"{cpu_name()}, {os.cpu_count()} cores"
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine, "torch": torch.__version__,
               "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2), "recipe": RECIPE,
-              "tree": json.loads((tree / ".complete.json").read_text()), "rows": rows}
+              "tree": json.loads((tree / ".complete.json").read_text()), "beside": beside, "rows": rows}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"loader-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
@@ -133,6 +134,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"at 1000 images/s therefore takes about {1000 / rate:.0f} such cores, and 3000 images/s about "
         f"{3000 / rate:.0f}, before the GPU itself waits.",
     ]
+    if result.get("beside"):
+        lines += ["", f"Beside the benchmark ran: {result['beside']} (the benchmark at normal priority, "
+                  "holding the benchmark lock; the other work at the lowest priority)."]
     load = max(result["loadavg_start"], result["loadavg_end"])
     if load >= BUSY_LOAD:
         lines += ["", f"The machine was busy (load average up to {load:.1f} on {result['machine']}; other work ran "
@@ -161,13 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-minute load average at most this")
     p.add_argument("--wait", type=float, default=900, help="seconds to wait for it before giving up")
+    p.add_argument("--beside", help="what else ran on the machine meanwhile (e.g. 'niced training, one "
+                   "thread'); recorded in the JSON and said in the figures block")
     a = p.parse_args(argv)
     load = wait_for_quiet(a.max_load, a.wait)
     if load > a.max_load:
         print(f"error: load average {load:.2f} > {a.max_load} after {a.wait:.0f} s; throughput figures need a quiet "
               "machine (rerun later, or pass a higher --max-load and say so)", file=sys.stderr)
         return 3
-    result = run(a.tree, a.out_dir, repeats=a.repeats)
+    result = run(a.tree, a.out_dir, repeats=a.repeats, beside=a.beside)
     md = markdown(result)
     print(md)
     if a.docs:

@@ -61,6 +61,46 @@ def _quiet():
         pytree.setLevel(level)
 
 
+def _reuse_pattern_graphs() -> None:
+    """torchao's prepare and convert turn every conv/BN pattern variant they look for into a graph with
+    torch.export on every call (about a hundred exports per convert: most of a small model's convert time). A
+    pattern's graph depends only on the pattern function (its code and captured values) and the shapes of its
+    example inputs, so each is exported once per process and copied on reuse. Idempotent; a torchao without the
+    helper is left as it is."""
+    from torchao.quantization.pt2e import qat_utils, reference_representation_rewrite, utils
+
+    original = getattr(utils, "_get_aten_graph_module_for_pattern", None)
+    if original is None or getattr(original, "reuses_graphs", False):
+        return
+    graphs: dict[Any, Any] = {}
+
+    def key(v: Any, values: bool) -> Any:
+        if isinstance(v, torch.Tensor):  # traced inputs: their shape matters; captured constants: their values
+            return ("tensor", tuple(v.shape), v.dtype, v.device.type, tuple(v.flatten().tolist()) if values else None)
+        if isinstance(v, (tuple, list)):
+            return tuple(key(x, values) for x in v)
+        hash(v)  # anything unhashable is not reused (TypeError)
+        return v
+
+    def export_once(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False, **kwargs: Any) -> Any:
+        try:  # torchao wraps each pattern function in a parameterless module (export_utils.WrapperModule)
+            fn = pattern.fn if isinstance(pattern, nn.Module) and not list(pattern.parameters()) else pattern
+            k = (fn.__code__, key(fn.__defaults__ or (), True),
+                 key(tuple(c.cell_contents for c in (fn.__closure__ or ())), True), key(example_inputs, False),
+                 is_cuda, key(sorted(kwargs.items()), False))
+            hash(k)
+        except (TypeError, AttributeError, ValueError):
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        if k not in graphs:
+            graphs[k] = original(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(graphs[k])
+
+    export_once.reuses_graphs = True  # type: ignore[attr-defined]
+    for module in (utils, qat_utils, reference_representation_rewrite):
+        if getattr(module, "_get_aten_graph_module_for_pattern", None) is original:
+            module._get_aten_graph_module_for_pattern = export_once
+
+
 def _quantizer():
     with _quiet():
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -77,6 +117,8 @@ def prepare_qat(model: nn.Module, preprocess: dict[str, Any], arch: str = "") ->
     with _quiet():
         from torchao.quantization.pt2e import allow_exported_model_train_eval
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        _reuse_pattern_graphs()
 
     name = arch or type(model).__name__
     zero = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -166,6 +208,7 @@ def convert(prepared: nn.Module) -> nn.Module:
     with _quiet():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+        _reuse_pattern_graphs()
         converted = convert_pt2e(copy.deepcopy(prepared))  # converted from the eval-mode graph
     converted.train = types.MethodType(_inference_only, converted)  # exported graphs refuse train()/eval()
     converted.eval = types.MethodType(lambda self: self, converted)

@@ -27,9 +27,10 @@ BASES = {"LeNet-5": "lenet5", "ResNet-18": "teacher"}  # kd_experiment run names
 QAT_EPOCHS = 1
 
 
-def plan(ckpt_dir: Path, profile: str = "full") -> dict[str, dict[str, tuple[Recipe, Path]]]:
+def plan(ckpt_dir: Path, profile: str = "full",
+         threads: int | None = None) -> dict[str, dict[str, tuple[Recipe, Path]]]:
     """model -> {base: (recipe, path), qat: (recipe, path), control: (recipe, path)}."""
-    kd = recipes(ckpt_dir, profile)
+    kd = recipes(ckpt_dir, profile, threads)
     out = {}
     for label, run in BASES.items():
         base, base_path = kd[run], run_path(ckpt_dir, profile, run)
@@ -44,11 +45,11 @@ def plan(ckpt_dir: Path, profile: str = "full") -> dict[str, dict[str, tuple[Rec
 
 def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
         docs: str | Path = "docs", train_only: bool = False, reps: int = 30,
-        profile: str = "full", measure_only: bool = False) -> dict[str, Any] | None:
-    """Train what is missing (the bases come from `make experiment-kd`), then measure and write the table;
-    `measure_only` trains nothing and measures the runs that have finished."""
+        profile: str = "full", measure_only: bool = False, threads: int | None = None) -> dict[str, Any] | None:
+    """Train what is missing (the bases come from `make experiment-kd`) with `threads` training threads, then
+    measure and write the table; `measure_only` trains nothing and measures the runs that have finished."""
     ckpt_dir = Path(ckpt_dir)
-    for runs in ([] if measure_only else plan(ckpt_dir, profile).values()):
+    for runs in ([] if measure_only else plan(ckpt_dir, profile, threads).values()):
         base_recipe, base_path = runs["base"]
         train_or_resume(base_recipe, base_path)
         for key in ("qat", "control"):
@@ -95,7 +96,7 @@ def _finished(path: Path, recipe: Recipe) -> bool:
 
 def _side(m: dict[str, Any], runtime: str) -> dict[str, Any]:
     r = m["runtimes"].get(runtime, {"error": "not run: its training did not finish"})
-    return {k: r.get(k) for k in ("acc", "ms_b1", "ms_b8", "file_mb", "error")}
+    return {k: r.get(k) for k in ("acc", "ms_b1", "ms_b8", "file_mb", "convs", "error")}
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
@@ -130,20 +131,34 @@ def qat_table(summary: dict[str, Any]) -> str:
                          f"{fp32['ms_b8'] / x['ms_b8']:.2f} | {x['file_mb']:.2f} |")
         if not (r["qat"].get("error") or r["control_ptq"].get("error")):
             diff = 100 * (r["qat"]["acc"] - r["control_ptq"]["acc"])
-            verdicts.append(f"- {r['model']}: QAT {'gains' if diff >= 0 else 'loses'} {abs(diff):.2f} points over "
+            verdicts.append(f"- {r['model']}: QAT scores {abs(diff):.2f} points {'above' if diff >= 0 else 'below'} "
                             f"PTQ after the same extra training ({100 * r['qat']['acc']:.2f} vs "
                             f"{100 * r['control_ptq']['acc']:.2f} %), and "
-                            f"{100 * (r['qat']['acc'] - r['ptq']['acc']):+.2f} over PTQ of the base; int8 runs "
+                            f"{100 * (r['qat']['acc'] - r['ptq']['acc']):+.2f} against PTQ of the base; int8 runs "
                             f"{fp32['ms_b8'] / r['qat']['ms_b8']:.1f}x (QAT) and "
                             f"{fp32['ms_b8'] / r['ptq']['ms_b8']:.1f}x (PTQ) the fp32 speed at batch 8.")
-        elif not (r["qat"].get("error") or r["ptq"].get("error")):
+        if r["control_ptq"].get("error") and not (r["qat"].get("error") or r["ptq"].get("error")):
             verdicts.append(f"- {r['model']}: QAT {100 * r['qat']['acc']:.2f} % vs PTQ of the base "
                             f"{100 * r['ptq']['acc']:.2f} %; the control (the same extra epoch in float, then PTQ) did "
                             "not finish, so how much of the difference is the extra training is not measured.")
-        else:
+        elif r["qat"].get("error"):
             verdicts.append(f"- {r['model']}: the QAT run did not finish: QAT is not measured for it.")
-    lines += ["", *verdicts, "", f"Measured {m['date']} on {m['hardware']}, {m['threads']} threads, load average "
-              f"{m['load_average_start'][0]:g} before and {m['load_average'][0]:g} after; accuracy on the whole test "
-              f"split ({m['test_images']:,} images) through each runtime. Source: "
+        if not (r["control_fp32"].get("error") or fp32.get("error")):
+            noise = abs(r["control_fp32"]["ms_b8"] / fp32["ms_b8"] - 1)
+            verdicts.append(f"- {r['model']}: the two fp32 rows run the same computation; their batch-8 latencies "
+                            f"differ by {100 * noise:.0f} %, the noise of this measurement at this load.")
+        if (q := r["qat"].get("convs")) and (p := r["ptq"].get("convs")) and not q["float"] + p["float"]:
+            verdicts.append(f"- {r['model']}: ONNX Runtime runs every convolution of the QAT and PTQ graphs as int8 "
+                            "kernels (QLinearConv).")
+        elif q and p:
+            verdicts.append(f"- {r['model']}: ONNX Runtime runs {q['int8']} of the QAT graph's "
+                            f"{q['int8'] + q['float']} convolutions as int8 kernels (QLinearConv) and {p['int8']} "
+                            f"of PTQ's {p['int8'] + p['float']}; the others run in float between "
+                            "quantize/dequantize pairs it could not fuse.")
+    lines += ["", *verdicts, "", f"Measured {m['date']} on {m['hardware']} ({m['cores']} cores), every runtime with "
+              f"{m['threads']} threads, median of {m['reps']} forward passes; load average "
+              f"{m['load_average_start'][0]:g} before and {m['load_average'][0]:g} after (other jobs' niced training "
+              "ran beside the measurement, which ran at normal priority: latencies are upper bounds); accuracy on the "
+              f"whole test split ({m['test_images']:,} images) through each runtime. Source: "
               "[efficiency/qat.json](efficiency/qat.json)."]
     return "\n".join(lines)

@@ -14,16 +14,19 @@ from training.checkpoint import load_checkpoint
 from training.recipe import Recipe
 
 DEFAULTS = Recipe()  # a key a checkpoint's recipe predates counts as its default
+HOW_TO_RUN = ("threads",)  # recipe keys that change how fast a run trains, not what it trains
 
 
 def train_or_resume(recipe: Recipe, path: Path, progress: bool = True) -> dict[str, Any]:
     """The finished checkpoint at `path` for `recipe`: reused when it is complete, resumed when a run of the same
-    recipe stopped early, trained otherwise. A checkpoint of another recipe at the path is an error."""
+    recipe stopped early, trained otherwise (the thread count may differ between the parts). A checkpoint of another
+    recipe at the path is an error."""
     from training.train import train
 
     if path.is_file():
         ckpt = load_checkpoint(path)
-        diff = sorted(k for k, v in recipe.to_dict().items() if ckpt["recipe"].get(k, getattr(DEFAULTS, k)) != v)
+        diff = sorted(k for k, v in recipe.to_dict().items()
+                      if k not in HOW_TO_RUN and ckpt["recipe"].get(k, getattr(DEFAULTS, k)) != v)
         if diff:
             raise ValueError(f"{path} was trained with another recipe (differs in {', '.join(diff)}); move it away "
                              "to train this one")
@@ -53,9 +56,14 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 def machine() -> dict[str, Any]:
-    """Where and when figures were measured (for every summary JSON)."""
-    from training.train import hardware_name, pick_device
+    """Where and when figures were measured (for every summary JSON): the CPU (the threads a figure used are stated
+    beside it), the GPU when there is one."""
+    import torch
 
-    return {"hardware": hardware_name(pick_device()), "cores": os.cpu_count(), "python": platform.python_version(),
+    from training.train import cpu_name
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"hardware": cpu_name() + (f", {gpu}" if gpu else ""), "cores": os.cpu_count(),
+            "python": platform.python_version(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "date": datetime.now(UTC).strftime("%Y-%m-%d")}

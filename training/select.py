@@ -112,10 +112,30 @@ def measure_checkpoint(path: Path, s: Settings, splits: Any, cache: Path) -> dic
         r["img_s_b8"] = 8000.0 / r["ms_b8"]
         file = getattr(module, "path", None)
         r["file_mb"] = os.path.getsize(file) / 2**20 if file else row["weights_mb"]
+        if file:
+            r["convs"] = ort_convs(file, Path(cache))
         row["runtimes"][runtime] = r
     if torch.cuda.is_available():
         row["gpu"] = _gpu_latency(model, splits.test, pre, s.reps)
     return row
+
+
+def ort_convs(file: str | os.PathLike, tmp: Path) -> dict[str, int]:
+    """How ONNX Runtime runs the graph's convolutions after its optimisations: `int8` as QLinearConv kernels (QDQ
+    pairs fused), `float` as float convolutions (a conv whose quantize/dequantize pairs it could not fuse)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp / "optimised.onnx")
+    so.log_severity_level = 3  # the hardware-specific-graph warning of a saved optimised model
+    ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return {"int8": ops["QLinearConv"],
+            "float": sum(n for op, n in ops.items() if "Conv" in op and op != "QLinearConv")}
 
 
 def _gpu_latency(model: torch.nn.Module, test: Any, pre: dict[str, Any], reps: int) -> dict[str, float]:
