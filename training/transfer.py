@@ -53,7 +53,7 @@ def experiment_config(quick: bool = False, full: bool = False) -> dict[str, Any]
         # Sized for a shared 2-core CPU; FULL_SIZE is the longer run (`--full`).
         "pretrain_per_class": 1000, "pretrain_epochs": 6, "pretrain_batch": 128, "pretrain_lr": 0.1,
         "val_per_class": 10, "test_per_class": 200,
-        "shots": list(SHOTS), "methods": list(METHODS), "seeds": [0, 1],
+        "shots": list(SHOTS), "methods": list(METHODS), "seeds": [0, 1, 2],
         "finetune_steps": 50, "finetune_batch": 16, "head_lr": 0.05, "backbone_lr_factor": 0.1,
         # 28 px augmentation: crops of at least half the area, no TrivialAugmentWide (its translations reach
         # 32 px, more than the whole image); the recipe's flip, random erasing and label smoothing stay.

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from training.experiments.defaults import CPU_PLACEMENTS, CPU_SKIP, KINDS, PLACEMENTS, SEEDS
+from training.experiments.defaults import KINDS, PLACEMENTS, SEEDS
 from training.experiments.plots import attention_accuracy
 from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text, write_json
 from training.models import get_model
@@ -65,8 +65,8 @@ def variants(kinds: tuple[str, ...] = KINDS, placements: tuple[str, ...] = tuple
 
 
 def attention_experiment(recipe: str = "attention_cpu", out_dir: str | Path | None = None,
-                         kinds: tuple[str, ...] = KINDS, placements: tuple[str, ...] = CPU_PLACEMENTS,
-                         skip: tuple[str, ...] = CPU_SKIP, seeds: tuple[int, ...] = SEEDS,
+                         kinds: tuple[str, ...] = KINDS, placements: tuple[str, ...] = tuple(PLACEMENTS),
+                         skip: tuple[str, ...] = (), seeds: tuple[int, ...] = SEEDS,
                          overrides: dict[str, Any] | None = None, latency: bool = False,
                          docs_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train every variant with every seed (resumably), then summarise into `out_dir`; `latency` measures
