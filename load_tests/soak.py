@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,7 +39,11 @@ LIMIT_PCT = 10.0
 
 
 def build_store(work: Path, batch_size: int = 8, max_batch_delay: int = 5) -> Path:
-    """tiny 1.0 and 2.0 (random-weight LeNet-5s leaning to classes 2 and 7) in work/store, and load images."""
+    """tiny 1.0 and 2.0 (random-weight LeNet-5s leaning to classes 2 and 7) in work/store, and load images.
+    The store is this run's scratch copy, rebuilt from nothing: archived versions are immutable, and a rerun's
+    checkpoints are new files."""
+    for scratch in ("store", "configs"):
+        shutil.rmtree(work / scratch, ignore_errors=True)
     for version, favour in (("1.0", 2), ("2.0", 7)):
         ckpt = tiny_checkpoint(work / f"tiny-{version}.pt", seed=int(float(version)), favour=favour,
                                classes=[f"v{version}-class{i}" for i in range(10)])

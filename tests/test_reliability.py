@@ -148,3 +148,12 @@ def test_short_soak_has_no_errors_and_reports_rss(tiny_store, tmp_path):
     assert r["worker_restarts"] == 0
     assert {"frontend (java)", "total"} <= set(r["growth_pct"]) and any(k.startswith("worker") for k in r["growth_pct"])
     assert len(r["samples"]) >= 10 and (tmp_path / "soak_rss.png").stat().st_size > 1000
+
+
+@needs_java
+def test_the_benchmark_store_rebuilds_on_a_rerun(tmp_path):
+    from load_tests.soak import build_store
+
+    first = build_store(tmp_path)
+    again = build_store(tmp_path)  # new checkpoint files under the same immutable versions: a scratch store
+    assert again == first and sorted(p.name for p in again.glob("*.mar")) == ["tiny-1.0.mar", "tiny-2.0.mar"]
