@@ -239,6 +239,8 @@ def test_the_kd_verdict_is_generated_from_the_figures():
     table = kd_table(summary)
     assert "the ViTs 12 (`--vit-epochs`, both ViT runs)" in table
     assert "closes 20 % of its 10.00-point gap to the teacher: short of the goal (≥ 50 %) by 3.00 points" in table
+    # sqrt((0.7 * 0.3 + 0.72 * 0.28) / 2000) = 1.43 points
+    assert row["gain_se_pt"] == 1.43 and "standard error is about 1.43 points (2,000 test images" in table
     assert "60 s per epoch on 1 thread(s), 10 % of it in the teacher" in table
     assert 'KD_ARGS="--profile quick --threads 1 --vit-epochs 24"' in table
     raw["vit_tiny_distilled"]["test_acc"] = 0.76
