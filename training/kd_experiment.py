@@ -218,7 +218,9 @@ def kd_table(summary: dict[str, Any]) -> str:
                                 f"met.{noise}")
             else:
                 short = goal * r["gap_pt"] - r["gain_pt"]
-                verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
+                closes = (f"closes {100 * r['gap_closed']:.0f} % of" if r["gain_pt"] >= 0 else
+                          f"ends {-r['gain_pt']:.2f} points below the student alone, closing none of")
+                verdicts.append(f"The distilled {r['student']} {closes} its "
                                 f"{r['gap_pt']:.2f}-point gap to the teacher: short of the goal "
                                 f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy.{noise} "
                                 f"{_longer(summary, d)}")
