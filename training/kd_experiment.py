@@ -170,6 +170,7 @@ def _brief(run: dict[str, Any] | None) -> dict[str, Any] | None:
                                        "val_history": [h["val_acc"] for h in run["history"]]}
     if run.get("distillation"):
         out["teacher_time_s"] = run["distillation"]["teacher_time_s"]
+        out["teacher_label_agreement"] = run["distillation"].get("teacher_label_agreement")
     return out
 
 
@@ -241,8 +242,11 @@ def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
     teacher = 100 * distilled.get("teacher_time_s", 0) / max(distilled["train_time_s"], 1e-9)
     threads = distilled.get("threads") or summary["data"]["threads"]
     profile_arg = "" if profile == "full" else f"--profile {profile} "
-    return (f"Each ViT trained {epochs} epochs, {steps} optimizer steps (the distilled run's validation accuracy by "
-            f"epoch: {curve} %); its training took {per_epoch:.0f} s per epoch on {threads} thread(s), "
+    agreement = distilled.get("teacher_label_agreement")
+    targets = ("" if agreement is None else f"The teacher's top-1 was the true label on {100 * agreement:.1f} % "
+               "of the training views it labelled for the distillation head. ")
+    return (f"{targets}Each ViT trained {epochs} epochs, {steps} optimizer steps (the distilled run's validation "
+            f"accuracy by epoch: {curve} %); its training took {per_epoch:.0f} s per epoch on {threads} thread(s), "
             f"{teacher:.0f} % of it in the teacher. Twice the ViT epochs: `make experiment-kd "
             f"KD_ARGS=\"{profile_arg}--threads {threads} --vit-epochs {2 * epochs}\"` (about "
             f"{4 * epochs * per_epoch / 3600:.1f} h of training for the two ViT runs at that speed).")
