@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tests.datagen import write_fashion_mnist
 from tests.torchserve import tiny_archive
 from training.checkpoint import build_model, load_checkpoint, save_checkpoint
+from training.cli import main
 from training.commands import train_args
 from training.presets import eval_batch
 from training.transfer import (
@@ -92,6 +94,28 @@ def test_pretraining_stored_before_a_recipe_key_existed_is_reused_and_another_co
         save_checkpoint({**state, "recipe": {**state["recipe"], key: value}}, tmp_path / "pretrain.pt")
         with pytest.raises(FileNotFoundError, match="has not finished"):
             pretrain(tmp_path, cfg, tree, progress=False, train_missing=False)
+
+
+def test_finetune_steps_from_the_command_line_retrains_the_fine_tuning_and_reuses_the_pretraining(quick, tmp_path,
+                                                                                                    capsys):
+    _, fm, results = quick
+    out = tmp_path / "exp"
+    shutil.copytree(Path(results["trees"]["pretrain"]).parent, out)  # its trees.json points at the same trees
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    pretrained = (out / "pretrain.pt").stat().st_mtime_ns
+    assert results["config"]["finetune_steps"] == 2 and {r["epochs"] for r in results["runs"]} == {1}
+
+    args = ["experiment-transfer", "--quick", "--out-dir", str(out), "--data-root", str(fm), "--finetune-steps", "4"]
+    assert main(args) == 0
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["config"]["finetune_steps"] == 4
+    assert json.loads((out / "summary.json").read_text())["config"]["finetune_steps"] == 4
+    assert {r["epochs"] for r in stored["runs"]} == {2}  # 2 images x 5 classes / batch 4 = 2 steps per epoch
+    assert all(p.stat().st_mtime_ns != before[p.name] for p in (out / "runs").glob("*.json"))  # trained again
+    assert (out / "pretrain.pt").stat().st_mtime_ns == pretrained  # the pretraining was reused
+
+    assert main([*args[:-1], "0"]) == 2
+    assert "finetune_steps must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_the_verdict_pairs_the_seeds_and_says_how_far_the_gap_is_from_the_goal():

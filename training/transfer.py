@@ -45,9 +45,10 @@ FULL_SIZE = {"pretrain_per_class": 5000, "pretrain_epochs": 4, "test_per_class":
              "finetune_steps": 300}
 
 
-def experiment_config(quick: bool = False, full: bool = False) -> dict[str, Any]:
+def experiment_config(quick: bool = False, full: bool = False, finetune_steps: int | None = None) -> dict[str, Any]:
     """Every knob of the experiment in one place (recorded in the results). `quick` shrinks it for tests,
-    `full` enlarges it (FULL_SIZE)."""
+    `full` enlarges it (FULL_SIZE); `finetune_steps`, when given, sets the optimizer steps of every fine-tuning
+    run over any profile (the pretraining, and so its cached checkpoint, does not depend on it)."""
     cfg = {
         "arch": "resnet50", "width": 16, "img_size": 28,  # ResNet-50's bottleneck 3-4-6-3 at a quarter width
         # Sized for a shared 2-core CPU; FULL_SIZE is the longer run (`--full`).
@@ -64,6 +65,10 @@ def experiment_config(quick: bool = False, full: bool = False) -> dict[str, Any]
     if quick:
         cfg.update(width=4, pretrain_per_class=16, pretrain_epochs=1, pretrain_batch=16, test_per_class=4,
                    val_per_class=2, shots=[2], seeds=[0], finetune_steps=2, finetune_batch=4)
+    if finetune_steps is not None:
+        if finetune_steps < 1:
+            raise ValueError(f"finetune_steps must be at least 1, got {finetune_steps}")
+        cfg["finetune_steps"] = finetune_steps
     return cfg
 
 
@@ -192,15 +197,17 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
 
 def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: bool = False,
                    progress: bool = True, serve_checkpoint: str | Path | None = None,
-                   full: bool = False, train_missing: bool = True) -> dict[str, Any]:
+                   full: bool = False, train_missing: bool = True,
+                   finetune_steps: int | None = None) -> dict[str, Any]:
     """Trees, pretraining, every (shots, method, seed) fine-tuning run; writes results.json in out_dir.
     Each run records its wall time and the 1-minute load average before and after it. `train_missing` False:
     report what has finished, train nothing. `serve_checkpoint`: where to copy the model that is archived and
     served (layer4 + head, first seed, the most images per class that finished;
-    archive_configs/fmnist-transfer-resnet50)."""
+    archive_configs/fmnist-transfer-resnet50). `finetune_steps`: see experiment_config; a run stored with
+    another step count (another recipe) is trained again, the pretraining is reused."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = experiment_config(quick, full)
+    cfg = experiment_config(quick, full, finetune_steps)
     t0 = time.perf_counter()
     trees = write_trees(out, cfg, data_root)
     base, wall = pretrain(out, cfg, trees["pretrain"], progress, train_missing)
