@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,30 @@ REBUILD = "rebuild the archive with `python -m serving archive --config <config>
 
 class ArtifactError(RuntimeError):
     """An archive whose artifact is missing, damaged or not the one its manifest names: refused at load."""
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
+    """Write `data` so a reader sees the old file or the whole new one, never a part: a temp file in the same
+    folder (made if missing), flushed to disk, given `mode` (mkstemp makes 0600), then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any, mode: int = 0o644) -> Path:
+    """`data` as indented JSON (keys in insertion order, a final newline), written with atomic_write."""
+    return atomic_write(path, (json.dumps(data, indent=2) + "\n").encode(), mode)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 import torch
 
+from handlers.artifacts import write_json
 from handlers.cpu import cpu_budget, threads_per_worker
 from load_tests import report
 from load_tests.images import QUALITY, SIZE, write_jpegs
@@ -264,14 +265,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "json": str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)}
     result = {"meta": meta, "model_forward": forward, "pipeline": pipeline, "pipeline_layout": layout, "rest": rest}
     result["ratios"] = report.compute_ratios(result)
-    report.write_json(result, json_path)
+    write_json(json_path, result)
     print(f"wrote {json_path}")
     if a.docs_dir:
         docs = Path(a.docs_dir)
         png = report.plot_concurrency(result, docs / "bench_concurrency.png") if rest else None
         md_path = report.write_markdown(report.render_markdown(result, png.name if png else None),
                                         docs / "benchmarks.md")
-        report.write_json(result, docs / "benchmarks.json")  # the figures the page shows, committed with it
+        write_json(docs / "benchmarks.json", result)  # the figures the page shows, committed with it
         print(f"wrote {md_path}, {docs / 'benchmarks.json'}" + (f" and {png}" if png else ""))
     print(report.render_markdown(result, None))
     return result

@@ -6,7 +6,6 @@ Everything here works on plain dicts (the JSON the harness writes), so it is tes
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,13 +98,6 @@ def _reference(result: dict[str, Any]) -> dict[str, Any] | None:
 
 def _at_batch(points: list[dict[str, Any]], batch: int) -> dict[str, Any] | None:
     return min(points, key=lambda p: abs(p["batch"] - batch)) if points else None
-
-
-def write_json(result: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
 
 
 def _f(x: Any, nd: int = 1) -> str:

@@ -37,12 +37,13 @@ import requests
 import torch
 import yaml
 
+from handlers.artifacts import write_json
 from handlers.cpu import cpu_budget, threads_per_worker
 from load_tests import video_report
 from load_tests.bench import machine_info
 from load_tests.inprocess import bench_seg_checkpoint
 from load_tests.profile import profile_workers
-from load_tests.report import metric, percentiles, write_json
+from load_tests.report import metric, percentiles
 from load_tests.rest import process_tree_cpu, run_locust, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,7 +409,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                            "threads": worker_threads, "max_batch": cfg.handler_options.get("max_batch")},
             "json": str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)}
     result = {"meta": meta, "inprocess": inprocess, "rest": rest}
-    write_json(result, json_path)
+    write_json(json_path, result)
     print(f"wrote {json_path}")
     if a.docs_dir:
         video_report.write_docs(result, Path(a.docs_dir))

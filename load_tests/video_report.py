@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from load_tests.report import save_figure, write_json
+from handlers.artifacts import write_json
+from load_tests.report import save_figure
 
 BLOCK = "video-bench"
 JSON_NAME, PNG_NAME = "video_bench.json", "video_bench.png"
@@ -246,7 +247,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 def write_docs(result: dict[str, Any], docs: Path) -> None:
     from load_tests.reliability import write_doc_block
 
-    write_json(result, docs / JSON_NAME)
+    write_json(docs / JSON_NAME, result)
     plot(result, docs / PNG_NAME)
     write_doc_block(docs / "video.md", BLOCK, markdown(result))
     print(f"wrote {docs / JSON_NAME}, {docs / PNG_NAME} and the {BLOCK} block of {docs / 'video.md'}")

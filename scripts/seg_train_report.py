@@ -53,11 +53,29 @@ def log_time(path: Path) -> dict[str, float]:
             "parts": len(walls)}
 
 
+def classifier_run(path: str) -> dict[str, Any] | None:
+    """What the classifier checkpoint a run started from recorded about its own training (None: file gone)."""
+    if not Path(path).is_file():
+        return None
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    m, r = ckpt["metrics"], ckpt["recipe"]
+    return {"arch": ckpt["arch"], "dataset": r.get("dataset"), "test_acc": m.get("test_acc"),
+            "epochs": m.get("epochs"), "steps": m.get("steps"), "batch_size": r.get("batch_size"),
+            "train_time_s": m.get("train_time_s"), "train_cpu_s": m.get("train_cpu_s")}
+
+
 def run_entry(metrics: Path, log: Path, recipe: str) -> dict[str, Any]:
     m = json.loads(metrics.read_text())
     loads = log_loads(log)
     r, t = m["recipe"], m["training"]
+    init = m.get("init")
+    if init:
+        init = {k: init.get(k) for k in ("source", "backbone", "adapted", "head")}
+        init["classifier"] = classifier_run(init["source"]) if init["backbone"] else None
     return {"recipe_name": recipe, "arch": m["arch"], "img_size": m["img_size"], "model_args": r["model_args"],
+            "init": init,
             "eval": {k: m[k] for k in ("miou", "miou_objects", "ap50", "pixel_acc", "per_class_iou", "frames", "data")},
             "training": {**t, "epochs_planned": r["epochs"], "batch_size": r["batch_size"],
                          "frames_per_epoch": r["data_args"].get("train_frames"),
@@ -71,6 +89,43 @@ def _load(x: list[float] | None) -> str:
     return "–" if x is None else f"{x[0]:.1f}"
 
 
+def label(run: dict[str, Any]) -> str:
+    """The model as the tables name it: its arch, and what its backbone started from when not from scratch."""
+    init = run.get("init")
+    return f"`{run['arch']}`" + (f" from `{init['backbone'] or Path(init['source']).stem}`" if init else "")
+
+
+def comparison(result: dict[str, Any]) -> list[str]:
+    """Per run started from a classifier: what that classifier cost, and its validation mIoU against the run
+    from scratch with the same frames and batch at the same step counts."""
+    lines = []
+    runs = result["runs"]
+    for run in runs:
+        init, t = run.get("init"), run["training"]
+        if not init or not init.get("classifier"):
+            continue
+        c = init["classifier"]
+        total = (t["train_time_s"] + c["train_time_s"]) / 60
+        lines += ["", f"`{run['recipe_name']}` started its backbone from `{init['source']}`: a `{c['arch']}` "
+                  f"{c['dataset']} classifier ({c['epochs']} epoch(s), {c['steps']:,} steps of {c['batch_size']}, "
+                  f"{c['train_time_s'] / 60:.1f} min of training steps, test accuracy {c['test_acc']:.3f})"
+                  + (f", first conv adapted ({', '.join(init['adapted'])})" if init.get("adapted") else "")
+                  + f"; classifier and segmentation training together: {total:.1f} min of training steps."]
+        key = ("arch", "img_size")
+        same = [o for o in runs if not o.get("init") and all(o[k] == run[k] for k in key)
+                and (o["training"]["batch_size"], o["training"]["frames_per_epoch"])
+                == (t["batch_size"], t["frames_per_epoch"])]
+        for other in same:
+            a, b = t["val_miou"], other["training"]["val_miou"]
+            n = min(len(a), len(b))
+            steps = t["steps"] // max(1, t["epochs"])
+            at = sorted({1, max(1, n // 4), max(1, n // 2), n})
+            lines += ["", f"Step for step against `{other['recipe_name']}` (from scratch, the same frames and batch), "
+                      "validation mIoU from the classifier vs from scratch: "
+                      + "; ".join(f"{e * steps:,} steps {a[e - 1]:.3f} vs {b[e - 1]:.3f}" for e in at) + "."]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| model | frames | trained | wall | CPU | load (1 min) start → end | val mIoU per epoch | test mIoU | "
              "mIoU objects | AP@0.5 | pixel acc. |", "|" + "---|" * 11]
@@ -79,7 +134,7 @@ def markdown(result: dict[str, Any]) -> str:
         patch = run["model_args"].get("patch_size")
         val = ", ".join(f"{v:.3f}" for v in t["val_miou"])
         lines.append(
-            f"| `{run['arch']}`{f' /{patch}' if patch else ''} | {run['img_size']} px | {t['epochs']}/"
+            f"| {label(run)}{f' /{patch}' if patch else ''} | {run['img_size']} px | {t['epochs']}/"
             f"{t['epochs_planned']} epochs, {t['frames_seen']:,} frames | {t['train_time_s'] / 60:.1f} min | "
             f"{t['train_cpu_s'] / 60:.1f} min | {_load(run['load_start'])} → {_load(run['load_end'])} | {val} | "
             f"{e['miou']:.3f} | {e['miou_objects']:.3f} | {e['ap50']:.3f} | {e['pixel_acc']:.3f} |")
@@ -93,16 +148,17 @@ def markdown(result: dict[str, Any]) -> str:
                       + "; the table's wall and CPU columns count the finished epochs' training steps."]
     classes = list(result["runs"][0]["eval"]["per_class_iou"])
     if classes:
-        lines += ["", "| class | " + " | ".join(f"IoU `{run['arch']}`" for run in result["runs"]) + " |",
+        lines += ["", "| class | " + " | ".join(f"IoU {label(run)}" for run in result["runs"]) + " |",
                   "|---|" + "---:|" * len(result["runs"])]
         lines += [f"| {c} | " + " | ".join(f"{run['eval']['per_class_iou'].get(c, float('nan')):.3f}"
                                             for run in result["runs"]) + " |" for c in classes]
+    lines += comparison(result)
     best = max(result["runs"], key=lambda r: r["eval"]["miou"])
     miou, goal = best["eval"]["miou"], result["goal_miou"]
     low = sorted((v, c) for c, v in best["eval"]["per_class_iou"].items() if v < goal)
-    verdict = (f"Verdict: `{best['arch']}` reaches the mIoU goal of {goal} ({miou:.3f})." if miou >= goal else
+    verdict = (f"Verdict: {label(best)} reaches the mIoU goal of {goal} ({miou:.3f})." if miou >= goal else
                f"Verdict: the goal (mIoU >= {goal} on held-out clips) is missed by {goal - miou:.3f} "
-               f"(best `{best['arch']}`: {miou:.3f} on {best['eval']['frames']} test frames)"
+               f"(best {label(best)}: {miou:.3f} on {best['eval']['frames']} test frames)"
                + (f"; {len(low)} of {len(best['eval']['per_class_iou'])} classes score an IoU under {goal}: "
                   + ", ".join(f"{c} {v:.3f}" for v, c in low) if low else "") + ".")
     lines += ["", verdict]

@@ -7,15 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from handlers.artifacts import write_json
 from load_tests.reliability import write_doc_block
-from load_tests.report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def publish(result: dict[str, Any], out: Path, name: str, markdown: str, docs: bool) -> None:
-    write_json(result, out)
+    write_json(out, result)
     if docs:
-        write_json(result, ROOT / "docs" / f"{name.replace('-', '_')}.json")
+        write_json(ROOT / "docs" / f"{name.replace('-', '_')}.json", result)
         write_doc_block(ROOT / "docs" / "video.md", name, markdown)
     print(markdown)

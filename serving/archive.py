@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from handlers.artifacts import atomic_write
 from handlers.artifacts import file_sha256 as sha256_file
 from serving.config import PACKAGES, ROOT, ArchiveConfig, ConfigError, venv_tool, version_key
 
@@ -48,20 +49,6 @@ MANIFEST_CREATED = "01/01/1980 00:00:00"  # MANIFEST.json's createdOn (the real 
 
 class ArchiveError(RuntimeError):
     """The archive could not be built (bad checkpoint, archiver failure, an immutable version changed)."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the store is shared read-only with the server
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -98,7 +85,7 @@ def _write_index(store: Path, entry: dict[str, Any]) -> None:
     entries = [e for e in read_index(store) if (e.get("name"), e.get("version")) != key]
     entries.append(entry)
     entries.sort(key=lambda e: (e["name"], version_key(e["version"])))
-    _atomic_write(store / INDEX_NAME, (json.dumps(entries, indent=2) + "\n").encode())
+    atomic_write(store / INDEX_NAME, (json.dumps(entries, indent=2) + "\n").encode())
 
 
 def check_checkpoint(cfg: ArchiveConfig) -> dict[str, Any]:
@@ -248,7 +235,7 @@ def build_archive(cfg: ArchiveConfig, store: str | Path = DEFAULT_STORE, root: P
                                        f"gave sha256 {sha[:12]}…, not the recorded "
                                        f"{str(existing.get('sha256'))[:12]}…; pass --replace to record the new one")
                 os.replace(staged, mar)
-                _atomic_write(store / f"{mar.name}.sha256", f"{sha}  {mar.name}\n".encode())
+                atomic_write(store / f"{mar.name}.sha256", f"{sha}  {mar.name}\n".encode())
                 entry = _entry(cfg, ckpt, root, mar, sha, inputs, existing, manifest)
                 _write_index(store, entry)
         finally:

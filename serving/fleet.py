@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from handlers.artifacts import write_json
 from serving import haproxy, server
 from serving.archive import find_entry
 from serving.config import ROOT, version_key
@@ -109,7 +109,7 @@ class Fleet:
     # -- recorded state ----------------------------------------------------------------------------------------
     def save(self) -> None:
         with self._mutex:
-            _write_json(self.root / STATE_FILE, self.state)
+            write_json(self.root / STATE_FILE, self.state)
 
     def archives(self, node: str) -> dict[str, str]:
         """{"<name>/<version>": sha256} of what this node registered through the fleet."""
@@ -145,7 +145,7 @@ class Fleet:
         entry = {"at": datetime.now(UTC).isoformat(timespec="milliseconds"), "op": op, "step": step, **detail}
         with self._mutex:
             entries = (self.history() + [entry])[-HISTORY_LIMIT:]
-            _write_json(self.root / HISTORY_FILE, entries)
+            write_json(self.root / HISTORY_FILE, entries)
         return entry
 
     def history(self) -> list[dict[str, Any]]:
@@ -155,17 +155,6 @@ class Fleet:
             return []
         except (OSError, json.JSONDecodeError) as e:
             raise ServingError(f"{self.root / HISTORY_FILE} is not readable ({e}); fix or move it away") from None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- up / down ---------------------------------------------------------------------------------------------------
@@ -272,7 +261,7 @@ def down(root: Path = DEFAULT_FLEET) -> list[str]:
     stopped += [n for n, was in zip(names, results) if was]
     (root / KEY_FILE).unlink(missing_ok=True)
     state["stopped_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    _write_json(root / STATE_FILE, state)
+    write_json(root / STATE_FILE, state)
     return stopped
 
 

@@ -14,8 +14,6 @@ import contextlib
 import fcntl
 import io
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,6 +22,7 @@ from typing import Any
 
 import requests
 
+from handlers.artifacts import write_json
 from serving.archive import DEFAULT_STORE, find_entry, sha256_file
 from serving.config import archive_hint, version_key
 from serving.server import DEFAULT_RUNTIME, Endpoints, ServingError, endpoints, log_tail, renew_key
@@ -222,16 +221,7 @@ class Client:
             fcntl.flock(lock, fcntl.LOCK_EX)
             entries = self.history() + [{"name": name, "from": old, "to": new, "kind": kind,
                                          "at": datetime.now(UTC).isoformat(timespec="seconds")}]
-            fd, tmp = tempfile.mkstemp(prefix=f".{HISTORY_FILE}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(json.dumps(entries[-HISTORY_LIMIT:], indent=2) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_json(path, entries[-HISTORY_LIMIT:])
 
 
 @contextlib.contextmanager

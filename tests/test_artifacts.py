@@ -265,3 +265,22 @@ def test_int8_calibrated_on_synthetic_images_says_so_in_the_worker_log_and_descr
         assert SYNTHETIC_WARNING in (a.runtime_dir / "logs" / "model_log.log").read_text()
     finally:
         a.client.unregister("fm", "4.0")
+
+
+def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path, monkeypatch):
+    """The one writer of JSON records and sha256 files: a reader sees the old file or the new one, mode 0644,
+    and a write that fails leaves the old file and no temp file behind."""
+    import os
+
+    from handlers.artifacts import atomic_write, write_json
+
+    path = write_json(tmp_path / "sub" / "state.json", {"v": 1})
+    assert json.loads(path.read_text()) == {"v": 1} and (path.stat().st_mode & 0o777) == 0o644
+    with pytest.raises(TypeError):
+        write_json(path, {"v": object()})  # not serialisable: nothing written
+    assert json.loads(path.read_text()) == {"v": 1}
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, b"{}")
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]

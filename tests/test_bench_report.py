@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from handlers.artifacts import write_json
 from load_tests import report
 from load_tests.images import to_photo
 from load_tests.inprocess import bench_checkpoint, measure_forward, measure_layout, measure_pipeline, time_calls
@@ -134,7 +135,7 @@ def test_page_rewrite_keeps_hand_written_notes(result, tmp_path):
 
 def test_json_and_png_are_written(result, tmp_path):
     result["ratios"] = report.compute_ratios(result)
-    path = report.write_json(result, tmp_path / "bench" / "bench-x.json")
+    path = write_json(tmp_path / "bench" / "bench-x.json", result)
     assert json.loads(path.read_text())["ratios"][1]["c_over_d_rps"] == 1.5
     # a full run's rest section also holds the eager point, worker start times and the profile
     result["rest"].update(ours_eager=[point(16, 25.0, 800.0)], ready_s={"ours": 3.0}, profile={"stages": {}})

@@ -171,3 +171,90 @@ def test_an_experiment_run_resumes_with_another_thread_count_but_not_another_rec
     assert ckpt["epoch"] == 2 and ckpt["recipe"]["threads"] == 1
     with pytest.raises(ValueError, match="differs in lr"):
         train_or_resume(replace(recipe, lr=recipe.lr / 2), tmp_path / "r.pt", progress=False)
+
+
+@needs_fmnist
+def test_the_teacher_answers_the_augmented_batch_the_student_trains_on(tmp_path, monkeypatch):
+    """DeiT: teacher and student see the same view each step (logits of un-augmented images would not match the
+    crop and flip the student learns from)."""
+    from training.models.vit import ViT
+
+    seen: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+    teacher_call, vit_forward = Teacher.__call__, ViT.forward
+
+    def teacher_spy(self, x):
+        seen["teacher"].append(x.clone())
+        return teacher_call(self, x)
+
+    def student_spy(self, x, both_heads=False):
+        if both_heads:  # training steps only (validation calls the averaged output)
+            seen["student"].append(x.clone())
+        return vit_forward(self, x, both_heads)
+
+    monkeypatch.setattr(Teacher, "__call__", teacher_spy)
+    monkeypatch.setattr(ViT, "forward", student_spy)
+    recipe = Recipe(arch="vit_tiny_distilled", model_args=SMALL_VIT, epochs=1, batch_size=32, optimizer="adamw",
+                    lr=1e-3, limit=64, teacher=str(_checkpoint(tmp_path / "t.pt")), crop_padding=2, hflip=True)
+    train(recipe, tmp_path / "s.pt", progress=False)
+    assert len(seen["teacher"]) == len(seen["student"]) == 2
+    for t, s in zip(seen["teacher"], seen["student"]):
+        assert torch.equal(t, s)
+    # augmented: a shifted crop brings in rows of padding (exactly 0 after normalisation; the background of a
+    # Fashion-MNIST image normalises to -0.81)
+    rows = torch.cat(seen["teacher"]).abs().amax(dim=-1)  # (N, 1, H): the largest value of each row
+    assert (rows == 0).any()
+
+
+def _run(arch: str, acc: float, epochs: int, distilled: bool = False) -> dict:
+    return {"arch": arch, "model_args": {}, "test_acc": acc, "params": 1000, "train_time_s": 60.0 * epochs,
+            "epochs": epochs, "recipe": {"threads": 1}, "history": [{"val_acc": acc}] * epochs,
+            "distillation": {"mode": "hard", "teacher_time_s": 6.0 * epochs} if distilled else None}
+
+
+def test_vit_epochs_train_both_vits_longer_beside_the_profiles_other_runs(tmp_path):
+    from training.kd_experiment import PROFILES, recipes, run_path, sizes
+
+    plan = recipes(tmp_path, "quick", threads=1, vit_epochs=12)
+    assert plan["vit_tiny"].epochs == plan["vit_tiny_distilled"].epochs == 12
+    assert plan["lenet5"].epochs == PROFILES["quick"]["cnn_epochs"]
+    assert plan["vit_tiny_distilled"].teacher == str(tmp_path / "quick" / "resnet18-teacher.pt")
+    assert run_path(tmp_path, "quick", "vit_tiny_distilled", 12).name == "vit_tiny_distilled-12ep.pt"
+    assert run_path(tmp_path, "quick", "lenet5", 12).name == "lenet5.pt"
+    default = PROFILES["quick"]["vit_epochs"]
+    assert run_path(tmp_path, "quick", "vit_tiny", default).name == "vit_tiny.pt"  # the profile's own run
+    assert sizes("quick", 12)["vit_epochs"] == 12 and PROFILES["quick"]["vit_epochs"] == default
+    with pytest.raises(ValueError, match="vit_epochs must be at least 1"):
+        sizes("quick", 0)
+
+
+def test_the_kd_verdict_is_generated_from_the_figures():
+    from training.kd_experiment import kd_table, summarise
+
+    raw = {"teacher": _run("resnet18", 0.80, 8), "vit_tiny": _run("vit_tiny", 0.70, 12),
+           "vit_tiny_distilled": _run("vit_tiny_distilled", 0.72, 12, distilled=True)}
+    summary = summarise(raw, "quick", vit_epochs=12)
+    row = next(r for r in summary["students"] if r["student"].startswith("ViT"))
+    assert (row["gap_pt"], row["gain_pt"], row["gap_closed"]) == (10.0, 2.0, 0.2)
+    assert summary["size"]["vit_epochs"] == 12 and summary["vit_epochs_option"] == 12
+    table = kd_table(summary)
+    assert "the ViTs 12 (`--vit-epochs`, both ViT runs)" in table
+    assert "closes 20 % of its 10.00-point gap to the teacher: short of the goal (≥ 50 %) by 3.00 points" in table
+    # sqrt((0.7 * 0.3 + 0.72 * 0.28) / 2000) = 1.43 points
+    assert row["gain_se_pt"] == 1.43 and "standard error is about 1.43 points (2,000 test images" in table
+    assert "60 s per epoch on 1 thread(s), 10 % of it in the teacher" in table
+    assert 'KD_ARGS="--profile quick --threads 1 --vit-epochs 24"' in table
+    raw["vit_tiny_distilled"]["test_acc"] = 0.69
+    assert ("ends 1.00 points below the student alone, closing none of its 10.00-point gap to the teacher: short "
+            "of the goal (≥ 50 %) by 6.00 points") in kd_table(summarise(raw, "quick", vit_epochs=12))
+    raw["vit_tiny_distilled"]["test_acc"] = 0.76
+    assert "closes 60 % of its 10.00-point gap to the teacher: the goal (≥ 50 %) is met." in kd_table(
+        summarise(raw, "quick", vit_epochs=12))
+
+
+def test_cli_refuses_zero_vit_epochs_in_one_line(tmp_path, capsys):
+    from training.cli import main
+
+    code = main(["experiment-kd", "--profile", "quick", "--vit-epochs", "0", "--report-only",
+                 "--checkpoints", str(tmp_path), "--reports", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "error: vit_epochs must be at least 1, got 0"

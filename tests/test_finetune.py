@@ -16,10 +16,11 @@ import torchvision
 import yaml
 
 from tests.datagen import write_imagefolder
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.finetune import (
     FreezePolicy,
     WeightsError,
+    init_weights,
     load_weights,
     param_groups,
     read_state_dict,
@@ -105,6 +106,86 @@ def test_head_keep_refuses_a_class_mismatch():
     with pytest.raises(WeightsError, match="head/class mismatch: src has a 10-class head"):
         load_weights(model, state, source="src", head="keep")
     assert load_weights(model, state, source="src", head="auto")["head"] == "new"
+
+
+# ---- a classifier's weights into a segmentation model's backbone ----
+
+FMNIST_CLASSES = [f"c{i}" for i in range(10)]
+SEG_CLASSES = ["background", *FMNIST_CLASSES]
+
+
+def _classifier_file(folder: Path, arch: str = "resnet18", **model_args) -> tuple[Path, nn.Module]:
+    """One of our checkpoints holding a grey 28 px classifier (random weights, BN statistics made non-trivial)."""
+    torch.manual_seed(1)
+    args = {"num_classes": 10, "in_channels": 1, "img_size": 28, "width": 8, **model_args}
+    model = get_model(arch, **args)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    pre = {"size": 28, "resize": 28, "channels": 1, "mean": [0.29], "std": [0.35], "interpolation": "bilinear"}
+    path = folder / f"{arch}-cls.pt"
+    save_checkpoint({"arch": arch, "model_args": args, "state_dict": model.state_dict(), "classes": FMNIST_CLASSES,
+                     "preprocess": pre, "metrics": {}, "recipe": {}}, path)
+    return path, model.eval()
+
+
+def _seg_model(width: int = 8) -> nn.Module:
+    torch.manual_seed(2)
+    return get_model("resnet18_seg", num_classes=11, in_channels=3, img_size=32, width=width, head_width=8,
+                     detail_width=8)
+
+
+def _seg_recipe(path: Path, **kw) -> Recipe:
+    return Recipe(arch="resnet18_seg", task="segmentation", dataset="moving_fmnist", img_size=32,
+                  init_from=str(path), **kw)
+
+
+def test_a_classifier_checkpoint_starts_a_segmentation_backbone(tmp_path):
+    path, classifier = _classifier_file(tmp_path)
+    model = _seg_model()
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    report = init_weights(model, _seg_recipe(path), SEG_CLASSES)
+    assert report["backbone"] == "resnet18" and report["head"] == "new" and report["classes"] == FMNIST_CLASSES
+    assert report["adapted"] == ["conv1.weight 1 -> 3 channels"] and report["sha256"] == sha256_of(path)
+    theirs = classifier.state_dict()
+    for k, v in model.backbone.state_dict().items():
+        if k != "conv1.weight":
+            assert torch.equal(v, theirs[k]), k  # weights and BN statistics arrive
+    assert all(torch.equal(v, head_before[k]) for k, v in model.head.state_dict().items())  # head stays fresh
+    # a grey frame as RGB (three equal channels) gives the features the classifier computed on the grey original
+    grey = torch.randn(2, 1, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        want = classifier.forward_features(grey)
+        got = model.backbone.forward_features(grey.expand(-1, 3, -1, -1))
+    assert want.abs().mean() > 0.01 and torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, args, recipe, message", [
+    ("resnet18", {"width": 16}, {}, "does not fit this ResNetSeg's backbone: .*with another shape .*conv1.weight"),
+    ("resnet18", {"img_size": 96}, {}, r"conv1.weight \(8, 1, 7, 7\) vs \(8, 3, 3, 3\).*3x3 stem"),
+    ("resnet34", {}, {}, "holds a resnet34, the recipe trains a resnet18_seg .*or a resnet18 classifier for its "
+                         "backbone"),
+    ("resnet18", {}, {"head": "keep"}, "head: keep needs a ResNetSeg checkpoint"),
+])
+def test_a_classifier_that_does_not_fit_the_backbone_is_refused(tmp_path, arch, args, recipe, message):
+    path, _ = _classifier_file(tmp_path, arch, **args)
+    model = _seg_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsError, match=message):
+        init_weights(model, _seg_recipe(path, **recipe), SEG_CLASSES)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+
+
+def test_a_segmentation_head_trains_at_the_full_lr_beside_a_slower_backbone():
+    model = _seg_model()
+    groups = param_groups(model, 0.05, lr=1e-3, backbone_lr_factor=0.1)
+    head = {id(p) for p in model.head.parameters()}
+    for g in groups:
+        assert all((id(p) in head) == (g["lr"] == pytest.approx(1e-3)) for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 # ---- freeze policies ----

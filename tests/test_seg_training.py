@@ -83,6 +83,27 @@ def test_one_step_run_writes_a_self_describing_segmentation_checkpoint(tmp_path)
     assert r["frames"] == 3 and "MP4" in r["data"]
 
 
+@needs_fmnist
+def test_a_segmentation_run_starts_from_a_classifier_and_records_it(tmp_path):
+    cls = make_recipe({"arch": "resnet18", "dataset": "fashion_mnist", "epochs": 1, "batch_size": 8, "limit": 16,
+                       "model_args": {"width": 8}})
+    classifier = train(cls, tmp_path / "cls.pt", progress=False)
+    recipe = make_recipe({"arch": "resnet18_seg", "task": "segmentation", "dataset": "moving_fmnist", "img_size": 32,
+                          "epochs": 1, "batch_size": 4, "optimizer": "adamw", "lr": 1e-3, "backbone_lr_factor": 0.1,
+                          "init_from": str(tmp_path / "cls.pt"), "model_args": {"width": 8, "head_width": 8,
+                                                                                "detail_width": 8},
+                          "data_args": {"train_frames": 4, "val_frames": 4, "test_clips": 1, "clip_frames": 2}})
+    ckpt = train(recipe, tmp_path / "seg.pt", progress=False)
+    init = load_checkpoint(tmp_path / "seg.pt")["init"]
+    assert init["source"] == str(tmp_path / "cls.pt") and init["backbone"] == "resnet18" and init["head"] == "new"
+    assert init["adapted"] == ["conv1.weight 1 -> 3 channels"] and init["classes"] == classifier["classes"]
+    # one AdamW step (about lr per weight) at a tenth of the LR: the backbone moved 1e-4 from the classifier's
+    # weights, not the 1e-3 the head's LR would give
+    before = classifier["state_dict"]["layer4.1.conv2.weight"]
+    after = ckpt["state_dict"]["backbone.layer4.1.conv2.weight"]
+    assert 0 < (after - before).abs().max() < 2e-4
+
+
 def test_shipped_segmentation_recipes_name_segmentation_models():
     from training.models import model_task
 

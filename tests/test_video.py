@@ -330,3 +330,32 @@ def test_the_training_report_states_the_gap_to_the_goal_and_how_to_finish_a_stop
     assert run["run"] == {"run_wall_s": 4230.5, "run_cpu_s": 153.0, "stopped": False, "parts": 2}
     assert "70.5 min of wall time, 2.5 CPU min in 2 parts (resumed);" in markdown({"runs": [run], "goal_miou": 0.85,
                                                                                      "cpus": 2})
+
+
+def test_the_training_report_compares_a_run_from_a_classifier_with_scratch_step_for_step(tmp_path):
+    from scripts.seg_train_report import markdown, run_entry
+
+    recipe = {"epochs": 4, "batch_size": 32, "data_args": {"train_frames": 2560}, "model_args": {}}
+    base = {"checkpoint": "checkpoints/s.pt", "arch": "resnet18_seg", "img_size": 64, "recipe": recipe,
+            "miou": 0.3, "miou_objects": 0.2, "ap50": 0.2, "pixel_acc": 0.9, "per_class_iou": {"background": 0.9},
+            "frames": 512, "data": "test clips", "training": {"train_time_s": 600.0, "train_cpu_s": 500.0,
+                                                               "epochs": 4, "steps": 320, "hardware": "cpu",
+                                                               "val_miou": [0.1, 0.15, 0.2, 0.25]}}
+    (tmp_path / "scratch.json").write_text(json.dumps(base))
+    init = {"source": str(tmp_path / "gone.pt"), "backbone": "resnet18", "head": "new", "tensors": 120,
+            "adapted": ["conv1.weight 1 -> 3 channels"]}
+    warm = {**base, "miou": 0.5, "init": init,
+            "training": {**base["training"], "val_miou": [0.3, 0.35, 0.4, 0.45]}}
+    (tmp_path / "warm.json").write_text(json.dumps(warm))
+    (tmp_path / "run.log").write_text("")
+    scratch = run_entry(tmp_path / "scratch.json", tmp_path / "run.log", "r64")
+    run = run_entry(tmp_path / "warm.json", tmp_path / "run.log", "r64_pretrained")
+    assert run["init"]["classifier"] is None  # the classifier's file is gone: nothing made up about it
+    run["init"]["classifier"] = {"arch": "resnet18", "dataset": "fashion_mnist", "test_acc": 0.9, "epochs": 1,
+                                 "steps": 500, "batch_size": 64, "train_time_s": 1200.0, "train_cpu_s": 1100.0}
+    text = markdown({"runs": [scratch, run], "goal_miou": 0.85, "cpus": 2})
+    assert "| `resnet18_seg` from `resnet18` | 64 px |" in text and "IoU `resnet18_seg` from `resnet18` |" in text
+    assert "test accuracy 0.900), first conv adapted (conv1.weight 1 -> 3 channels)" in text
+    assert "together: 30.0 min of training steps" in text
+    assert "80 steps 0.300 vs 0.100; 160 steps 0.350 vs 0.150; 320 steps 0.450 vs 0.250." in text
+    assert "missed by 0.350 (best `resnet18_seg` from `resnet18`: 0.500" in text

@@ -121,10 +121,10 @@ def _kd(args: argparse.Namespace) -> None:
     from training.kd_experiment import report, run
 
     if args.report_only:
-        summary = report(args.checkpoints, args.reports, "docs", args.profile)
+        summary = report(args.checkpoints, args.reports, "docs", args.profile, args.vit_epochs)
     else:
         summary = run(args.checkpoints, args.reports, "docs", only=args.only, profile=args.profile,
-                      threads=args.threads)
+                      threads=args.threads, vit_epochs=args.vit_epochs)
     print(json.dumps({"teacher": summary["teacher"], "students": summary["students"]}, indent=1))
 
 
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: 10,000 images, 10 epochs (hours); quick: 2,000 images, a few epochs (under an hour)")
     k.add_argument("--only", nargs="+", metavar="RUN", help="train these runs (and the teacher when one needs it)")
     k.add_argument("--threads", type=int, help="training threads (default 2; a run may resume with another count)")
+    k.add_argument("--vit-epochs", type=int, metavar="N",
+                   help="train both ViT runs (alone and distilled) N epochs instead of the profile's")
     k.set_defaults(fn=_kd)
     q = sub.add_parser("experiment-qat", help="PTQ vs QAT for LeNet-5 and ResNet-18: accuracy and CPU latency")
     q.add_argument("--checkpoints", default="checkpoints/efficiency")

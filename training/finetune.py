@@ -5,6 +5,12 @@ Starting weights come from one of our checkpoints (`init_from`) or from a torchv
 tensor must fit the model except the classifier head, which is replaced by a freshly initialised one when the
 classes differ (`head: auto`); anything else that does not fit is an error that lists what did not.
 
+A segmentation model whose encoder is a registered classifier (`backbone_arch`, e.g. resnet18_seg's `backbone`
+is a resnet18) also starts from a checkpoint of that classifier: its weights go into the encoder, its
+classifier head is dropped and the segmentation head stays freshly initialised. When the classifier saw grey
+images and the model takes RGB, the first conv's weights are repeated over the channels and divided by their
+count (timm's adapt_input_conv), so a grey RGB image gives the features the grey original gave.
+
 Freeze policies decide which stages train: `none`; `linear_probe` (the head only); `layer4_head` (the classic
 recipe: ResNet stages up to layer3 frozen, layer4 and the head trained); `gradual` (the head first, then one
 more stage from the top every `unfreeze_every` epochs). Frozen BatchNorm layers stay in eval mode, so their
@@ -44,7 +50,10 @@ def sha256_of(path: Path) -> str:
 
 
 def head_name(model: nn.Module) -> str:
-    """The classifier head: the model's last nn.Linear (ResNet `fc`, ViT `head`, LeNet `classifier.7`)."""
+    """The classifier head: the model's last nn.Linear (ResNet `fc`, ViT `head`, LeNet `classifier.7`), or the
+    module a model names in `head_module` (segmentation models: their `head`, a stack of convs)."""
+    if named := getattr(model, "head_module", None):
+        return named
     linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linear:
         raise WeightsError(f"{type(model).__name__} has no linear classifier head")
@@ -78,22 +87,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     return state, digest
 
 
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, head: str = "auto",
-                 classes_differ: bool = False) -> dict[str, Any]:
-    """Copy `state` into `model`. The head is kept when it fits (and, under head=auto, the classes are the
-    same), else left freshly initialised; every other tensor must match by name and shape."""
-    own = model.state_dict()
-    prefix = head_name(model) + "."
-    head_keys = [k for k in own if k.startswith(prefix)]
-    head_fits = all(k in state and state[k].shape == own[k].shape for k in head_keys)
-    new_head = head == "new" or (head == "auto" and (classes_differ or not head_fits))
-    if head == "keep" and not head_fits:
-        theirs = state.get(prefix + "weight")
-        got = f"a {theirs.shape[0]}-class head" if theirs is not None else "no head"
-        raise WeightsError(f"head/class mismatch: {source} has {got} ({prefix}weight), the model has "
-                           f"{own[prefix + 'weight'].shape[0]} classes; use head: auto or new to train a new head")
-    # A replaced head may differ in its class count only; a different input width means another architecture.
-    skip = set(head_keys) if new_head else set()
+def _check_fit(what: str, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+               skip: set[str], source: str) -> None:
+    """Every tensor of `own` but `skip` is in `state` with its shape, and `state` has nothing else; or an error
+    that lists what did not fit. A skipped (replaced) tensor may differ in its first dimension only."""
     # Files saved before PyTorch 0.4.1 lack BatchNorm's step counter; torch loads them without it too.
     missing = [k for k in own if k not in state and k not in skip and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -104,11 +101,64 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         parts = [f"{len(v)} {what} ({', '.join(v[:_SHOW])}{', ...' if len(v) > _SHOW else ''})"
                  for what, v in (("missing", missing), ("unexpected", unexpected),
                                  ("with another shape (file vs model)", wrong)) if v]
-        raise WeightsError(f"{source} does not fit this {type(model).__name__}: {'; '.join(parts)}. Are they "
+        raise WeightsError(f"{source} does not fit this {what}: {'; '.join(parts)}. Are they "
                            "weights for another architecture or input size (up to 64 px our ResNets use a 3x3 "
                            "stem; torchvision's 7x7 stem needs img_size > 64)?")
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, head: str = "auto",
+                 classes_differ: bool = False) -> dict[str, Any]:
+    """Copy `state` into `model`. The head is kept when it fits (and, under head=auto, the classes are the
+    same), else left freshly initialised; every other tensor must match by name and shape."""
+    own = model.state_dict()
+    prefix = head_name(model) + "."
+    head_keys = [k for k in own if k.startswith(prefix)]
+    head_fits = all(k in state and state[k].shape == own[k].shape for k in head_keys)
+    new_head = head == "new" or (head == "auto" and (classes_differ or not head_fits))
+    if head == "keep" and not head_fits:
+        out = [k for k in head_keys if k.endswith("weight")][-1]  # the class layer: a Linear or a 1x1 conv
+        theirs = state.get(out)
+        got = f"a {theirs.shape[0]}-class head" if theirs is not None else "no head"
+        raise WeightsError(f"head/class mismatch: {source} has {got} ({out}), the model has "
+                           f"{own[out].shape[0]} classes; use head: auto or new to train a new head")
+    # A replaced head may differ in its class count only; a different input width means another architecture.
+    skip = set(head_keys) if new_head else set()
+    _check_fit(type(model).__name__, own, state, skip, source)
     model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
     return {"source": source, "tensors": len(own) - len(skip), "head": "new" if new_head else "loaded"}
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A first conv's weights (out, 1, k, k) for `in_channels` inputs: repeated and divided by the count, so an
+    image whose channels are all equal gives the output the one-channel original gave (timm's adapt_input_conv)."""
+    if weight.shape[1] != 1:
+        raise WeightsError(f"only a one-channel first conv can be adapted, this one takes {weight.shape[1]}")
+    return weight.repeat(1, in_channels, 1, 1) / in_channels
+
+
+def load_backbone(model: nn.Module, ckpt: Mapping[str, Any], state: Mapping[str, torch.Tensor], *, source: str,
+                  head: str = "auto") -> dict[str, Any]:
+    """A classifier checkpoint of the model's `backbone_arch` into its `backbone`: the classifier's head is
+    dropped (the model's own head stays freshly initialised), a grey first conv is adapted to the model's input
+    channels; every other tensor must fit (else the error lists what did not)."""
+    if head == "keep":
+        raise WeightsError(f"head: keep needs a {type(model).__name__} checkpoint; {source} holds a "
+                           f"{ckpt['arch']} classifier, whose head cannot be kept: use head: auto or new")
+    from training.models import get_model
+
+    classifier_head = head_name(get_model(ckpt["arch"], **ckpt["model_args"])) + "."
+    backbone = model.backbone
+    own = backbone.state_dict()
+    theirs = {k: v for k, v in state.items() if not k.startswith(classifier_head)}
+    adapted = []
+    first = next(name for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)) + ".weight"
+    want, got = own[first].shape[1], theirs[first].shape[1] if first in theirs else None
+    if got == 1 and want != 1 and theirs[first].shape[2:] == own[first].shape[2:]:
+        theirs[first] = adapt_input_conv(theirs[first], want)
+        adapted.append(f"{first} 1 -> {want} channels")
+    _check_fit(f"{type(model).__name__}'s backbone", own, theirs, set(), source)
+    backbone.load_state_dict(theirs, strict=False)
+    return {"source": source, "tensors": len(own), "head": "new", "backbone": ckpt["arch"], "adapted": adapted}
 
 
 def init_weights(model: nn.Module, recipe: Recipe, classes: list[str]) -> dict[str, Any] | None:
@@ -125,10 +175,15 @@ def init_weights(model: nn.Module, recipe: Recipe, classes: list[str]) -> dict[s
             ckpt = load_checkpoint(recipe.init_from)
         except ValueError as e:
             raise WeightsError(f"init_from: {e}") from None
-        if ckpt["arch"] != recipe.arch:
-            raise WeightsError(f"{recipe.init_from} holds a {ckpt['arch']}, the recipe trains a {recipe.arch} "
-                               f"(set arch: {ckpt['arch']} or start from other weights)")
         state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
+        backbone_arch = getattr(model, "backbone_arch", None)
+        if ckpt["arch"] != recipe.arch and ckpt["arch"] == backbone_arch:
+            report = load_backbone(model, ckpt, state, source=recipe.init_from, head=recipe.head)
+            return {**report, "sha256": sha256_of(Path(recipe.init_from)), "classes": list(ckpt["classes"])}
+        if ckpt["arch"] != recipe.arch:
+            also = f", or a {backbone_arch} classifier for its backbone" if backbone_arch else ""
+            raise WeightsError(f"{recipe.init_from} holds a {ckpt['arch']}, the recipe trains a {recipe.arch} "
+                               f"(set arch: {ckpt['arch']} or start from other weights{also})")
         report = load_weights(model, state, source=recipe.init_from, head=recipe.head,
                               classes_differ=list(ckpt["classes"]) != list(classes))
         return {**report, "sha256": sha256_of(Path(recipe.init_from)), "classes": list(ckpt["classes"])}

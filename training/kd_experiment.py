@@ -4,13 +4,16 @@ student trained alone and distilled from the teacher, all on the same seeded sub
 The CNN students learn the teacher's soft targets (T = 4, alpha = 0.5); ViT-Tiny gets DeiT's distillation token
 with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5); ViT-Tiny uses 7x7 patches (16 tokens). Two sizes
 (PROFILES): `full` (10,000 images, a half-width ResNet-18 teacher, 10 epochs each: hours on 2 cores) and `quick`
-(2,000 images per split, a quarter-width teacher, a few epochs: under an hour). Every run is resumable
+(2,000 images per split, a quarter-width teacher, a few epochs: under an hour). `vit_epochs` (`--vit-epochs N`)
+trains both ViT runs, alone and distilled, for N epochs instead of the profile's, beside the profile's teacher and CNN
+runs (their checkpoints are named `<run>-<N>ep.pt`). Every run is resumable
 (training/runs.py) and lives under <checkpoints>/<profile>/; the raw results go to reports/efficiency/kd.json,
 the summary (with the profile that ran) to docs/efficiency/kd.json and the table into docs/efficiency.md.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +45,15 @@ STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "ViT-Tiny/7": [("vit_tiny", {**VIT, "arch": "vit_tiny"}, False),
                    ("vit_tiny_distilled", {**VIT, "arch": "vit_tiny_distilled", **HARD}, True)],
 }
+VIT_RUNS = {name for runs in STUDENTS.values() for name, values, _ in runs if values["arch"].startswith("vit")}
 GOAL = 0.5  # the distilled ViT-Tiny should close at least half of its gap to the teacher
 
 
-def recipes(ckpt_dir: Path, profile: str = "full", threads: int | None = None) -> dict[str, Recipe]:
-    """Every run's recipe by run name (the teacher first); `threads` overrides DATA's training threads."""
-    size = PROFILES[profile]
+def recipes(ckpt_dir: Path, profile: str = "full", threads: int | None = None,
+            vit_epochs: int | None = None) -> dict[str, Recipe]:
+    """Every run's recipe by run name (the teacher first); `threads` overrides DATA's training threads,
+    `vit_epochs` the profile's epochs of both ViT runs."""
+    size = sizes(profile, vit_epochs)
     data = {**DATA, "limit": size["limit"], **({"threads": threads} if threads else {})}
     # zero_init_residual off: experiment-qat trains the same recipe with qat, which folds the BatchNorm scales
     teacher_args = {"width": size["teacher_width"], "zero_init_residual": False}
@@ -61,30 +67,42 @@ def recipes(ckpt_dir: Path, profile: str = "full", threads: int | None = None) -
     return out
 
 
-def run_path(ckpt_dir: Path, profile: str, name: str) -> Path:
-    return Path(ckpt_dir) / profile / (TEACHER_FILE if name == "teacher" else f"{name}.pt")
+def sizes(profile: str, vit_epochs: int | None = None) -> dict[str, Any]:
+    """The profile's sizes, with `vit_epochs` (when given) in place of its ViT epochs."""
+    if vit_epochs is not None and vit_epochs < 1:
+        raise ValueError(f"vit_epochs must be at least 1, got {vit_epochs}")
+    return {**PROFILES[profile], **({"vit_epochs": vit_epochs} if vit_epochs else {})}
+
+
+def run_path(ckpt_dir: Path, profile: str, name: str, vit_epochs: int | None = None) -> Path:
+    """The run's checkpoint; a ViT run trained for other than the profile's epochs is `<run>-<N>ep.pt`."""
+    if name == "teacher":
+        return Path(ckpt_dir) / profile / TEACHER_FILE
+    other = name in VIT_RUNS and vit_epochs and vit_epochs != PROFILES[profile]["vit_epochs"]
+    return Path(ckpt_dir) / profile / (f"{name}-{vit_epochs}ep.pt" if other else f"{name}.pt")
 
 
 def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
         docs: str | Path = "docs", only: list[str] | None = None, profile: str = "full",
-        threads: int | None = None) -> dict[str, Any]:
+        threads: int | None = None, vit_epochs: int | None = None) -> dict[str, Any]:
     """Train (or resume, or reuse) every run (or those in `only`, the teacher first when one needs it) with
     `threads` training threads (default DATA's), then write the raw and summary JSON and the docs table."""
-    plan = recipes(Path(ckpt_dir), profile, threads)
+    plan = recipes(Path(ckpt_dir), profile, threads, vit_epochs)
     for name, recipe in plan.items():
         if only and name not in only and not (name == "teacher" and any(plan[n].teacher for n in only)):
             continue
-        train_or_resume(recipe, run_path(Path(ckpt_dir), profile, name))
-    return report(ckpt_dir, reports, docs, profile)
+        train_or_resume(recipe, run_path(Path(ckpt_dir), profile, name, vit_epochs))
+    return report(ckpt_dir, reports, docs, profile, vit_epochs)
 
 
-def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile: str = "full") -> dict[str, Any]:
+def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile: str = "full",
+           vit_epochs: int | None = None) -> dict[str, Any]:
     """Summarise whatever runs have finished (a missing run shows as not run yet)."""
-    plan = recipes(Path(ckpt_dir), profile)
+    plan = recipes(Path(ckpt_dir), profile, vit_epochs=vit_epochs)
     raw: dict[str, Any] = {}
     unfinished: dict[str, Any] = {}  # run -> its validation accuracy per epoch so far
     for name, recipe in plan.items():
-        path = run_path(Path(ckpt_dir), profile, name)
+        path = run_path(Path(ckpt_dir), profile, name, vit_epochs)
         if path.is_file() and int((c := load_checkpoint(path)).get("epoch", 0)) < recipe.epochs:
             unfinished[name] = {"epochs_done": c["epoch"], "epochs": recipe.epochs,
                                 "val_acc": [h["val_acc"] for h in c["metrics"]["history"]]}
@@ -96,7 +114,7 @@ def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile:
                          "epochs": c["epoch"], "hardware": m["hardware"], "recipe": c["recipe"],
                          "distillation": m.get("distillation"), "history": m["history"]}
     write_json(Path(reports) / "kd.json", {**raw, "unfinished": unfinished})
-    summary = summarise(raw, profile, unfinished)
+    summary = summarise(raw, profile, unfinished, vit_epochs)
     summary["machine"] = machine()
     write_json(Path(docs) / "efficiency" / "kd.json", summary)
     from training.docblock import write_doc_block
@@ -109,7 +127,8 @@ def _is_buffer(key: str) -> bool:
     return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
-def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, Any] | None = None,
+              vit_epochs: int | None = None) -> dict[str, Any]:
     """Per student: alone, distilled, the teacher, and the share of the alone-to-teacher gap distillation closed.
     A distilled run that has not finished is compared at the epoch it reached, on the validation split, with the
     student alone at the same epoch of the same schedule (`partial`)."""
@@ -125,6 +144,8 @@ def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, 
             row["gap_pt"] = round(100 * gap, 2)
             row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
             row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
+            row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"],
+                                                           PROFILES[profile]["limit"]), 2)
         elif teacher and alone and (d := unfinished.get(runs[1][0])) and d["val_acc"]:
             k = len(d["val_acc"])
             a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
@@ -132,7 +153,13 @@ def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, 
                               "teacher_val": teacher["val_acc"], "gain_pt": round(100 * (d_k - a_k), 2)}
         rows.append(row)
     return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL, "profile": profile,
-            "size": PROFILES[profile], "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
+            "size": sizes(profile, vit_epochs), "vit_epochs_option": vit_epochs,
+            "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
+
+
+def _difference_se(a: float, b: float, n: int) -> float:
+    """Standard error of the difference of two accuracies on n test images each (binomial, as if independent)."""
+    return math.sqrt((a * (1 - a) + b * (1 - b)) / n)
 
 
 def _brief(run: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -154,7 +181,8 @@ def kd_table(summary: dict[str, Any]) -> str:
     size = summary["size"]
     lines = [f"Profile `{summary['profile']}`: {size['limit']:,} images in each of the train, validation and test "
              f"splits (seeded subsets); the teacher {size['teacher_epochs']} epochs, the CNN students "
-             f"{size['cnn_epochs']}, the ViTs {size['vit_epochs']}.", "",
+             f"{size['cnn_epochs']}, the ViTs {size['vit_epochs']}"
+             f"{' (`--vit-epochs`, both ViT runs)' if summary.get('vit_epochs_option') else ''}.", "",
              f"Teacher: {t['arch']} {_args(t)} — **{100 * t['test_acc']:.2f} %** test accuracy, "
              f"{t['params'] / 1e6:.2f} M parameters, {t['epochs']} epochs, {t['train_time_s'] / 60:.0f} min.", "",
              "| student | params | alone % | distilled % | how | gain pt | gap to teacher pt | gap closed | "
@@ -182,14 +210,20 @@ def kd_table(summary: dict[str, Any]) -> str:
                      f"{d['train_time_s'] / 60:.0f} ({share}) |")
         if r["student"].startswith("ViT") and r.get("gap_closed") is not None:
             goal = summary["goal_gap_closed"]
+            noise = (f" The gain's standard error is about {r['gain_se_pt']:.2f} points ({size['limit']:,} test "
+                     "images per accuracy)." if r.get("gain_se_pt") is not None else "")
             if r["gap_closed"] >= goal:
                 verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
-                                f"{r['gap_pt']:.2f}-point gap to the teacher: the goal (≥ {100 * goal:.0f} %) is met.")
+                                f"{r['gap_pt']:.2f}-point gap to the teacher: the goal (≥ {100 * goal:.0f} %) is "
+                                f"met.{noise}")
             else:
                 short = goal * r["gap_pt"] - r["gain_pt"]
-                verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
+                closes = (f"closes {100 * r['gap_closed']:.0f} % of" if r["gain_pt"] >= 0 else
+                          f"ends {-r['gain_pt']:.2f} points below the student alone, closing none of")
+                verdicts.append(f"The distilled {r['student']} {closes} its "
                                 f"{r['gap_pt']:.2f}-point gap to the teacher: short of the goal "
-                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy. {_longer(summary, d)}")
+                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy.{noise} "
+                                f"{_longer(summary, d)}")
     m = summary.get("machine", {})
     load = m.get("load_average", ["?"])[0]
     lines += ["", *verdicts, "", f"Measured {m.get('date', '?')} on {m.get('hardware', '?')} ({m.get('cores')} cores, "
@@ -199,15 +233,19 @@ def kd_table(summary: dict[str, Any]) -> str:
 
 
 def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
-    """Why a missed goal may be the profile's size, and the command of the longer run."""
-    size, full = summary["size"], PROFILES["full"]
-    steps = -(-size["limit"] // AUGMENT["batch_size"]) * distilled["epochs"]
+    """Where the distilled run's time went, and the command of a run with twice the ViT epochs."""
+    size, profile, epochs = summary["size"], summary["profile"], distilled["epochs"]
+    steps = -(-size["limit"] // AUGMENT["batch_size"]) * epochs
     curve = ", ".join(f"{100 * v:.1f}" for v in distilled.get("val_history", []))
-    if summary["profile"] == "full":
-        return f"Validation accuracy by epoch: {curve} %."
-    return (f"This profile gives each ViT {steps} optimizer steps (the distilled run's validation accuracy by "
-            f"epoch: {curve} %); the longer run is `make experiment-kd` (the full profile: "
-            f"{full['limit']:,} images, {full['vit_epochs']} epochs, hours on this machine).")
+    per_epoch = distilled["train_time_s"] / max(epochs, 1)
+    teacher = 100 * distilled.get("teacher_time_s", 0) / max(distilled["train_time_s"], 1e-9)
+    threads = distilled.get("threads") or summary["data"]["threads"]
+    profile_arg = "" if profile == "full" else f"--profile {profile} "
+    return (f"Each ViT trained {epochs} epochs, {steps} optimizer steps (the distilled run's validation accuracy by "
+            f"epoch: {curve} %); its training took {per_epoch:.0f} s per epoch on {threads} thread(s), "
+            f"{teacher:.0f} % of it in the teacher. Twice the ViT epochs: `make experiment-kd "
+            f"KD_ARGS=\"{profile_arg}--threads {threads} --vit-epochs {2 * epochs}\"` (about "
+            f"{4 * epochs * per_epoch / 3600:.1f} h of training for the two ViT runs at that speed).")
 
 
 def _threads(summary: dict[str, Any]) -> str:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from handlers.artifacts import write_json as write_json  # the one JSON writer, re-exported for training/
 from training.checkpoint import load_checkpoint
 from training.recipe import Recipe
 
@@ -36,23 +35,6 @@ def train_or_resume(recipe: Recipe, path: Path, progress: bool = True) -> dict[s
         return train(recipe, path, resume=path, progress=progress)
     print(f"training {path} ({recipe.arch}, {recipe.epochs} epochs)", flush=True)
     return train(recipe, path, progress=progress)
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Atomically (temp file in the same folder + os.replace), indented, keys in insertion order, mode 0644."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def machine() -> dict[str, Any]:

@@ -142,7 +142,7 @@ def run_eval(ckpt: dict[str, Any], checkpoint: str | Path, out_dir: str | Path, 
                            "hardware": trained.get("hardware"), "epochs": trained.get("epochs"),
                            "steps": trained.get("steps"),
                            "val_miou": [row.get("val_miou") for row in trained.get("history", [])]},
-              "recipe": ckpt["recipe"]}
+              "init": ckpt.get("init"), "recipe": ckpt["recipe"]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shown = sets[0]

@@ -64,6 +64,8 @@ class ViTSeg(nn.Module):
     Frames of another size than `img_size` work when H and W are multiples of the patch size: the position
     embedding is resized bicubically to the new token grid (ViT.position_embedding)."""
 
+    head_module = "head"  # not a Linear: training.finetune.head_name
+
     def __init__(self, cfg: ViTConfig, *, head_width: int = 64, detail_width: int = 16):
         super().__init__()
         self.patch_size = cfg.patch_size
@@ -81,7 +83,11 @@ class ViTSeg(nn.Module):
 
 
 class ResNetSeg(nn.Module):
-    """ResNet-18's stages (stride 32 above 64 px, 8 below) under the same SegHead."""
+    """ResNet-18's stages (stride 32 above 64 px, 8 below) under the same SegHead. `backbone` takes the weights
+    of a resnet18 classifier of the same width and stem (init_from, training/finetune.py)."""
+
+    head_module = "head"  # not a Linear: training.finetune.head_name
+    backbone_arch = "resnet18"
 
     def __init__(self, *, num_classes: int, in_channels: int, img_size: int, width: int = 64, head_width: int = 64,
                  detail_width: int = 16):
