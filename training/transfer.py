@@ -302,7 +302,8 @@ def verdict(summary: dict[str, Any]) -> str:
     short = sum(1 for g in paired if g < GOAL_POINTS) if len(paired) > 1 else 0
     met = f"**not met**, {GOAL_POINTS - gap:.1f} points short" if gap < GOAL_POINTS else (
         "**met**" if not short else f"**met** on the mean ({short} of {len(paired)} seeds short of it on their own)")
-    return (f"At {k} images per class, layer4 + head beats from scratch by {gap:+.1f} points "
+    verb = "beats" if gap >= 0 else "trails"
+    return (f"At {k} images per class, layer4 + head {verb} from scratch by {abs(gap):.1f} points "
             f"({seeds}goal: >= {GOAL_POINTS:.0f}): {met}.")
 
 
