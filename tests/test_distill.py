@@ -72,8 +72,19 @@ def test_the_loss_mixes_labels_and_teacher_by_alpha(tmp_path):
     t = teacher(x)
     s = student(x)
     for mode, alpha, kd in (("soft", 0.3, soft_kd_loss(s, t, 2.0)), ("hard", 0.7, hard_kd_loss(s, t))):
-        loss = Distiller(teacher, mode, alpha, 2.0, two_heads=False).loss(student, x, y, F.cross_entropy)
+        distiller = Distiller(teacher, mode, alpha, 2.0, two_heads=False)
+        loss = distiller.loss(student, x, y, F.cross_entropy)
         assert loss.item() == pytest.approx(((1 - alpha) * F.cross_entropy(s, y) + alpha * kd).item(), rel=1e-5)
+        # how often the teacher's top-1 was the label, counted over the views it labelled, carried over a resume
+        distiller.loss(student, x, y, F.cross_entropy)
+        agreed = (t.argmax(dim=1) == y).sum().item()
+        described = distiller.describe()
+        assert described["teacher_views"] == 12 and described["teacher_label_agreement"] == round(agreed / 6, 6)
+        resumed = Distiller(teacher, mode, alpha, 2.0, two_heads=False)
+        resumed.resume({"distillation": described})
+        resumed.loss(student, x, y, F.cross_entropy)
+        assert resumed.describe()["teacher_views"] == 18
+        assert resumed.describe()["teacher_label_agreement"] == round(3 * agreed / 18, 6)
     assert Distiller(teacher, "auto", 0.5, 2.0, two_heads=False).mode == "soft"
     assert Distiller(teacher, "auto", 0.5, 2.0, two_heads=True).mode == "hard"
 
@@ -208,7 +219,8 @@ def test_the_teacher_answers_the_augmented_batch_the_student_trains_on(tmp_path,
 def _run(arch: str, acc: float, epochs: int, distilled: bool = False) -> dict:
     return {"arch": arch, "model_args": {}, "test_acc": acc, "params": 1000, "train_time_s": 60.0 * epochs,
             "epochs": epochs, "recipe": {"threads": 1}, "history": [{"val_acc": acc}] * epochs,
-            "distillation": {"mode": "hard", "teacher_time_s": 6.0 * epochs} if distilled else None}
+            "distillation": {"mode": "hard", "teacher_time_s": 6.0 * epochs, "teacher_label_agreement": 0.8125}
+            if distilled else None}
 
 
 def test_vit_epochs_train_both_vits_longer_beside_the_profiles_other_runs(tmp_path):
@@ -239,8 +251,14 @@ def test_the_kd_verdict_is_generated_from_the_figures():
     table = kd_table(summary)
     assert "the ViTs 12 (`--vit-epochs`, both ViT runs)" in table
     assert "closes 20 % of its 10.00-point gap to the teacher: short of the goal (≥ 50 %) by 3.00 points" in table
+    # sqrt((0.7 * 0.3 + 0.72 * 0.28) / 2000) = 1.43 points
+    assert row["gain_se_pt"] == 1.43 and "standard error is about 1.43 points (2,000 test images" in table
     assert "60 s per epoch on 1 thread(s), 10 % of it in the teacher" in table
+    assert "The teacher's top-1 was the true label on 81.2 % of the training views" in table
     assert 'KD_ARGS="--profile quick --threads 1 --vit-epochs 24"' in table
+    raw["vit_tiny_distilled"]["test_acc"] = 0.69
+    assert ("ends 1.00 points below the student alone, closing none of its 10.00-point gap to the teacher: short "
+            "of the goal (≥ 50 %) by 6.00 points") in kd_table(summarise(raw, "quick", vit_epochs=12))
     raw["vit_tiny_distilled"]["test_acc"] = 0.76
     assert "closes 60 % of its 10.00-point gap to the teacher: the goal (≥ 50 %) is met." in kd_table(
         summarise(raw, "quick", vit_epochs=12))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tests.datagen import write_fashion_mnist
 from tests.torchserve import tiny_archive
 from training.checkpoint import build_model, load_checkpoint, save_checkpoint
+from training.cli import main
 from training.commands import train_args
 from training.presets import eval_batch
 from training.transfer import (
@@ -66,7 +68,7 @@ def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick
     write_docs(summary, docs)
     page = (docs / "training.md").read_text()
     assert "old" not in page and markdown(summary) in page
-    assert "layer4 + head beats from scratch by" in page and (docs / "transfer.png").stat().st_size > 1000
+    assert "from scratch by" in page and "layer4 + head" in page and (docs / "transfer.png").stat().st_size > 1000
     assert summary["runs_done"] == summary["runs_planned"] == 4 and summary["wall_s_total"] > 0
     assert summary["loadavg_max"] >= summary["loadavg_min"] >= 0
 
@@ -76,7 +78,7 @@ def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick
     assert part["runs_done"] == 3 and part["cells"]["2/scratch"]["n"] == 0
     md = markdown(part)
     assert "| not run |" in md and "3 of the 4 planned runs have finished" in md
-    assert "the goal is not measured yet" in md and "beats from scratch" not in md
+    assert "the goal is not measured yet" in md and "from scratch by" not in md
     write_docs(part, docs)  # the plot leaves the missing point out
 
 
@@ -94,17 +96,44 @@ def test_pretraining_stored_before_a_recipe_key_existed_is_reused_and_another_co
             pretrain(tmp_path, cfg, tree, progress=False, train_missing=False)
 
 
+def test_finetune_steps_from_the_command_line_retrains_the_fine_tuning_and_reuses_the_pretraining(quick, tmp_path,
+                                                                                                    capsys):
+    _, fm, results = quick
+    out = tmp_path / "exp"
+    shutil.copytree(Path(results["trees"]["pretrain"]).parent, out)  # its trees.json points at the same trees
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    pretrained = (out / "pretrain.pt").stat().st_mtime_ns
+    assert results["config"]["finetune_steps"] == 2 and {r["epochs"] for r in results["runs"]} == {1}
+
+    args = ["experiment-transfer", "--quick", "--out-dir", str(out), "--data-root", str(fm), "--finetune-steps", "4"]
+    assert main(args) == 0
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["config"]["finetune_steps"] == 4
+    assert json.loads((out / "summary.json").read_text())["config"]["finetune_steps"] == 4
+    assert {r["epochs"] for r in stored["runs"]} == {2}  # 2 images x 5 classes / batch 4 = 2 steps per epoch
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    assert len(after) == 4 and all(after[name] != before.get(name) for name in after)  # every run trained again
+    assert (out / "pretrain.pt").stat().st_mtime_ns == pretrained  # the pretraining was reused
+
+    assert main([*args[:-1], "0"]) == 2
+    assert "finetune_steps must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_the_verdict_pairs_the_seeds_and_says_how_far_the_gap_is_from_the_goal():
     cells = {"10/layer4_head": {"n": 2, "mean": 0.56, "accs": [0.52, 0.60], "seeds": [0, 1]},
              "10/scratch": {"n": 2, "mean": 0.50, "accs": [0.49, 0.51], "seeds": [0, 1]}}
     summary = {"config": {"shots": [10, 20]}, "cells": cells}
-    assert verdict(summary) == ("At 10 images per class, layer4 + head beats from scratch by +6.0 points "
+    assert verdict(summary) == ("At 10 images per class, layer4 + head beats from scratch by 6.0 points "
                                 "(per seed: +3.0, +9.0; goal: >= 10): **not met**, 4.0 points short.")
     cells["10/layer4_head"].update(mean=0.62, accs=[0.64, 0.60], seeds=[1, 0])  # paired by seed, not by order
-    assert verdict(summary).endswith("by +12.0 points (per seed: +13.0, +11.0; goal: >= 10): **met**.")
+    assert verdict(summary).endswith("beats from scratch by 12.0 points (per seed: +13.0, +11.0; goal: >= 10): "
+                                     "**met**.")
     cells["10/layer4_head"].update(mean=0.61, accs=[0.58, 0.64], seeds=[0, 1])
     assert verdict(summary).endswith("(per seed: +9.0, +13.0; goal: >= 10): **met** on the mean (1 of 2 seeds short "
                                      "of it on their own).")
+    cells["10/layer4_head"].update(mean=0.43, accs=[0.40, 0.46], seeds=[0, 1])  # below from scratch: "trails"
+    assert verdict(summary) == ("At 10 images per class, layer4 + head trails from scratch by 7.0 points "
+                                "(per seed: -9.0, -5.0; goal: >= 10): **not met**, 17.0 points short.")
     cells["10/scratch"].update(n=1, mean=0.49, accs=[0.49], seeds=[0])
     assert "per seed" not in verdict(summary)
 

@@ -170,7 +170,7 @@ def _transfer(args: argparse.Namespace) -> None:
 
     results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick,
                              serve_checkpoint=args.checkpoint_out, full=args.full,
-                             train_missing=not args.report_only)
+                             train_missing=not args.report_only, finetune_steps=args.finetune_steps)
     summary = summarize(results)
     (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.docs:
@@ -295,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--report-only", action="store_true", help="train nothing: summarize the runs that have "
                    "finished (the others show as not run)")
     x.add_argument("--full", action="store_true", help="the longer run: 5000 pretraining images per class, "
-                   "3 seeds, 300 fine-tuning steps, 400 test images per class (hours on 2 cores)")
+                   "400 test images per class (hours on 2 cores)")
+    x.add_argument("--finetune-steps", type=int, help="optimizer steps of every fine-tuning run (default 300); "
+                   "the pretraining is reused, runs of another step count are trained again")
     x.add_argument("--checkpoint-out", help="copy the model to archive and serve here (layer4 + head, 50 images "
                    "per class); archive_configs/fmnist-transfer-resnet50 reads checkpoints/resnet50-fmnist-transfer.pt")
     x.set_defaults(fn=_transfer)

@@ -126,10 +126,15 @@ class Distiller:
     def __init__(self, teacher: Teacher, mode: str, alpha: float, temperature: float, two_heads: bool) -> None:
         self.teacher, self.alpha, self.temperature, self.two_heads = teacher, alpha, temperature, two_heads
         self.mode = ("hard" if two_heads else "soft") if mode == "auto" else mode
+        # training views the teacher labelled, and those where its top-1 was the true label (how noisy its targets are)
+        self.views, self.agreed = 0, torch.zeros((), dtype=torch.long)
 
     def loss(self, net: nn.Module, x: torch.Tensor, target: torch.Tensor,
              criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         teacher = self.teacher(x)
+        if target.ndim == 1:  # class indices (a mixed batch's soft targets have no single true label)
+            self.agreed = self.agreed.to(target.device) + (teacher.argmax(dim=1) == target).sum()
+            self.views += target.numel()
         if self.two_heads:
             cls, dist = net(x, both_heads=True)
         else:
@@ -138,15 +143,19 @@ class Distiller:
         return (1 - self.alpha) * criterion(cls.float(), target) + self.alpha * kd
 
     def resume(self, metrics: dict[str, Any]) -> None:
-        """Carry the teacher time of the epochs before a resume, as the training time is carried."""
-        self.teacher.seconds = float((metrics.get("distillation") or {}).get("teacher_time_s", 0.0))
+        """Carry the teacher time and label agreement of the epochs before a resume, as the training time is."""
+        before = metrics.get("distillation") or {}
+        self.teacher.seconds = float(before.get("teacher_time_s", 0.0))
+        self.views = int(before.get("teacher_views", 0))
+        self.agreed = torch.tensor(round(self.views * (before.get("teacher_label_agreement") or 0.0)))
 
     def describe(self) -> dict[str, Any]:
         """What the checkpoint's metrics record about the distillation."""
         return {"teacher": self.teacher.path, "teacher_arch": self.teacher.arch,
                 "teacher_test_acc": self.teacher.test_acc, "mode": self.mode, "alpha": self.alpha,
                 "temperature": self.temperature, "distillation_token": self.two_heads,
-                "teacher_time_s": round(self.teacher.seconds, 1)}
+                "teacher_time_s": round(self.teacher.seconds, 1), "teacher_views": self.views,
+                "teacher_label_agreement": round(int(self.agreed) / self.views, 6) if self.views else None}
 
 
 def make_distiller(recipe: Recipe, model: nn.Module, classes: Sequence[str], preprocess: dict[str, Any],

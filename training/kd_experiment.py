@@ -13,6 +13,7 @@ the summary (with the profile that ran) to docs/efficiency/kd.json and the table
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,8 @@ def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, 
             row["gap_pt"] = round(100 * gap, 2)
             row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
             row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
+            row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"],
+                                                           PROFILES[profile]["limit"]), 2)
         elif teacher and alone and (d := unfinished.get(runs[1][0])) and d["val_acc"]:
             k = len(d["val_acc"])
             a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
@@ -154,6 +157,11 @@ def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, 
             "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
 
 
+def _difference_se(a: float, b: float, n: int) -> float:
+    """Standard error of the difference of two accuracies on n test images each (binomial, as if independent)."""
+    return math.sqrt((a * (1 - a) + b * (1 - b)) / n)
+
+
 def _brief(run: dict[str, Any] | None) -> dict[str, Any] | None:
     if not run:
         return None
@@ -162,6 +170,7 @@ def _brief(run: dict[str, Any] | None) -> dict[str, Any] | None:
                                        "val_history": [h["val_acc"] for h in run["history"]]}
     if run.get("distillation"):
         out["teacher_time_s"] = run["distillation"]["teacher_time_s"]
+        out["teacher_label_agreement"] = run["distillation"].get("teacher_label_agreement")
     return out
 
 
@@ -202,14 +211,20 @@ def kd_table(summary: dict[str, Any]) -> str:
                      f"{d['train_time_s'] / 60:.0f} ({share}) |")
         if r["student"].startswith("ViT") and r.get("gap_closed") is not None:
             goal = summary["goal_gap_closed"]
+            noise = (f" The gain's standard error is about {r['gain_se_pt']:.2f} points ({size['limit']:,} test "
+                     "images per accuracy)." if r.get("gain_se_pt") is not None else "")
             if r["gap_closed"] >= goal:
                 verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
-                                f"{r['gap_pt']:.2f}-point gap to the teacher: the goal (≥ {100 * goal:.0f} %) is met.")
+                                f"{r['gap_pt']:.2f}-point gap to the teacher: the goal (≥ {100 * goal:.0f} %) is "
+                                f"met.{noise}")
             else:
                 short = goal * r["gap_pt"] - r["gain_pt"]
-                verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
+                closes = (f"closes {100 * r['gap_closed']:.0f} % of" if r["gain_pt"] >= 0 else
+                          f"ends {-r['gain_pt']:.2f} points below the student alone, closing none of")
+                verdicts.append(f"The distilled {r['student']} {closes} its "
                                 f"{r['gap_pt']:.2f}-point gap to the teacher: short of the goal "
-                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy. {_longer(summary, d)}")
+                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy.{noise} "
+                                f"{_longer(summary, d)}")
     m = summary.get("machine", {})
     load = m.get("load_average", ["?"])[0]
     lines += ["", *verdicts, "", f"Measured {m.get('date', '?')} on {m.get('hardware', '?')} ({m.get('cores')} cores, "
@@ -227,8 +242,11 @@ def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
     teacher = 100 * distilled.get("teacher_time_s", 0) / max(distilled["train_time_s"], 1e-9)
     threads = distilled.get("threads") or summary["data"]["threads"]
     profile_arg = "" if profile == "full" else f"--profile {profile} "
-    return (f"Each ViT trained {epochs} epochs, {steps} optimizer steps (the distilled run's validation accuracy by "
-            f"epoch: {curve} %); its training took {per_epoch:.0f} s per epoch on {threads} thread(s), "
+    agreement = distilled.get("teacher_label_agreement")
+    targets = ("" if agreement is None else f"The teacher's top-1 was the true label on {100 * agreement:.1f} % "
+               "of the training views it labelled for the distillation head. ")
+    return (f"{targets}Each ViT trained {epochs} epochs, {steps} optimizer steps (the distilled run's validation "
+            f"accuracy by epoch: {curve} %); its training took {per_epoch:.0f} s per epoch on {threads} thread(s), "
             f"{teacher:.0f} % of it in the teacher. Twice the ViT epochs: `make experiment-kd "
             f"KD_ARGS=\"{profile_arg}--threads {threads} --vit-epochs {2 * epochs}\"` (about "
             f"{4 * epochs * per_epoch / 3600:.1f} h of training for the two ViT runs at that speed).")
