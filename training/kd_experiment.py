@@ -274,7 +274,7 @@ def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
     agreement = distilled.get("teacher_label_agreement")
     targets = ("" if agreement is None else f"The teacher's top-1 was the true label on {100 * agreement:.1f} % "
                "of the training views it labelled. ")
-    return (f"{targets}Each ViT trained {epochs} epochs, {steps} optimizer steps (the distilled run's validation "
+    return (f"{targets}Each ViT trained {epochs} epochs, {steps} optimizer steps (the best distilled run's validation "
             f"accuracy by epoch: {curve} %); its training took {per_epoch:.0f} s per epoch on {threads} thread(s), "
             f"{teacher:.0f} % of it in the teacher. Twice the ViT epochs: `make experiment-kd "
             f"KD_ARGS=\"{profile_arg}--threads {threads} --vit-epochs {2 * epochs}\"` (about "
