@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--only", nargs="+", metavar="RUN", help="train these runs (and the teacher when one needs it)")
     k.add_argument("--threads", type=int, help="training threads (default 2; a run may resume with another count)")
     k.add_argument("--vit-epochs", type=int, metavar="N",
-                   help="train both ViT runs (alone and distilled) N epochs instead of the profile's")
+                   help="train every ViT run (alone and distilled) N epochs instead of the profile's")
     k.set_defaults(fn=_kd)
     q = sub.add_parser("experiment-qat", help="PTQ vs QAT for LeNet-5 and ResNet-18: accuracy and CPU latency")
     q.add_argument("--checkpoints", default="checkpoints/efficiency")

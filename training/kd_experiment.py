@@ -1,12 +1,12 @@
 """The distillation experiment: a ResNet-18 teacher and three students (LeNet-5, a small CNN, ViT-Tiny), each
 student trained alone and distilled from the teacher, all on the same seeded subset of Fashion-MNIST.
 
-The CNN students learn the teacher's soft targets (T = 4, alpha = 0.5); ViT-Tiny gets DeiT's distillation token
-with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5); ViT-Tiny uses 7x7 patches (16 tokens). Two sizes
-(PROFILES): `full` (10,000 images, a half-width ResNet-18 teacher, 10 epochs each: hours on 2 cores) and `quick`
-(2,000 images per split, a quarter-width teacher, a few epochs: under an hour). `vit_epochs` (`--vit-epochs N`)
-trains both ViT runs, alone and distilled, for N epochs instead of the profile's, beside the profile's teacher and CNN
-runs (their checkpoints are named `<run>-<N>ep.pt`). Every run is resumable
+Every student learns the teacher's soft targets (T = 4, alpha = 0.5); ViT-Tiny is also distilled DeiT's way, a
+distillation token with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5); ViT-Tiny uses 7x7 patches (16
+tokens). Two sizes (PROFILES): `full` (10,000 images, a half-width ResNet-18 teacher, 10 epochs each: hours on 2
+cores) and `quick` (2,000 images per split, a quarter-width teacher, a few epochs: under an hour). `vit_epochs`
+(`--vit-epochs N`) trains every ViT run, alone and distilled, for N epochs instead of the profile's, beside the
+profile's teacher and CNN runs (their checkpoints are named `<run>-<N>ep.pt`). Every run is resumable
 (training/runs.py) and lives under <checkpoints>/<profile>/; the raw results go to reports/efficiency/kd.json,
 the summary (with the profile that ran) to docs/efficiency/kd.json and the table into docs/efficiency.md.
 """
@@ -35,24 +35,27 @@ VIT = {"model_args": {"patch_size": 7}, "optimizer": "adamw", "lr": 1e-3, "weigh
        "grad_clip": 1.0}
 SOFT = {"distill": "soft", "kd_alpha": 0.5, "kd_temperature": 4.0}
 HARD = {"distill": "hard", "kd_alpha": 0.5}
+HOW = {"soft": f"soft targets, T = {SOFT['kd_temperature']:g}", "hard": "distillation token, hard labels"}
 TEACHER_FILE = "resnet18-teacher.pt"
-# student -> (run name, recipe values, distilled?) in training order, cheapest first
+# student -> (run name, recipe values, distilled?) in training order, cheapest first: the student alone, then its
+# distilled variants
 STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "LeNet-5": [("lenet5", {**CNN, "arch": "lenet5"}, False),
                 ("lenet5-kd", {**CNN, "arch": "lenet5", **SOFT}, True)],
     "small CNN": [("simple_cnn", {**CNN, "arch": "simple_cnn"}, False),
                   ("simple_cnn-kd", {**CNN, "arch": "simple_cnn", **SOFT}, True)],
     "ViT-Tiny/7": [("vit_tiny", {**VIT, "arch": "vit_tiny"}, False),
+                   ("vit_tiny-kd", {**VIT, "arch": "vit_tiny", **SOFT}, True),
                    ("vit_tiny_distilled", {**VIT, "arch": "vit_tiny_distilled", **HARD}, True)],
 }
 VIT_RUNS = {name for runs in STUDENTS.values() for name, values, _ in runs if values["arch"].startswith("vit")}
-GOAL = 0.5  # the distilled ViT-Tiny should close at least half of its gap to the teacher
+GOAL = 0.5  # the best distilled ViT-Tiny should close at least half of its gap to the teacher
 
 
 def recipes(ckpt_dir: Path, profile: str = "full", threads: int | None = None,
             vit_epochs: int | None = None) -> dict[str, Recipe]:
     """Every run's recipe by run name (the teacher first); `threads` overrides DATA's training threads,
-    `vit_epochs` the profile's epochs of both ViT runs."""
+    `vit_epochs` the profile's epochs of every ViT run."""
     size = sizes(profile, vit_epochs)
     data = {**DATA, "limit": size["limit"], **({"threads": threads} if threads else {})}
     # zero_init_residual off: experiment-qat trains the same recipe with qat, which folds the BatchNorm scales
@@ -129,32 +132,40 @@ def _is_buffer(key: str) -> bool:
 
 def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, Any] | None = None,
               vit_epochs: int | None = None) -> dict[str, Any]:
-    """Per student: alone, distilled, the teacher, and the share of the alone-to-teacher gap distillation closed.
-    A distilled run that has not finished is compared at the epoch it reached, on the validation split, with the
-    student alone at the same epoch of the same schedule (`partial`)."""
+    """One row per distilled run (a student with two ways of distilling has two rows): the student alone, distilled,
+    and the share of the alone-to-teacher gap distillation closed. A distilled run that has not finished is compared
+    at the epoch it reached, on the validation split, with the student alone at the same epoch of the same schedule
+    (`partial`)."""
     unfinished = unfinished or {}
     teacher = raw.get("teacher")
     rows = []
-    for student, runs in STUDENTS.items():
-        alone, distilled = (raw.get(name) for name, _, _ in runs)
-        row: dict[str, Any] = {"student": student, "alone": _brief(alone), "distilled": _brief(distilled),
-                               "mode": ((distilled or {}).get("distillation") or {}).get("mode")}
-        if teacher and alone and distilled:
-            gap = teacher["test_acc"] - alone["test_acc"]
-            row["gap_pt"] = round(100 * gap, 2)
-            row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
-            row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
-            row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"],
-                                                           PROFILES[profile]["limit"]), 2)
-        elif teacher and alone and (d := unfinished.get(runs[1][0])) and d["val_acc"]:
-            k = len(d["val_acc"])
-            a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
-            row["partial"] = {"epoch": k, "of": d["epochs"], "alone_val": a_k, "distilled_val": d_k,
-                              "teacher_val": teacher["val_acc"], "gain_pt": round(100 * (d_k - a_k), 2)}
-        rows.append(row)
+    for student, ((alone_name, _, _), *variants) in STUDENTS.items():
+        for name, values, _ in variants:
+            rows.append(_row(student, name, values["distill"], teacher, raw.get(alone_name), raw.get(name),
+                             unfinished.get(name), profile))
     return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL, "profile": profile,
             "size": sizes(profile, vit_epochs), "vit_epochs_option": vit_epochs,
             "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
+
+
+def _row(student: str, name: str, mode: str, teacher: dict[str, Any] | None, alone: dict[str, Any] | None,
+         distilled: dict[str, Any] | None, d: dict[str, Any] | None, profile: str) -> dict[str, Any]:
+    """One distilled run beside its student alone; `d` is the distilled run's progress when it has not finished."""
+    row: dict[str, Any] = {"student": student, "run": name, "mode": mode, "how": HOW[mode], "alone": _brief(alone),
+                           "distilled": _brief(distilled)}
+    if teacher and alone and distilled:
+        gap = teacher["test_acc"] - alone["test_acc"]
+        row["gap_pt"] = round(100 * gap, 2)
+        row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
+        row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
+        row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"],
+                                                       PROFILES[profile]["limit"]), 2)
+    elif teacher and alone and d and d["val_acc"]:
+        k = len(d["val_acc"])
+        a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
+        row["partial"] = {"epoch": k, "of": d["epochs"], "alone_val": a_k, "distilled_val": d_k,
+                          "teacher_val": teacher["val_acc"], "gain_pt": round(100 * (d_k - a_k), 2)}
+    return row
 
 
 def _difference_se(a: float, b: float, n: int) -> float:
@@ -183,48 +194,24 @@ def kd_table(summary: dict[str, Any]) -> str:
     lines = [f"Profile `{summary['profile']}`: {size['limit']:,} images in each of the train, validation and test "
              f"splits (seeded subsets); the teacher {size['teacher_epochs']} epochs, the CNN students "
              f"{size['cnn_epochs']}, the ViTs {size['vit_epochs']}"
-             f"{' (`--vit-epochs`, both ViT runs)' if summary.get('vit_epochs_option') else ''}.", "",
+             f"{' (`--vit-epochs`, every ViT run)' if summary.get('vit_epochs_option') else ''}.", "",
              f"Teacher: {t['arch']} {_args(t)} — **{100 * t['test_acc']:.2f} %** test accuracy, "
              f"{t['params'] / 1e6:.2f} M parameters, {t['epochs']} epochs, {t['train_time_s'] / 60:.0f} min.", "",
              "| student | params | alone % | distilled % | how | gain pt | gap to teacher pt | gap closed | "
              "train min (alone / distilled, teacher share) |", "|---|---:|---:|---:|---|---:|---:|---:|---|"]
-    verdicts = []
     for r in summary["students"]:
         a, d = r["alone"], r["distilled"]
         if not (a and d):
-            lines.append(f"| {r['student']} | {a['params'] / 1e6:.2f} M | {_pct(a)} | {_pct(d)} | | | | | "
-                         "distilled run not finished |" if a else f"| {r['student']} | | | | | | | | not run |")
-            if (q := r.get("partial")) and r["student"].startswith("ViT"):
-                verdicts.append(f"The distilled {r['student']} did not finish ({q['epoch']} of {q['of']} epochs "
-                                "ran), so the goal (≥ half of the gap closed) is not measured. At epoch "
-                                f"{q['epoch']} of the same schedule, on the validation split: distilled "
-                                f"{100 * q['distilled_val']:.2f} %, alone {100 * q['alone_val']:.2f} % "
-                                f"({q['gain_pt']:+.2f} points); the teacher ended at {100 * q['teacher_val']:.2f} %.")
-            elif r["student"].startswith("ViT"):
-                verdicts.append(f"The distilled {r['student']} has not run: the goal is not measured.")
+            lines.append(f"| {r['student']} | {a['params'] / 1e6:.2f} M | {_pct(a)} | {_pct(d)} | {r['how']} | | | | "
+                         f"distilled run {'not finished' if r.get('partial') else 'not run yet'} |" if a else
+                         f"| {r['student']} | | | | {r['how']} | | | | not run |")
             continue
-        how = "distillation token, hard labels" if r["mode"] == "hard" else "soft targets, T = 4"
         closed = "—" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f} %"
         share = f"{100 * d.get('teacher_time_s', 0) / max(d['train_time_s'], 1e-9):.0f} %"
-        lines.append(f"| {r['student']} | {a['params'] / 1e6:.2f} M | {_pct(a)} | {_pct(d)} | {how} | "
+        lines.append(f"| {r['student']} | {a['params'] / 1e6:.2f} M | {_pct(a)} | {_pct(d)} | {r['how']} | "
                      f"{r['gain_pt']:+.2f} | {r['gap_pt']:.2f} | {closed} | {a['train_time_s'] / 60:.0f} / "
                      f"{d['train_time_s'] / 60:.0f} ({share}) |")
-        if r["student"].startswith("ViT") and r.get("gap_closed") is not None:
-            goal = summary["goal_gap_closed"]
-            noise = (f" The gain's standard error is about {r['gain_se_pt']:.2f} points ({size['limit']:,} test "
-                     "images per accuracy)." if r.get("gain_se_pt") is not None else "")
-            if r["gap_closed"] >= goal:
-                verdicts.append(f"The distilled {r['student']} closes {100 * r['gap_closed']:.0f} % of its "
-                                f"{r['gap_pt']:.2f}-point gap to the teacher: the goal (≥ {100 * goal:.0f} %) is "
-                                f"met.{noise}")
-            else:
-                short = goal * r["gap_pt"] - r["gain_pt"]
-                closes = (f"closes {100 * r['gap_closed']:.0f} % of" if r["gain_pt"] >= 0 else
-                          f"ends {-r['gain_pt']:.2f} points below the student alone, closing none of")
-                verdicts.append(f"The distilled {r['student']} {closes} its "
-                                f"{r['gap_pt']:.2f}-point gap to the teacher: short of the goal "
-                                f"(≥ {100 * goal:.0f} %) by {short:.2f} points of test accuracy.{noise} "
-                                f"{_longer(summary, d)}")
+    verdicts = _vit_verdicts(summary)
     m = summary.get("machine", {})
     load = m.get("load_average", ["?"])[0]
     lines += ["", *verdicts, "", f"Measured {m.get('date', '?')} on {m.get('hardware', '?')} ({m.get('cores')} cores, "
@@ -233,8 +220,50 @@ def kd_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _vit_verdicts(summary: dict[str, Any]) -> list[str]:
+    """The goal's verdict on the best finished distilled ViT (named by how it was distilled), then the other ways."""
+    rows = [r for r in summary["students"] if r["student"].startswith("ViT")]
+    done = [r for r in rows if r.get("gap_closed") is not None]
+    if not done:
+        waiting = [_unmeasured(r) for r in rows if r.get("gap_pt") is None]
+        return [" ".join(waiting + ["No distilled ViT has finished: the goal is not measured."])] if waiting else []
+    goal, size = summary["goal_gap_closed"], summary["size"]
+    best = max(done, key=lambda r: r["gain_pt"])
+    closes = (f"closes {100 * best['gap_closed']:.0f} % of" if best["gain_pt"] >= 0 else
+              f"ends {-best['gain_pt']:.2f} points below the student alone, closing none of")
+    out = [f"The best distilled {best['student']} ({best['how']}, `{best['run']}`: {_pct(best['distilled'])} %, "
+           f"alone {_pct(best['alone'])} %) {closes} its {best['gap_pt']:.2f}-point gap to the teacher: "
+           + (f"the goal (≥ {100 * goal:.0f} %) is met." if best["gap_closed"] >= goal else
+              f"short of the goal (≥ {100 * goal:.0f} %) by {goal * best['gap_pt'] - best['gain_pt']:.2f} points "
+              "of test accuracy."),
+           f"Its gain's standard error is about {best['gain_se_pt']:.2f} points ({size['limit']:,} test images per "
+           "accuracy)."]
+    for r in rows:
+        if r is not best and r in done:
+            out.append(f"The other way, {r['how']} (`{r['run']}`): {_pct(r['distilled'])} %, {r['gain_pt']:+.2f} "
+                       f"points (gap closed {100 * r['gap_closed']:.0f} %, standard error about "
+                       f"{r['gain_se_pt']:.2f} points).")
+        elif r is not best:
+            out.append(_unmeasured(r))
+    if best["gap_closed"] < goal:
+        out.append(_longer(summary, best["distilled"]))
+    return [" ".join(out)]
+
+
+def _unmeasured(r: dict[str, Any]) -> str:
+    """A distilled ViT run that has not finished (its progress at the epoch it reached) or has not run."""
+    name = f"The distilled {r['student']} ({r['how']}, `{r['run']}`)"
+    if q := r.get("partial"):
+        return (f"{name} did not finish ({q['epoch']} of {q['of']} epochs ran), so it does not count towards the "
+                f"goal. At epoch {q['epoch']} of the same schedule, on the validation split: distilled "
+                f"{100 * q['distilled_val']:.2f} %, alone {100 * q['alone_val']:.2f} % ({q['gain_pt']:+.2f} points); "
+                f"the teacher ended at {100 * q['teacher_val']:.2f} %.")
+    return f"{name} has not run: it does not count towards the goal."
+
+
 def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
     """Where the distilled run's time went, and the command of a run with twice the ViT epochs."""
+    vit_runs = len(VIT_RUNS)
     size, profile, epochs = summary["size"], summary["profile"], distilled["epochs"]
     steps = -(-size["limit"] // AUGMENT["batch_size"]) * epochs
     curve = ", ".join(f"{100 * v:.1f}" for v in distilled.get("val_history", []))
@@ -244,20 +273,23 @@ def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
     profile_arg = "" if profile == "full" else f"--profile {profile} "
     agreement = distilled.get("teacher_label_agreement")
     targets = ("" if agreement is None else f"The teacher's top-1 was the true label on {100 * agreement:.1f} % "
-               "of the training views it labelled for the distillation head. ")
-    return (f"{targets}Each ViT trained {epochs} epochs, {steps} optimizer steps (the distilled run's validation "
+               "of the training views it labelled. ")
+    return (f"{targets}Each ViT trained {epochs} epochs, {steps} optimizer steps (the best distilled run's validation "
             f"accuracy by epoch: {curve} %); its training took {per_epoch:.0f} s per epoch on {threads} thread(s), "
             f"{teacher:.0f} % of it in the teacher. Twice the ViT epochs: `make experiment-kd "
             f"KD_ARGS=\"{profile_arg}--threads {threads} --vit-epochs {2 * epochs}\"` (about "
-            f"{4 * epochs * per_epoch / 3600:.1f} h of training for the two ViT runs at that speed).")
+            f"{2 * vit_runs * epochs * per_epoch / 3600:.1f} h of training for the {vit_runs} ViT runs at that "
+            "speed).")
 
 
 def _threads(summary: dict[str, Any]) -> str:
     """The training threads: the profile's, and the runs that finished with another count (a resumed run)."""
     usual = summary["data"]["threads"]
-    runs = [("the teacher", summary["teacher"])] + [(f"{r['student']} {side}", r[side]) for r in summary["students"]
-                                                    for side in ("alone", "distilled")]
-    other = [f"{name} {run['threads']}" for name, run in runs if run and run.get("threads") not in (None, usual)]
+    runs = {"the teacher": summary["teacher"]}
+    for r in summary["students"]:
+        runs |= {f"{r['student']} alone": r["alone"], f"`{r['run']}`": r["distilled"]}
+    other = [f"{name} {run['threads']}" for name, run in runs.items()
+             if run and run.get("threads") not in (None, usual)]
     return f"{usual} training threads per run" + (f" (at the end of the run, at nice 19: {', '.join(other)})"
                                                    if other else "")
 

@@ -89,8 +89,9 @@ def data_lines(summary: dict[str, Any], kd: dict[str, Any] | None, transfer: dic
         for r in kd["students"]:
             a, d = r.get("alone"), r.get("distilled")
             if a and d and r.get("gap_pt") is not None:
+                how = f" ({r['how']})" if r.get("how") else ""
                 lines.append(f"- {r['student']} on {kd['data']['limit']:,} images: {100 * a['test_acc']:.2f} % "
-                             f"alone, {100 * d['test_acc']:.2f} % distilled from the {t['arch']} teacher "
+                             f"alone, {100 * d['test_acc']:.2f} % distilled{how} from the {t['arch']} teacher "
                              f"({100 * t['test_acc']:.2f} %): {r['gain_pt']:+.2f} points.")
     if transfer:
         lines += transfer_lines(transfer)
