@@ -18,9 +18,9 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MANIFEST = "artifact.json"
 FORMAT = 1
@@ -35,15 +35,19 @@ class ArtifactError(RuntimeError):
     """An archive whose artifact is missing, damaged or not the one its manifest names: refused at load."""
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
-    """Write `data` so a reader sees the old file or the whole new one, never a part: a temp file in the same
-    folder (made if missing), flushed to disk, given `mode` (mkstemp makes 0600), then os.replace."""
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Any], mode: int = 0o644) -> Path:
+    """Write `data` (bytes, or a function that writes to the open binary file, e.g. torch.save) so a reader sees
+    the old file or the whole new one, never a part: a temp file in the same folder (made if missing), flushed to
+    disk, given `mode` (mkstemp makes 0600), then os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

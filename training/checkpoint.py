@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from handlers.artifacts import atomic_write
 from training.models._registry import TASKS
 
 REQUIRED_KEYS = ("arch", "model_args", "state_dict", "classes", "preprocess", "metrics", "recipe")
@@ -28,19 +28,9 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Validate and write atomically (temp file in the same folder, then os.replace)."""
+    """Validate and write atomically (handlers.artifacts.atomic_write)."""
     validate_checkpoint(ckpt)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
