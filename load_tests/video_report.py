@@ -3,6 +3,7 @@ the docs block is regenerated from the committed docs/video_bench.json and check
 
     markdown(result)            # the block between <!-- video-bench:begin/end --> in docs/video.md
     write_docs(result, docs)    # docs/video_bench.json + docs/video_bench.png + that block
+    runtimes_markdown(results)  # the <!-- video-bench-runtimes --> block: runs of other runtimes side by side
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from load_tests.report import save_figure
 
 BLOCK = "video-bench"
 JSON_NAME, PNG_NAME = "video_bench.json", "video_bench.png"
+RUNTIMES_BLOCK = "video-bench-runtimes"  # docs/video_bench.json and docs/video_bench_<runtime>.json side by side
 STREAMS_GOAL, CLIP_FPS_GOAL = 2, 90.0  # goals to report against: real-time 30 FPS streams; in-process clip FPS
 STAGES = ("decode", "preprocess", "inference", "postprocess", "answer")
 IDLE = "frontend I/O"  # py-spy: the worker waiting for, reading or writing a batch (load_tests/profile.py)
@@ -251,3 +253,37 @@ def write_docs(result: dict[str, Any], docs: Path) -> None:
     plot(result, docs / PNG_NAME)
     write_doc_block(docs / "video.md", BLOCK, markdown(result))
     print(f"wrote {docs / JSON_NAME}, {docs / PNG_NAME} and the {BLOCK} block of {docs / 'video.md'}")
+
+
+def runtimes_markdown(results: list[dict[str, Any]]) -> str:
+    """Full benchmark runs that differ only in the model's runtime, side by side; ratios against the first."""
+    base = results[0]
+
+    def row(r: dict[str, Any]) -> dict[str, Any]:
+        fps = {p["threads"]: p["fps"] for p in r["inprocess"]}
+        clips = max(r["rest"]["clips"], key=lambda c: c["fps"]) if r.get("rest") else None
+        cams = sorted(r["rest"]["streams"], key=_n) if r.get("rest") else []
+        return {"fps": fps, "clips": clips, "cam": cams[0] if cams else None,
+                "held": streams_held(cams) if cams else None}
+
+    rows, ref = [row(r) for r in results], row(base)
+    top = max(ref["fps"])
+    lines = [f"| runtime | in-process FPS, 1 thread | in-process FPS, {top} threads | TorchServe clip FPS "
+             "(clients) | one camera: p99 ms | real-time streams | in-process × " + base["meta"]["runtime"] + " |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r, x in zip(results, rows):
+        clips = f"{x['clips']['fps']:.1f} ({x['clips']['clients']})" if x["clips"] else "–"
+        cam = f"{x['cam']['p99_ms']:.0f}" if x["cam"] else "–"
+        one = x["fps"].get(1)
+        lines.append(f"| {r['meta']['runtime']} | {_f(one)} | {x['fps'][top]:.1f} | {clips} | {cam} | "
+                     f"{_f(x['held'], 0)} | {x['fps'][top] / ref['fps'][top]:.2f} |")
+    best = max(zip(results, rows), key=lambda t: t[1]["fps"][top])
+    gap = CLIP_FPS_GOAL - best[1]["fps"][top]
+    lines += ["", f"Best in-process: {best[0]['meta']['runtime']} at {best[1]['fps'][top]:.1f} FPS "
+              + (f"(goal ≥ {CLIP_FPS_GOAL:.0f}: **met**)." if gap <= 0 else
+                 f"(goal ≥ {CLIP_FPS_GOAL:.0f}: **not met**, short by {gap:.1f} FPS).")]
+    dates = ", ".join(f"{r['meta']['runtime']} {r['meta']['date']} (load {r['meta']['loadavg_start'][0]} -> "
+                      f"{r['meta']['loadavg_end'][0]})" for r in sorted(results, key=lambda r: r["meta"]["date"]))
+    lines += ["", f"Same command, model, clip and TorchServe settings, only `--runtime` differs; runs back to back: "
+              f"{dates}. Weights: {base['meta']['weights']}."]
+    return "\n".join(lines)

@@ -99,3 +99,35 @@ def test_the_video_md_block_is_generated_from_the_committed_json():
     result = json.loads(data.read_text())
     assert not result["meta"]["quick"], "the committed figures come from a full run"
     assert block.group(1) == video_report.markdown(result)
+
+
+def test_the_runtimes_block_is_generated_from_the_committed_runs():
+    """The runtime comparison under the benchmark block is what the committed runs generate, and they are comparable:
+    the same clip, model and weights, full runs, only the runtime differs."""
+    text = (ROOT / "docs" / "video.md").read_text()
+    name = video_report.RUNTIMES_BLOCK
+    block = re.search(f"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", text, re.S)
+    assert block, f"docs/video.md has no {name} block"
+    runs = [json.loads((ROOT / "docs" / f).read_text()) for f in (video_report.JSON_NAME, "video_bench_int8.json")]
+    assert [r["meta"]["runtime"] for r in runs] == ["onnx", "int8"]
+    for key in ("arch", "img_size", "weights", "quick"):
+        assert runs[0]["meta"][key] == runs[1]["meta"][key], key
+    clip = [{k: v for k, v in r["meta"]["clip"].items() if k != "bytes"} for r in runs]  # x264's size varies a little
+    assert clip[0] == clip[1]
+    assert block.group(1) == video_report.runtimes_markdown(runs)
+
+
+def test_the_runtimes_table_rates_each_run_against_the_first():
+    """Hand-made runs: FPS per thread count, best clip FPS, the one-camera p99, streams held, ratio and verdict."""
+    def run(runtime: str, fps1: float, fps2: float, p99: float, date: str) -> dict:
+        return {"meta": {"runtime": runtime, "date": date, "loadavg_start": [0.5], "loadavg_end": [1.0],
+                         "weights": "random weights (seed 0)"},
+                "inprocess": [{"threads": 1, "fps": fps1}, {"threads": 2, "fps": fps2}],
+                "rest": {"clips": [{"clients": 1, "fps": fps1}, {"clients": 2, "fps": 2 * fps1}],
+                         "streams": [{"users": 4, "streams": 1, "p99_ms": p99, "realtime": p99 <= 100}]}}
+
+    md = video_report.runtimes_markdown([run("onnx", 20.0, 30.0, 150.0, "b"), run("int8", 40.0, 60.0, 90.0, "a")])
+    assert "| onnx | 20.0 | 30.0 | 40.0 (2) | 150 | 0 | 1.00 |" in md
+    assert "| int8 | 40.0 | 60.0 | 80.0 (2) | 90 | 1 | 2.00 |" in md
+    assert "Best in-process: int8 at 60.0 FPS (goal ≥ 90: **not met**, short by 30.0 FPS)." in md
+    assert md.index("int8 a") < md.index("onnx b")  # runs listed in the order they ran
