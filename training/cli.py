@@ -150,7 +150,7 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _select(args: argparse.Namespace) -> None:
-    from training.runs import write_json
+    from handlers.artifacts import write_json
     from training.select import Settings, discover, measure
     from training.select_report import write
 

@@ -98,8 +98,8 @@ def _check_fit(what: str, own: Mapping[str, torch.Tensor], state: Mapping[str, t
              if k in state and state[k].shape != own[k].shape
              and not (k in skip and state[k].shape[1:] == own[k].shape[1:])]
     if missing or unexpected or wrong:
-        parts = [f"{len(v)} {what} ({', '.join(v[:_SHOW])}{', ...' if len(v) > _SHOW else ''})"
-                 for what, v in (("missing", missing), ("unexpected", unexpected),
+        parts = [f"{len(v)} {kind} ({', '.join(v[:_SHOW])}{', ...' if len(v) > _SHOW else ''})"
+                 for kind, v in (("missing", missing), ("unexpected", unexpected),
                                  ("with another shape (file vs model)", wrong)) if v]
         raise WeightsError(f"{source} does not fit this {what}: {'; '.join(parts)}. Are they "
                            "weights for another architecture or input size (up to 64 px our ResNets use a 3x3 "

@@ -17,9 +17,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from handlers.artifacts import write_json
 from training.checkpoint import load_checkpoint
 from training.recipe import Recipe
-from training.runs import machine, train_or_resume, write_json
+from training.runs import machine, train_or_resume
 
 # limit caps every split (train, val, test); teacher_* and *_epochs size the runs
 PROFILES: dict[str, dict[str, Any]] = {

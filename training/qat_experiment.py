@@ -19,9 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from handlers.artifacts import write_json
 from training.kd_experiment import recipes, run_path
 from training.recipe import Recipe
-from training.runs import machine, train_or_resume, write_json
+from training.runs import machine, train_or_resume
 
 BASES = {"LeNet-5": "lenet5", "ResNet-18": "teacher"}  # kd_experiment run names
 QAT_EPOCHS = 1

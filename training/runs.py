@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from handlers.artifacts import write_json as write_json  # the one JSON writer, re-exported for training/
 from training.checkpoint import load_checkpoint
 from training.recipe import Recipe
 

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from handlers.artifacts import write_json
 from training.recipe import Recipe, RecipeError
-from training.runs import machine, write_json
+from training.runs import machine
 
 FAMILIES = ("cnn", "resnet", "vit")
 PROXY = {"cnn": {"optimizer": "adamw", "lr": 3e-3}, "resnet": {"optimizer": "adamw", "lr": 2e-3},

@@ -234,7 +234,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def write(summary: dict[str, Any], docs: Path) -> Path:
     """docs/model-selection.{json,md,png}, with the distillation, transfer and search summaries when present."""
-    from training.runs import write_json
+    from handlers.artifacts import write_json
 
     def read(name: str) -> dict[str, Any] | None:
         p = docs / name

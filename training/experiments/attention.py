@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
+from handlers.artifacts import write_json
 from training.experiments.defaults import KINDS, PLACEMENTS, SEEDS
 from training.experiments.plots import attention_accuracy
-from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text, write_json
+from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text
 from training.models import get_model
 from training.recipe import Recipe, load_recipe
 from training.zoo import count_flops, cpu_latency_ms

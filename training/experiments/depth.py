@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from handlers.artifacts import write_json
 from training.checkpoint import build_model
 from training.data import TensorLoader, TensorSplit, load_dataset
 from training.experiments.defaults import GRADNORM_EVERY, NETS, TRAIN_EVAL_IMAGES
 from training.experiments.plots import depth_curves, gradnorm_profiles
-from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text, write_json
+from training.experiments.runs import Run, environment, publish, result_recipe, usage, usage_text
 from training.gradnorm import mean_norms
 from training.models import get_model, list_models
 from training.recipe import Recipe, load_recipe

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from handlers.artifacts import write_json
 from training.docblock import write_doc_block
 from training.gradnorm import GradNormRecorder
 from training.recipe import Recipe
-from training.runs import write_json
 from training.train import train
 
 # Recipe keys that change how fast a run goes or where its data lives, not what it computes.
