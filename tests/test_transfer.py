@@ -23,8 +23,10 @@ from training.presets import eval_batch
 from training.transfer import (
     METHODS,
     experiment_config,
+    finetune_recipe,
     markdown,
     pretrain,
+    pretrain_recipe,
     run_experiment,
     summarize,
     verdict,
@@ -78,6 +80,7 @@ def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick
     assert part["runs_done"] == 3 and part["cells"]["2/scratch"]["n"] == 0
     md = markdown(part)
     assert "| not run |" in md and "3 of the 4 planned runs have finished" in md
+    assert "`python -m training experiment-transfer --finetune-steps 2` resumes the others" in md
     assert "the goal is not measured yet" in md and "from scratch by" not in md
     write_docs(part, docs)  # the plot leaves the missing point out
 
@@ -117,6 +120,51 @@ def test_finetune_steps_from_the_command_line_retrains_the_fine_tuning_and_reuse
 
     assert main([*args[:-1], "0"]) == 2
     assert "finetune_steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_pretraining_sees_the_preprocessing_and_augmentation_of_every_fine_tuning_run(full):
+    cfg = experiment_config(full=full)
+    pre = pretrain_recipe(cfg, "/trees/pretrain")
+    same = ("arch", "model_args", "dataset", "img_size", "resize", "train_img_size", "interpolation", "background",
+            "hflip", "crop_scale_min", "auto_augment", "color_jitter", "random_erasing", "label_smoothing",
+            "mixup_alpha", "cutmix_alpha")
+    for method in METHODS:
+        tuned = finetune_recipe(cfg, method, "/trees/finetune", 10, 0, "/pretrain.pt")
+        assert {k: getattr(tuned, k) for k in same} == {k: getattr(pre, k) for k in same}, method
+    assert (pre.color_jitter, pre.random_erasing) == (0.0, 0.1)  # the shipped fine-tuning recipe's
+
+
+def test_a_full_run_with_only_the_fewest_images_done_reports_the_goal_and_shows_the_rest_as_not_run():
+    cfg = experiment_config(full=True)
+    runs = [{"shots": 10, "method": m, "seed": s, "test_acc": 0.5 + 0.1 * (m == "layer4_head") + 0.01 * s,
+             "train_time_s": 60.0, "wall_s": 70.0, "loadavg": [1.0, 2.0], "history": [{"train_loss": 0.8}],
+             "recipe": {"label_smoothing": 0.1}} for s in cfg["seeds"] for m in METHODS]
+    results = {"config": cfg, "trees": {"test_images": 2000}, "runs": runs, "hardware": "CPU", "torch": "2",
+               "pretrain": {"test_acc": 0.9, "train_time_s": 3000.0, "wall_s": 3100.0, "loadavg": [1.5]}}
+    md = markdown(summarize(results))
+    assert "| 10 | 51.0 ± 1.0 | 51.0 ± 1.0 | 61.0 ± 1.0 | 51.0 ± 1.0 |" in md
+    assert "| 20 | not run | not run | not run | not run |" in md and "| 50 | not run |" in md
+    assert "12 of the 36 planned runs have finished; `python -m training experiment-transfer --full` resumes" in md
+    assert "layer4 + head beats from scratch by 10.0 points (per seed: +10.0, +10.0, +10.0" in md
+    assert "4 epochs on 5000 images per class" in md and "one fine-tuning run at 10 images per class" in md
+
+
+def test_the_full_profile_keeps_its_state_apart_from_the_default_one(monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(out_dir, **kwargs):
+        seen.append((str(out_dir), kwargs["full"]))
+        raise Stop  # where the state goes is all this test needs
+
+    monkeypatch.setattr("training.transfer.run_experiment", stop)
+    for args in (["--full"], [], ["--full", "--out-dir", "elsewhere"]):
+        with pytest.raises(Stop):
+            main(["experiment-transfer", *args])
+    assert seen == [("reports/transfer-full", True), ("reports/transfer", False), ("elsewhere", True)]
 
 
 def test_the_verdict_pairs_the_seeds_and_says_how_far_the_gap_is_from_the_goal():

@@ -168,6 +168,7 @@ def _select(args: argparse.Namespace) -> None:
 def _transfer(args: argparse.Namespace) -> None:
     from training.transfer import run_experiment, summarize, verdict, write_docs
 
+    args.out_dir = args.out_dir or ("reports/transfer-full" if args.full else "reports/transfer")
     results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick,
                              serve_checkpoint=args.checkpoint_out, full=args.full,
                              train_missing=not args.report_only, finetune_steps=args.finetune_steps)
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=_attention)
     x = sub.add_parser("experiment-transfer", help="pretrain on Fashion-MNIST 0-4, fine-tune on 5-9 with "
                        "10/20/50 images per class four ways (resumable)")
-    x.add_argument("--out-dir", default="reports/transfer")
+    x.add_argument("--out-dir", help="where the trees, checkpoints and runs go (default reports/transfer, "
+                   "with --full reports/transfer-full: the two profiles keep their own state)")
     x.add_argument("--data-root")
     x.add_argument("--docs", help="also write the figures into this docs folder (docs/)")
     x.add_argument("--quick", action="store_true", help="a tiny version that checks the pipeline in seconds")

@@ -37,6 +37,7 @@ TARGET_CLASSES = (5, 6, 7, 8, 9)
 SHOTS = (10, 20, 50)
 METHODS = ("scratch", "linear_probe", "layer4_head", "full")
 FINETUNE_RECIPE = "resnet50_finetune_imagefolder"
+AUGMENT_KEYS = ("crop_scale_min", "auto_augment", "color_jitter", "random_erasing")  # the same in both stages
 BACKGROUND = [0, 0, 0]  # the trees hold Fashion-MNIST's white-on-black items: served transparency goes on black
 
 
@@ -57,7 +58,8 @@ def experiment_config(quick: bool = False, full: bool = False, finetune_steps: i
         "finetune_steps": 300, "finetune_batch": 16, "head_lr": 0.05, "backbone_lr_factor": 0.1,
         # 28 px augmentation: crops of at least half the area, no TrivialAugmentWide (its translations reach
         # 32 px, more than the whole image); the recipe's flip, random erasing and label smoothing stay.
-        "crop_scale_min": 0.5, "auto_augment": "none",
+        # Pretraining and fine-tuning both use these (AUGMENT_KEYS), so frozen features see what they learnt on.
+        "crop_scale_min": 0.5, "auto_augment": "none", "color_jitter": 0.0, "random_erasing": 0.1,
     }
     if full:
         cfg.update(FULL_SIZE)
@@ -147,15 +149,22 @@ def _load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def pretrain_recipe(cfg: dict[str, Any], tree: str) -> Recipe:
+    """ResNet-50 on classes 0-4, with the preprocessing (size, resize, background) and augmentation the
+    fine-tuning runs use."""
+    return make_recipe({
+        "arch": cfg["arch"], "dataset": "imagefolder", "data_root": tree, "img_size": cfg["img_size"],
+        "resize": cfg["img_size"], "model_args": {"width": cfg["width"]}, "epochs": cfg["pretrain_epochs"],
+        "batch_size": cfg["pretrain_batch"], "optimizer": "sgd", "lr": cfg["pretrain_lr"], "weight_decay": 5e-4,
+        "warmup_epochs": 0.5, "label_smoothing": 0.1, "background": BACKGROUND, "seed": 0,
+        **{k: cfg[k] for k in AUGMENT_KEYS}})
+
+
 def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True,
              train_missing: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """ResNet-50 on classes 0-4 (resumes an interrupted run; reuses a finished one). Returns the checkpoint and
     the wall time and load averages of its training, summed over the invocations that trained it."""
-    recipe = make_recipe({
-        "arch": cfg["arch"], "dataset": "imagefolder", "data_root": tree, "img_size": cfg["img_size"],
-        "model_args": {"width": cfg["width"]}, "epochs": cfg["pretrain_epochs"], "batch_size": cfg["pretrain_batch"],
-        "optimizer": "sgd", "lr": cfg["pretrain_lr"], "weight_decay": 5e-4, "warmup_epochs": 0.5,
-        "label_smoothing": 0.1, "crop_scale_min": cfg["crop_scale_min"], "background": BACKGROUND, "seed": 0})
+    recipe = pretrain_recipe(cfg, tree)
     path, wall_file = out / "pretrain.pt", out / "pretrain-wall.json"
     resume, wall = None, {"wall_s": 0.0, "loadavg": []}
     if path.is_file():
@@ -187,7 +196,7 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
         "lr": cfg["head_lr"], "warmup_epochs": 0.1 * epochs, "seed": seed, "num_workers": 0,
         "pretrained_weights": None, "init_from": pretrained, "backbone_lr_factor": cfg["backbone_lr_factor"],
         "freeze": {"scratch": "none", "full": "none"}.get(method, method),
-        "crop_scale_min": cfg["crop_scale_min"], "auto_augment": cfg["auto_augment"], "background": BACKGROUND,
+        "background": BACKGROUND, **{k: cfg[k] for k in AUGMENT_KEYS},
     }
     if method == "scratch":
         overrides.update(init_from=None, backbone_lr_factor=1.0)
@@ -327,7 +336,7 @@ def markdown(summary: dict[str, Any]) -> str:
                        for c in (cells[f"{most}/{m}"] for m in cfg["methods"]))
     done = summary["runs_done"], summary["runs_planned"]
     partial = [] if done[0] == done[1] else [f"{done[0]} of the {done[1]} planned runs have finished; "
-                                             "`make experiment-transfer` resumes the others.", ""]
+                                             f"`{rerun_command(cfg)}` resumes the others.", ""]
     return "\n".join([
         f"Test accuracy (%) on the same {summary['test_images']} held-out test images (Fashion-MNIST test split, "
         f"classes 5-9), mean ± std over {n} seeds (each seed draws its own training images and initialises "
@@ -352,6 +361,15 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "![transfer learning curves](transfer.png)",
     ])
+
+
+def rerun_command(cfg: dict[str, Any]) -> str:
+    """The command that resumes (or repeats) the experiment of `cfg`."""
+    full = all(cfg.get(k) == v for k, v in FULL_SIZE.items())
+    cmd = "python -m training experiment-transfer" + (" --full" if full else "")
+    if cfg["finetune_steps"] != experiment_config(full=full)["finetune_steps"]:
+        cmd += f" --finetune-steps {cfg['finetune_steps']}"
+    return cmd
 
 
 def fit_line(summary: dict[str, Any]) -> list[str]:
