@@ -45,11 +45,14 @@ BACKGROUND = [0, 0, 0]  # the trees hold Fashion-MNIST's white-on-black items: s
 FULL_SIZE = {"pretrain_per_class": 5000, "pretrain_epochs": 4, "test_per_class": 400}
 
 
-def experiment_config(quick: bool = False, full: bool = False, finetune_steps: int | None = None) -> dict[str, Any]:
+def experiment_config(quick: bool = False, full: bool = False, finetune_steps: int | None = None,
+                      pretrain_epochs: int | None = None) -> dict[str, Any]:
     """Every knob of the experiment in one place (recorded in the results). `quick` shrinks it for tests,
     `full` enlarges it (FULL_SIZE); `finetune_steps`, when given, sets the optimizer steps of every fine-tuning
-    run over any profile (the pretraining, and so its cached checkpoint, does not depend on it)."""
+    run over any profile (the pretraining, and so its cached checkpoint, does not depend on it);
+    `pretrain_epochs` the pretraining's epochs (a new pretraining, and so every fine-tuning run again)."""
     cfg = {
+        "profile": "default",  # default | full | quick: the command-line flag that gave this configuration
         "arch": "resnet50", "width": 16, "img_size": 28,  # ResNet-50's bottleneck 3-4-6-3 at a quarter width
         # Sized for a shared 2-core CPU; FULL_SIZE is the longer run (`--full`).
         "pretrain_per_class": 1000, "pretrain_epochs": 6, "pretrain_batch": 128, "pretrain_lr": 0.1,
@@ -62,14 +65,18 @@ def experiment_config(quick: bool = False, full: bool = False, finetune_steps: i
         "crop_scale_min": 0.5, "auto_augment": "none", "color_jitter": 0.0, "random_erasing": 0.1,
     }
     if full:
-        cfg.update(FULL_SIZE)
+        cfg.update(FULL_SIZE, profile="full")
     if quick:
-        cfg.update(width=4, pretrain_per_class=16, pretrain_epochs=1, pretrain_batch=16, test_per_class=4,
-                   val_per_class=2, shots=[2], seeds=[0], finetune_steps=2, finetune_batch=4)
+        cfg.update(profile="quick", width=4, pretrain_per_class=16, pretrain_epochs=1, pretrain_batch=16,
+                   test_per_class=4, val_per_class=2, shots=[2], seeds=[0], finetune_steps=2, finetune_batch=4)
     if finetune_steps is not None:
         if finetune_steps < 1:
             raise ValueError(f"finetune_steps must be at least 1, got {finetune_steps}")
         cfg["finetune_steps"] = finetune_steps
+    if pretrain_epochs is not None:
+        if pretrain_epochs < 1:
+            raise ValueError(f"pretrain_epochs must be at least 1, got {pretrain_epochs}")
+        cfg["pretrain_epochs"] = pretrain_epochs
     return cfg
 
 
@@ -206,16 +213,17 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
 def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: bool = False,
                    progress: bool = True, serve_checkpoint: str | Path | None = None,
                    full: bool = False, train_missing: bool = True,
-                   finetune_steps: int | None = None) -> dict[str, Any]:
+                   finetune_steps: int | None = None, pretrain_epochs: int | None = None) -> dict[str, Any]:
     """Trees, pretraining, every (shots, method, seed) fine-tuning run; writes results.json in out_dir.
     Each run records its wall time and the 1-minute load average before and after it. `train_missing` False:
     report what has finished, train nothing. `serve_checkpoint`: where to copy the model that is archived and
     served (layer4 + head, first seed, the most images per class that finished;
     archive_configs/fmnist-transfer-resnet50). `finetune_steps`: see experiment_config; a run stored with
-    another step count (another recipe) is trained again, the pretraining is reused."""
+    another step count (another recipe) is trained again, the pretraining is reused. `pretrain_epochs`: see
+    experiment_config (a pretraining of another length replaces the one in out_dir)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = experiment_config(quick, full, finetune_steps)
+    cfg = experiment_config(quick, full, finetune_steps, pretrain_epochs)
     t0 = time.perf_counter()
     trees = write_trees(out, cfg, data_root)
     base, wall = pretrain(out, cfg, trees["pretrain"], progress, train_missing)
@@ -324,14 +332,16 @@ def markdown(summary: dict[str, Any]) -> str:
     def cell(c: dict[str, Any]) -> str:
         if not c["n"]:
             return "not run"
-        return f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" + (f" (n={c['n']})" if c["n"] < n else "")
+        spread = f" ± {100 * c['std']:.1f}" if c["n"] > 1 else ""  # one seed has no spread to show
+        return f"{100 * c['mean']:.1f}{spread}" + (f" (n={c['n']})" if c["n"] < n else "")
 
     head = "| images per class | " + " | ".join(METHOD_NAMES[m] for m in cfg["methods"]) + " |"
     rows = [head, "|---" * (len(cfg["methods"]) + 1) + "|"]
     for k in cfg["shots"]:
         vals = [cells[f"{k}/{m}"] for m in cfg["methods"]]
         rows.append(f"| {k} | " + " | ".join(cell(c) for c in vals) + " |")
-    most = max([k for k in cfg["shots"] if any(cells[f"{k}/{m}"]["n"] for m in cfg["methods"])] or cfg["shots"])
+    most = max([k for k in cfg["shots"] if all(cells[f"{k}/{m}"]["n"] for m in cfg["methods"])]
+               or [k for k in cfg["shots"] if any(cells[f"{k}/{m}"]["n"] for m in cfg["methods"])] or cfg["shots"])
     times = " / ".join(f"{c['train_time_s']:.0f}" if c["n"] else "not run"
                        for c in (cells[f"{most}/{m}"] for m in cfg["methods"]))
     done = summary["runs_done"], summary["runs_planned"]
@@ -365,10 +375,12 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def rerun_command(cfg: dict[str, Any]) -> str:
     """The command that resumes (or repeats) the experiment of `cfg`."""
-    full = all(cfg.get(k) == v for k, v in FULL_SIZE.items())
-    cmd = "python -m training experiment-transfer" + (" --full" if full else "")
-    if cfg["finetune_steps"] != experiment_config(full=full)["finetune_steps"]:
-        cmd += f" --finetune-steps {cfg['finetune_steps']}"
+    name = cfg.get("profile", "default")
+    cmd = "python -m training experiment-transfer" + ("" if name == "default" else f" --{name}")
+    profile = experiment_config(quick=name == "quick", full=name == "full")
+    for key in ("pretrain_epochs", "finetune_steps"):
+        if cfg[key] != profile[key]:
+            cmd += f" --{key.replace('_', '-')} {cfg[key]}"
     return cmd
 
 
@@ -394,9 +406,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cfg, cells = summary["config"], summary["cells"]
+    n = max(c["n"] for c in cells.values())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in cfg["methods"]:
-        ks = [k for k in cfg["shots"] if cells[f"{k}/{m}"]["n"]]
+    for m in cfg["methods"]:  # cells every seed has finished (the table also shows the others)
+        ks = [k for k in cfg["shots"] if cells[f"{k}/{m}"]["n"] == n]
         ys = [100 * cells[f"{k}/{m}"]["mean"] for k in ks]
         errs = [100 * cells[f"{k}/{m}"]["std"] for k in ks]
         ax.errorbar(ks, ys, yerr=errs, marker="o", capsize=3, label=METHOD_NAMES[m],
@@ -404,6 +417,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy (%)",
            title="Fine-tuning on Fashion-MNIST classes 5-9 after pretraining on 0-4")
     ax.set_xticks(cfg["shots"], [str(k) for k in cfg["shots"]])
+    ax.minorticks_off()
+    ax.set_xlim(min(cfg["shots"]) * 0.85, max(cfg["shots"]) * 1.15)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
