@@ -172,3 +172,20 @@ def test_every_vit_schedule_is_kept_and_tabled_side_by_side(tmp_path):
     assert (tmp_path / "docs" / "efficiency" / "kd-12ep.json").is_file()
     page = (tmp_path / "docs" / "efficiency.md").read_text()
     assert "<!-- kd-table:begin -->" in page and "_No ViT schedule has a finished distilled run yet._" in page
+
+
+def test_the_verdict_says_when_the_gap_to_the_teacher_is_within_noise():
+    from training.kd_experiment import kd_table, summarise
+
+    raw = {"teacher": _run("resnet18", 0.80, 8), "vit_tiny": _run("vit_tiny", 0.79, 60),
+           "vit_tiny-fm": _run("vit_tiny", 0.795, 60, distilled="soft")}
+    summary = summarise(raw, "quick", vit_epochs=60)
+    row = next(r for r in summary["students"] if r["run"] == "vit_tiny-fm")
+    # sqrt((0.8 * 0.2 + 0.79 * 0.21) / 2000) = 1.28 points, more than half the 1.00-point gap
+    assert (row["gap_pt"], row["gap_se_pt"], row["gap_closed"]) == (1.0, 1.28, 0.5)
+    table = kd_table(summary)
+    assert "closes 50 % of its 1.00-point gap to the teacher: the goal (≥ 50 %) is met." in table
+    assert ("The gap itself, 1.00 points with a standard error of about 1.28, is within two standard errors of "
+            "zero") in table
+    raw["vit_tiny"]["test_acc"] = 0.70  # a 10-point gap is not noise
+    assert "The gap itself" not in kd_table(summarise(raw, "quick", vit_epochs=60))

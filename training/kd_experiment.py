@@ -203,8 +203,9 @@ def _row(student: str, name: str, values: dict[str, Any], teacher: dict[str, Any
         row["gap_pt"] = round(100 * gap, 2)
         row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
         row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
-        row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"],
-                                                       PROFILES[profile]["limit"]), 2)
+        n = PROFILES[profile]["limit"]
+        row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"], n), 2)
+        row["gap_se_pt"] = round(100 * _difference_se(teacher["test_acc"], alone["test_acc"], n), 2)
     elif teacher and alone and d and d["val_acc"]:
         k = len(d["val_acc"])
         a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
@@ -283,6 +284,10 @@ def _vit_verdicts(summary: dict[str, Any]) -> list[str]:
               "of test accuracy."),
            f"Its gain's standard error is about {best['gain_se_pt']:.2f} points ({size['limit']:,} test images per "
            "accuracy)."]
+    if best["gap_pt"] < 2 * best.get("gap_se_pt", 0):
+        out.append(f"The gap itself, {best['gap_pt']:.2f} points with a standard error of about "
+                   f"{best['gap_se_pt']:.2f}, is within two standard errors of zero: at this schedule the student "
+                   "alone is level with the teacher within noise, so the share of the gap closed rests on noise.")
     for r in rows:
         if r is not best and r in done:
             out.append(f"The other way, {r['how']} (`{r['run']}`): {_pct(r['distilled'])} %, {r['gain_pt']:+.2f} "
