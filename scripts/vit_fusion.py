@@ -13,7 +13,8 @@ fusion, then:
 - `int8 dynamic mha`: ONNX Runtime dynamic quantization (MatMulInteger) of the fused graph.
 
 Speed: every variant through handlers.runtimes.OrtModule (the serving session settings) at batch `--batch`, for each
-thread count, round-robin passes in one process; median ms per frame and the median of the per-pass ratios to the
+thread count, and as many concurrent one-thread inferences (lanes) as the largest thread count, round-robin passes
+in one process; median ms per frame and the median of the per-pass ratios to the
 reference (pairs cancel the drift of a shared machine). Agreement: 16 test-clip frames, max |Δ logit| and the share of
 pixels whose label equals the reference's (fp32 for fp32 variants, int8 for int8 ones). Profile: ONNX Runtime's
 per-node profile, milliseconds per frame by operator type, one thread.
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,22 +80,28 @@ def build(ckpt: dict[str, Any], folder: Path) -> dict[str, Path]:
     return files
 
 
-def speed(files: dict[str, Path], size: int, batch: int, threads: int, passes: int) -> dict[str, Any]:
+def speed(files: dict[str, Path], size: int, batch: int, threads: int, passes: int, lanes: int = 1) -> dict[str, Any]:
+    """ms per frame and FPS per variant; with `lanes` > 1, that many batches at once, each on its own Python thread
+    through one session of `threads` ONNX Runtime threads (independent inferences instead of split operators)."""
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     mods = {name: OrtModule(path, threads) for name, path in files.items()}
     times: dict[str, list[float]] = {name: [] for name in mods}
-    for mod in mods.values():
-        mod(x)
-    for _ in range(passes):
-        for name, mod in mods.items():
-            t0 = time.perf_counter()
-            mod(x)
-            times[name].append(time.perf_counter() - t0)
+    with ThreadPoolExecutor(lanes) as pool:
+        def call(mod: OrtModule) -> None:
+            list(pool.map(lambda _: mod(x), range(lanes)))
+
+        for mod in mods.values():
+            call(mod)
+        for _ in range(passes):
+            for name, mod in mods.items():
+                t0 = time.perf_counter()
+                call(mod)
+                times[name].append(time.perf_counter() - t0)
     out = {}
     for name, t in times.items():
-        ref = times[reference(name)]
-        out[name] = {"ms_per_frame": round(1000 * statistics.median(t) / batch, 2),
-                     "fps": round(batch / statistics.median(t), 1),
+        ref, frames = times[reference(name)], batch * lanes
+        out[name] = {"ms_per_frame": round(1000 * statistics.median(t) / frames, 2),
+                     "fps": round(frames / statistics.median(t), 1),
                      "x_reference": round(statistics.median(r / s for r, s in zip(ref, t)), 3)}
     return out
 
@@ -136,9 +144,17 @@ def profile(path: Path, size: int, batch: int, top: int = 8) -> dict[str, float]
     return out
 
 
+def setting(key: str) -> str:
+    """"2" -> "2 threads"; "2x1" -> "2 lanes × 1 thread" (concurrent batches, one thread each)."""
+    if "x" in key:
+        lanes, threads = key.split("x")
+        return f"{lanes} lanes × {threads} thread"
+    return f"{key} thread" + ("s" if key != "1" else "")
+
+
 def markdown(r: dict[str, Any]) -> str:
-    threads = [str(t) for t in r["threads"]]
-    lines = ["| graph | " + " | ".join(f"{t} thread(s): ms / frame | FPS | × ref" for t in threads)
+    threads = list(r["speed"])
+    lines = ["| graph | " + " | ".join(f"{setting(t)}: ms / frame | FPS | × ref" for t in threads)
              + " | max \\|Δ logit\\| | same label as ref |", "|---|" + "---:|---:|---:|" * len(threads) + "---:|---:|"]
     for name in r["variants"]:
         cells = [f"{s['ms_per_frame']:.2f} | {s['fps']:.1f} | {s['x_reference']:.2f}"
@@ -159,7 +175,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{k} {v:.2f}" for k, v in top) + f" | {sum(ops.values()):.1f} |")
     best = {t: max(r["variants"], key=lambda n: r["speed"][t][n]["fps"]) for t in threads}
     lines += ["", "Verdict: " + "; ".join(
-        f"{t} thread(s): fastest {best[t]} ({r['speed'][t][best[t]]['fps']:.1f} FPS), attention fusion "
+        f"{setting(t)}: fastest {best[t]} ({r['speed'][t][best[t]]['fps']:.1f} FPS), attention fusion "
         f"× {r['speed'][t]['fp32 mha']['x_reference']:.2f} on fp32 and "
         f"× {r['speed'][t]['int8 mha']['x_reference']:.2f} on int8" for t in threads) + "."]
     lines += ["", f"Measured {r['date']} on {r['cpus']} cores ({r['machine']}), onnxruntime "
@@ -198,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                        "ort_optimizer": {k: fused_ops[k] for k in ("Attention", "MultiHeadAttention",
                                                                     "SkipLayerNormalization", "BiasGelu")}}}
         result["speed"] = {str(t): speed(files, a.size, a.batch, t, a.passes) for t in result["threads"]}
+        cores = max(result["threads"])
+        if cores > 1:  # the same cores as independent one-thread inferences
+            result["speed"][f"{cores}x1"] = speed(files, a.size, a.batch, 1, a.passes, lanes=cores)
         result["agreement"] = agreement(files, a.size)
         result["profile"] = {name: profile(files[name], a.size, a.batch) for name in ("fp32", "fp32 mha", "int8",
                                                                                        "int8 mha")}

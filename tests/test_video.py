@@ -284,7 +284,7 @@ def test_an_int8_segmentation_archive_is_calibrated_on_training_frames_and_measu
 
 
 @pytest.mark.parametrize("name, script", [("video-decoders", "video_decoders"), ("video-runtimes", "seg_runtimes"),
-                                          ("video-training", "seg_train_report")])
+                                          ("video-training", "seg_train_report"), ("video-fusion", "vit_fusion")])
 def test_every_figure_in_video_md_is_generated_from_a_committed_json(name, script):
     """docs/video.md's measurement blocks are exactly what their JSON files generate (no hand-typed figures)."""
     import importlib
