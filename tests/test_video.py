@@ -344,7 +344,8 @@ def test_the_training_report_compares_a_run_from_a_classifier_with_scratch_step_
     (tmp_path / "scratch.json").write_text(json.dumps(base))
     init = {"source": str(tmp_path / "gone.pt"), "backbone": "resnet18", "head": "new", "tensors": 120,
             "adapted": ["conv1.weight 1 -> 3 channels"]}
-    warm = {**base, "miou": 0.5, "init": init,
+    warm = {**base, "miou": 0.5, "init": init, "errors": {"fg_iou": 0.8, "class_right_on_found": 0.6,
+                                                          "miou_true_classes": 0.9, "miou_true_masks": 0.6},
             "training": {**base["training"], "val_miou": [0.3, 0.35, 0.4, 0.45]}}
     (tmp_path / "warm.json").write_text(json.dumps(warm))
     (tmp_path / "run.log").write_text("")
@@ -358,4 +359,6 @@ def test_the_training_report_compares_a_run_from_a_classifier_with_scratch_step_
     assert "test accuracy 0.900), first conv adapted (conv1.weight 1 -> 3 channels)" in text
     assert "together: 30.0 min of training steps" in text
     assert "80 steps 0.300 vs 0.100; 160 steps 0.350 vs 0.150; 320 steps 0.450 vs 0.250." in text
+    assert "| `resnet18_seg` from `resnet18` | 0.500 | 0.800 | 60.0 % | 0.900 | 0.600 |" in text
+    assert "within reach by correcting the classes alone" in text and "right classes alone would gain 0.400" in text
     assert "missed by 0.350 (best `resnet18_seg` from `resnet18`: 0.500" in text

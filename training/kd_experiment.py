@@ -2,17 +2,21 @@
 student trained alone and distilled from the teacher, all on the same seeded subset of Fashion-MNIST.
 
 Every student learns the teacher's soft targets (T = 4, alpha = 0.5); ViT-Tiny is also distilled DeiT's way, a
-distillation token with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5); ViT-Tiny uses 7x7 patches (16
+distillation token with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5), and by function matching
+(`vit_tiny-fm`: the teacher's soft targets only, T = 1, on MixUp-ed views); ViT-Tiny uses 7x7 patches (16
 tokens). Two sizes (PROFILES): `full` (10,000 images, a half-width ResNet-18 teacher, 10 epochs each: hours on 2
 cores) and `quick` (2,000 images per split, a quarter-width teacher, a few epochs: under an hour). `vit_epochs`
 (`--vit-epochs N`) trains every ViT run, alone and distilled, for N epochs instead of the profile's, beside the
 profile's teacher and CNN runs (their checkpoints are named `<run>-<N>ep.pt`). Every run is resumable
 (training/runs.py) and lives under <checkpoints>/<profile>/; the raw results go to reports/efficiency/kd.json,
-the summary (with the profile that ran) to docs/efficiency/kd.json and the table into docs/efficiency.md.
+the summary (with the profile that ran) to docs/efficiency/kd.json and the table into docs/efficiency.md; each
+ViT schedule's summary is also kept as docs/efficiency/kd-<N>ep.json, and a second table sets every schedule's
+distilled ViTs side by side.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,9 @@ VIT = {"model_args": {"patch_size": 7}, "optimizer": "adamw", "lr": 1e-3, "weigh
        "grad_clip": 1.0}
 SOFT = {"distill": "soft", "kd_alpha": 0.5, "kd_temperature": 4.0}
 HARD = {"distill": "hard", "kd_alpha": 0.5}
-HOW = {"soft": f"soft targets, T = {SOFT['kd_temperature']:g}", "hard": "distillation token, hard labels"}
+# function matching (Beyer et al., 2022, "a good teacher is patient and consistent"): the teacher's soft targets
+# only (no label term), at T = 1, on the MixUp-ed view the student trains on; it pays off with long schedules
+FM = {"distill": "soft", "kd_alpha": 1.0, "kd_temperature": 1.0, "mixup_alpha": 1.0}
 TEACHER_FILE = "resnet18-teacher.pt"
 # student -> (run name, recipe values, distilled?) in training order, cheapest first: the student alone, then its
 # distilled variants
@@ -47,7 +53,8 @@ STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
                   ("simple_cnn-kd", {**CNN, "arch": "simple_cnn", **SOFT}, True)],
     "ViT-Tiny/7": [("vit_tiny", {**VIT, "arch": "vit_tiny"}, False),
                    ("vit_tiny-kd", {**VIT, "arch": "vit_tiny", **SOFT}, True),
-                   ("vit_tiny_distilled", {**VIT, "arch": "vit_tiny_distilled", **HARD}, True)],
+                   ("vit_tiny_distilled", {**VIT, "arch": "vit_tiny_distilled", **HARD}, True),
+                   ("vit_tiny-fm", {**VIT, "arch": "vit_tiny", **FM}, True)],
 }
 VIT_RUNS = {name for runs in STUDENTS.values() for name, values, _ in runs if values["arch"].startswith("vit")}
 GOAL = 0.5  # the best distilled ViT-Tiny should close at least half of its gap to the teacher
@@ -120,11 +127,37 @@ def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile:
     write_json(Path(reports) / "kd.json", {**raw, "unfinished": unfinished})
     summary = summarise(raw, profile, unfinished, vit_epochs)
     summary["machine"] = machine()
-    write_json(Path(docs) / "efficiency" / "kd.json", summary)
+    folder = Path(docs) / "efficiency"
+    write_json(folder / "kd.json", summary)
+    write_json(folder / f"kd-{summary['size']['vit_epochs']}ep.json", summary)  # one per ViT schedule, kept
     from training.docblock import write_doc_block
 
     write_doc_block(Path(docs) / "efficiency.md", "kd-table", kd_table(summary))
+    write_doc_block(Path(docs) / "efficiency.md", "kd-schedules", schedules_table(schedules(folder)))
     return summary
+
+
+def schedules(folder: Path) -> list[dict[str, Any]]:
+    """The summaries kept per ViT schedule (`kd-<N>ep.json`), shortest schedule first."""
+    found = [json.loads(f.read_text()) for f in Path(folder).glob("kd-*ep.json")]
+    return sorted(found, key=lambda s: (s["profile"], s["size"]["vit_epochs"]))
+
+
+def schedules_table(summaries: list[dict[str, Any]]) -> str:
+    """Every finished distilled ViT of every schedule beside the student alone trained for as many epochs."""
+    lines = ["| profile | ViT epochs (steps) | teacher % | alone % | distilled % | how | gain pt (± SE) | gap closed "
+             "| source |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for s in summaries:
+        size = s["size"]
+        steps = -(-size["limit"] // AUGMENT["batch_size"]) * size["vit_epochs"]
+        source = f"[kd-{size['vit_epochs']}ep.json](efficiency/kd-{size['vit_epochs']}ep.json)"
+        for r in s["students"]:
+            if r["student"].startswith("ViT") and r.get("gain_pt") is not None:
+                closed = "—" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f} %"
+                lines.append(f"| `{s['profile']}` | {size['vit_epochs']} ({steps}) | {_pct(s['teacher'])} | "
+                             f"{_pct(r['alone'])} | {_pct(r['distilled'])} | {r['how']} (`{r['run']}`) | "
+                             f"{r['gain_pt']:+.2f} (± {r['gain_se_pt']:.2f}) | {closed} | {source} |")
+    return "\n".join(lines) if len(lines) > 2 else "_No ViT schedule has a finished distilled run yet._"
 
 
 def _is_buffer(key: str) -> bool:
@@ -142,18 +175,29 @@ def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, 
     rows = []
     for student, ((alone_name, _, _), *variants) in STUDENTS.items():
         for name, values, _ in variants:
-            rows.append(_row(student, name, values["distill"], teacher, raw.get(alone_name), raw.get(name),
+            rows.append(_row(student, name, values, teacher, raw.get(alone_name), raw.get(name),
                              unfinished.get(name), profile))
     return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL, "profile": profile,
             "size": sizes(profile, vit_epochs), "vit_epochs_option": vit_epochs,
             "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
 
 
-def _row(student: str, name: str, mode: str, teacher: dict[str, Any] | None, alone: dict[str, Any] | None,
-         distilled: dict[str, Any] | None, d: dict[str, Any] | None, profile: str) -> dict[str, Any]:
+def how(values: dict[str, Any]) -> str:
+    """How a distilled run learns from the teacher, in words (the table's `how` column)."""
+    if values["distill"] == "hard":
+        return "distillation token, hard labels"
+    soft = f"soft targets, T = {values['kd_temperature']:g}"
+    if values.get("mixup_alpha"):
+        return f"function matching: MixUp views, {soft}, teacher only (α = {values['kd_alpha']:g})"
+    return soft
+
+
+def _row(student: str, name: str, values: dict[str, Any], teacher: dict[str, Any] | None,
+         alone: dict[str, Any] | None, distilled: dict[str, Any] | None, d: dict[str, Any] | None,
+         profile: str) -> dict[str, Any]:
     """One distilled run beside its student alone; `d` is the distilled run's progress when it has not finished."""
-    row: dict[str, Any] = {"student": student, "run": name, "mode": mode, "how": HOW[mode], "alone": _brief(alone),
-                           "distilled": _brief(distilled)}
+    row: dict[str, Any] = {"student": student, "run": name, "mode": values["distill"], "how": how(values),
+                           "alone": _brief(alone), "distilled": _brief(distilled)}
     if teacher and alone and distilled:
         gap = teacher["test_acc"] - alone["test_acc"]
         row["gap_pt"] = round(100 * gap, 2)
