@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from handlers.decode import DecodeLimits, decode_image, decode_jpegs, image_pixels
 from handlers.errors import BadInput, error_body
+from handlers.options import decode_limits
 from handlers.runtimes import EXPORTED, PACKED, RUNTIMES, content_sha256, file_sha256, prepare_runtime
 from training.checkpoint import build_model, load_checkpoint
 from training.presets import alpha_background, eval_batch
@@ -38,30 +39,6 @@ from training.presets import alpha_background, eval_batch
 log = logging.getLogger(__name__)
 
 STAGES = ("decode", "preprocess", "inference", "postprocess", "answer")  # per-stage seconds in `timings`
-
-
-def check_options(cfg: Mapping[str, Any] | None, options: Mapping[str, type]) -> dict[str, Any]:
-    """Validate a handler-options mapping against `options` (name -> type): unknown keys or wrong types raise
-    ValueError saying what to fix."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(options))
-    if unknown:
-        raise ValueError(f"unknown handler option(s) {unknown}; known: {sorted(options)}")
-    for key, typ in options.items():
-        if key in cfg and (not isinstance(cfg[key], typ) or (typ is int and isinstance(cfg[key], bool))):
-            raise ValueError(f"handler option {key!r} must be {typ.__name__}, got {cfg[key]!r}")
-    return cfg
-
-
-# handler option -> DecodeLimits field
-LIMIT_OPTIONS = {"max_image_pixels": "max_pixels", "max_image_bytes": "max_bytes", "jpeg_draft": "jpeg_draft",
-                 "max_request_pixels": "max_request_pixels", "max_batch_pixels": "max_batch_pixels"}
-
-
-def decode_limits(options: Mapping[str, Any]) -> DecodeLimits:
-    """The limits among handler options -> DecodeLimits (defaults for the others); ValueError when they do not fit
-    together. The archive step calls it too, so a config with inconsistent limits fails there, not in a worker."""
-    return DecodeLimits(**{LIMIT_OPTIONS[k]: v for k, v in options.items() if k in LIMIT_OPTIONS})
 
 
 @dataclass
