@@ -222,6 +222,27 @@ def test_onnx_and_int8_runtimes_serve_the_segmentation_model(ckpt, clips, tmp_pa
     assert len(answer["frames"]) == 3
 
 
+def test_lanes_answer_a_clip_like_one_lane_in_frame_order(ckpt, clips, tmp_path):
+    """lanes=2: a clip's chunks are inferred two at a time, each lane with half the threads; whole answers, streamed
+    parts (in frame order) and a bad request in the same batch come out as with one lane."""
+    import torch as t
+
+    one = SegmentPipeline(ckpt, runtime="onnx", runtime_cache=str(tmp_path), max_batch=4)
+    two = SegmentPipeline(ckpt, runtime="onnx", runtime_cache=str(tmp_path), max_batch=4, lanes=2)
+    assert two.runtime_info["threads"] == max(1, t.get_num_threads() // 2)
+    batch = [{"data": clips["long"]}, {"body": b"not a video"}, {"data": clips["square"], "every": "5"}]
+    want, got = one.handle_requests(batch), two.handle_requests(batch)
+    assert [f["frame"] for f in ok(got[0])["frames"]] == list(range(40))  # 10 chunks of 4, answered in order
+    assert got == want and got[1][0] == 415
+    parts: dict[int, list] = {0: [], 1: []}
+    for pipe, out in ((one, parts[0]), (two, parts[1])):
+        pipe.handle_requests([{"data": clips["long"], "stream": "true"}],
+                             emit=lambda r, lines, out=out: out.extend(lines))
+    assert parts[1] == parts[0] and [f["frame"] for f in parts[1][1:]] == list(range(40))
+    with pytest.raises(ValueError, match="lanes"):
+        SegmentPipeline(ckpt, lanes=2)  # eager: lanes are for ONNX Runtime sessions
+
+
 def test_the_adapter_refuses_an_answer_over_the_frontend_limit(ckpt, clips, tmp_path, monkeypatch):
     """TorchServe drops the worker on an answer over max_response_size: the adapter answers 413 instead, for that
     request only; a streamed answer leaves in parts, each far below the limit."""
@@ -284,7 +305,7 @@ def test_an_int8_segmentation_archive_is_calibrated_on_training_frames_and_measu
 
 
 @pytest.mark.parametrize("name, script", [("video-decoders", "video_decoders"), ("video-runtimes", "seg_runtimes"),
-                                          ("video-training", "seg_train_report")])
+                                          ("video-training", "seg_train_report"), ("video-fusion", "vit_fusion")])
 def test_every_figure_in_video_md_is_generated_from_a_committed_json(name, script):
     """docs/video.md's measurement blocks are exactly what their JSON files generate (no hand-typed figures)."""
     import importlib
