@@ -24,7 +24,8 @@ from ts.torch_handler.base_handler import BaseHandler
 from handlers.artifacts import require_artifact
 from handlers.cpu import threads_per_worker
 from handlers.errors import BadInput
-from handlers.pipeline import Pipeline, check_options
+from handlers.options import check_options
+from handlers.pipeline import Pipeline
 from handlers.request import check_content_type
 
 log = logging.getLogger(__name__)

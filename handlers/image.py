@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from handlers.errors import BadInput
-from handlers.pipeline import Job, Pipeline, Unit, check_options
+from handlers.options import check_options
+from handlers.pipeline import Job, Pipeline, Unit
 from handlers.request import parse_request
 from training.presets import eval_batch
 

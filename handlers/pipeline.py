@@ -6,7 +6,8 @@
 
 `Pipeline` holds the model, its runtime and the loop that runs every request of a worker batch through those
 stages in chunks of at most `max_batch` units (an image, or a video frame) and `max_batch_pixels` decoded pixels,
-so memory stays bounded however many units the requests carry. Pixels are counted from the image headers before
+so memory stays bounded however many units the requests carry (with `lanes` > 1, that many chunks are inferred
+at once on their own threads, one more decoded meanwhile). Pixels are counted from the image headers before
 anything is decoded: a request whose images add up to more than `max_request_pixels` is refused (413) whole.
 A task subclass (handlers/image.py: `ImagePipeline`, handlers/segment.py: `SegmentPipeline`) supplies parse,
 post-process and answer, and may stream: after each chunk, `partial` gives a streamed request's answer so far to
@@ -19,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,37 +31,14 @@ import torch.nn as nn
 
 from handlers.decode import DecodeLimits, decode_image, decode_jpegs, image_pixels
 from handlers.errors import BadInput, error_body
-from handlers.runtimes import EXPORTED, RUNTIMES, content_sha256, file_sha256, prepare_runtime
+from handlers.options import decode_limits
+from handlers.runtimes import EXPORTED, PACKED, RUNTIMES, content_sha256, file_sha256, prepare_runtime
 from training.checkpoint import build_model, load_checkpoint
 from training.presets import alpha_background, eval_batch
 
 log = logging.getLogger(__name__)
 
 STAGES = ("decode", "preprocess", "inference", "postprocess", "answer")  # per-stage seconds in `timings`
-
-
-def check_options(cfg: Mapping[str, Any] | None, options: Mapping[str, type]) -> dict[str, Any]:
-    """Validate a handler-options mapping against `options` (name -> type): unknown keys or wrong types raise
-    ValueError saying what to fix."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(options))
-    if unknown:
-        raise ValueError(f"unknown handler option(s) {unknown}; known: {sorted(options)}")
-    for key, typ in options.items():
-        if key in cfg and (not isinstance(cfg[key], typ) or (typ is int and isinstance(cfg[key], bool))):
-            raise ValueError(f"handler option {key!r} must be {typ.__name__}, got {cfg[key]!r}")
-    return cfg
-
-
-# handler option -> DecodeLimits field
-LIMIT_OPTIONS = {"max_image_pixels": "max_pixels", "max_image_bytes": "max_bytes", "jpeg_draft": "jpeg_draft",
-                 "max_request_pixels": "max_request_pixels", "max_batch_pixels": "max_batch_pixels"}
-
-
-def decode_limits(options: Mapping[str, Any]) -> DecodeLimits:
-    """The limits among handler options -> DecodeLimits (defaults for the others); ValueError when they do not fit
-    together. The archive step calls it too, so a config with inconsistent limits fails there, not in a worker."""
-    return DecodeLimits(**{LIMIT_OPTIONS[k]: v for k, v in options.items() if k in LIMIT_OPTIONS})
 
 
 @dataclass
@@ -102,7 +82,7 @@ class Pipeline:
                                           "runtime_cache": str, "max_image_pixels": int, "max_image_bytes": int,
                                           "max_request_pixels": int, "max_batch_pixels": int,
                                           "jpeg_decoder": str, "jpeg_draft": bool, "artifact": str,
-                                          "max_answer_bytes": int}  # the last one: for the TorchServe adapter
+                                          "lanes": int, "max_answer_bytes": int}  # the last: for the adapter
     # True: the TorchServe adapter sends answers as compact JSON text, refusing one over max_answer_bytes with a
     # 413; False: TorchServe encodes dict answers itself (indented JSON)
     COMPACT_JSON: ClassVar[bool] = False
@@ -114,7 +94,7 @@ class Pipeline:
                  max_image_bytes: int = DecodeLimits.max_bytes,
                  max_request_pixels: int = DecodeLimits.max_request_pixels,
                  max_batch_pixels: int = DecodeLimits.max_batch_pixels, jpeg_decoder: str = "auto",
-                 jpeg_draft: bool = True, artifact: str | None = None):
+                 jpeg_draft: bool = True, artifact: str | None = None, lanes: int = 1):
         self.device = torch.device(device)
         # None: the device's default -- fp32 eager on CPU, bf16 autocast + channels_last on CUDA
         runtime = runtime or ("bf16" if self.device.type == "cuda" else "eager")
@@ -124,6 +104,9 @@ class Pipeline:
             raise ValueError("jpeg_decoder must be 'auto', 'pil' or 'torchvision'")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if lanes < 1 or (lanes > 1 and runtime not in PACKED):
+            raise ValueError(f"lanes must be >= 1, and above 1 only with an ONNX Runtime runtime {list(PACKED)}")
+        self.lanes = lanes  # chunks inferred at once, each on its own thread with cores / lanes threads
         self.preprocess: dict[str, Any] = dict(ckpt["preprocess"])
         self.classes = [str(c) for c in ckpt["classes"]]
         self.task = str(ckpt.get("task") or "classification")
@@ -159,7 +142,7 @@ class Pipeline:
         """The eager model -> the module `forward` runs for `self.runtime` (handlers/runtimes.py). ONNX Runtime uses
         torch's thread count, which the TorchServe adapter sets from cpu_threads (cores / workers by default)."""
         module, self.runtime_info = prepare_runtime(
-            self.runtime, model, self.preprocess, self.device, threads=torch.get_num_threads(),
+            self.runtime, model, self.preprocess, self.device, threads=max(1, torch.get_num_threads() // self.lanes),
             cache_dir=self.runtime_cache, key=self.checkpoint_sha256, recipe=self.recipe, artifact=self.artifact,
             max_batch=self.max_batch, qat=self.qat)
         log.info("runtime %s ready: %s", self.runtime, self.runtime_info)
@@ -235,11 +218,13 @@ class Pipeline:
                 answers[r] = (500, error_body(500, "InternalError", f"could not read the request ({type(e).__name__})"))
         try:
             self._admit(jobs, answers)
-            with torch.inference_mode():
-                for chunk in self._chunks(jobs, answers):
-                    self._run(chunk)
-                    if emit is not None:
-                        self._emit([(r, u) for r, u in chunk if streams is None or r in streams], answers, emit)
+            for chunk, results, seconds in self._computed(self._chunks(jobs, answers)):
+                for (_, unit), result in zip(chunk, results):
+                    unit.job.results.append(result)
+                for stage, spent in zip(("preprocess", "inference", "postprocess"), seconds):
+                    self.timings[stage] += spent
+                if emit is not None:
+                    self._emit([(r, u) for r, u in chunk if streams is None or r in streams], answers, emit)
             start = time.perf_counter()
             for r, job in jobs.items():
                 if answers[r] is None:
@@ -249,19 +234,37 @@ class Pipeline:
             return self._fail_all(answers, e)
         return answers  # type: ignore[return-value]
 
-    def _run(self, chunk: list[tuple[int, Unit]]) -> None:
-        """preprocess -> infer -> post-process one chunk of decoded units; results go to their jobs."""
-        t0 = time.perf_counter()
-        x = eval_batch([u.pixels for _, u in chunk], self.preprocess, device=self.device)
-        t1 = time.perf_counter()
-        logits = self.forward(x)
-        t2 = time.perf_counter()
-        results = self.postprocess(logits, [u for _, u in chunk])
-        for (_, unit), result in zip(chunk, results):
-            unit.job.results.append(result)
-        t3 = time.perf_counter()
-        for stage, seconds in zip(("preprocess", "inference", "postprocess"), (t1 - t0, t2 - t1, t3 - t2)):
-            self.timings[stage] += seconds
+    def _computed(self, chunks: Iterable[list[tuple[int, Unit]]]
+                  ) -> Iterator[tuple[list[tuple[int, Unit]], list[Any], tuple[float, float, float]]]:
+        """(chunk, results, stage seconds) in chunk order. With lanes > 1, up to `lanes` chunks run at once on their
+        own threads (ONNX Runtime, numpy and the decoders release the GIL) while the next chunk is decoded here;
+        stage seconds are then summed over the lanes and overlap."""
+        if self.lanes == 1:
+            for chunk in chunks:
+                yield chunk, *self._compute(chunk)
+            return
+        pending: deque = deque()
+        with ThreadPoolExecutor(self.lanes, thread_name_prefix="lane") as pool:
+            for chunk in chunks:
+                pending.append((chunk, pool.submit(self._compute, chunk)))
+                if len(pending) > self.lanes:
+                    done, future = pending.popleft()
+                    yield done, *future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, *future.result()
+
+    def _compute(self, chunk: list[tuple[int, Unit]]) -> tuple[list[Any], tuple[float, float, float]]:
+        """preprocess -> infer -> post-process one chunk of decoded units: its results and the stages' seconds."""
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            x = eval_batch([u.pixels for _, u in chunk], self.preprocess, device=self.device)
+            t1 = time.perf_counter()
+            logits = self.forward(x)
+            t2 = time.perf_counter()
+            results = self.postprocess(logits, [u for _, u in chunk])
+            t3 = time.perf_counter()
+        return results, (t1 - t0, t2 - t1, t3 - t2)
 
     def _emit(self, chunk: list[tuple[int, Unit]], answers: list[Any], emit: Emit) -> None:
         """Hand the parts of streamed answers that the chunk completed to `emit` (answer encoding time)."""

@@ -5,10 +5,11 @@
 | eager   | fp32 PyTorch; channels_last for conv nets (on this CPU as fast or faster at every size measured) |
 | compile | torch.compile, inductor default mode + freezing (weights folded and prepacked), dynamic batch; warmed |
 |         | up at load so no request pays for compiling; inductor's cache lives under the cache dir; bf16 on CUDA |
-| onnx    | ONNX Runtime (CPUExecutionProvider) on a dynamo-exported fp32 graph with a dynamic batch axis |
+| onnx    | ONNX Runtime (CPUExecutionProvider) on a dynamo-exported fp32 graph with a dynamic batch axis; ViT |
+|         | attention cores fused into MultiHeadAttention at export (handlers/fusion.py) |
 | bf16    | bf16 autocast + channels_last (CPU with AVX512-BF16/AMX, or CUDA) |
 | int8    | ONNX Runtime static int8 (QDQ, per-channel int8 weights, uint8 activations, MinMax calibration; the |
-|         | layer that computes the logits stays fp32) |
+|         | layer that computes the logits and the fused attention cores stay fp32) |
 | qat     | ONNX Runtime on the int8 graph quantization-aware training learnt (training/qat.py: the converted pt2e |
 |         | graph as QDQ ONNX); only for checkpoints trained with qat: true, no calibration |
 | tensorrt| CUDA only, when importable: torch-tensorrt, else ONNX Runtime's TensorRT provider (handlers/gpu.py) |
@@ -44,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from handlers.artifacts import CALIBRATION_IMAGES, CALIBRATION_SEED, PACKED, file_sha256, verify_artifact
+from handlers.fusion import FUSED_OP, fuse_attention
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def default_cache_dir() -> Path:
 
 def builder_versions() -> dict[str, str]:
     """What an ONNX or int8 graph depends on besides the weights: a change means a new build."""
-    out = {"exporter": EXPORTER, "int8_scheme": INT8_SCHEME}
+    out = {"exporter": EXPORTER, "attention_fusion": FUSED_OP, "int8_scheme": INT8_SCHEME}
     for pkg in ("torch", "onnx", "onnxscript", "onnxruntime"):
         try:
             out[pkg] = md.version(pkg)
@@ -304,20 +306,31 @@ def _cached(path: Path, build: Callable[[Path], object]) -> tuple[Path, bool]:
     return path, False
 
 
-def export_onnx(model: nn.Module, preprocess: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """torch.onnx.export (dynamo) at the model's input size, batch axis dynamic; input "x", output "logits"."""
+def export_onnx(model: nn.Module, preprocess: Mapping[str, Any], path: str | os.PathLike, *,
+                fuse: bool = True) -> None:
+    """torch.onnx.export (dynamo) at the model's input size, batch axis dynamic; input "x", output "logits".
+    `fuse`: ViT attention cores become one MultiHeadAttention each (handlers/fusion.py; what was fused is in the
+    graph's metadata); False only to measure against the plain export (scripts/vit_fusion.py)."""
     c, s = int(preprocess["channels"]), int(preprocess["size"])
     x = torch.zeros(2, c, s, s)  # batch 2: export specialises a size-1 dimension
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
         torch.onnx.export(model.cpu().eval(), (x,), str(path), input_names=["x"], output_names=["logits"],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False)
+    if fuse:
+        import onnx
+
+        graph = onnx.load(str(path))
+        fuse_attention(graph)
+        onnx.save(graph, str(path))
 
 
 def quantize_onnx(fp32: str | os.PathLike, path: str | os.PathLike, batches: Sequence[torch.Tensor]) -> None:
     """ORT static quantization: QDQ, per-channel int8 weights, uint8 activations, MinMax ranges over the
     calibration `batches` (normalized float32, training/calibration.py). The layer that computes the logits stays
     fp32 (`logits_nodes`): quantized logits take 256 levels, which ties close top-2 classes and coarsens the served
-    probabilities (and costs nothing measurable)."""
+    probabilities (and costs nothing measurable). Fused attention cores (MultiHeadAttention, a contrib op the
+    quantizer leaves alone) stay fp32 between the quantized qkv and output projections: measured faster than
+    quantizing Q·Kᵀ, Softmax and ·V (docs/video.md, "Attention fusion")."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -169,25 +169,34 @@ def measure_clip(pipe: Any, clip: bytes, reps: int) -> dict[str, Any]:
         totals["answer"] += t2 - t1
         totals["other"] += (t2 - t0) - sum(pipe.timings.values()) - (t2 - t1)
     wall = sum(latencies)
+    stages = {k: round(1000 * v / frames, 3) for k, v in totals.items()}
+    if pipe.lanes > 1:  # stage times are summed over the lanes and overlap: no wall-time remainder to show
+        stages["other"] = None
     return {"frames": frames, "reps": reps, "fps": round(frames / wall, 1), "clip_s": round(wall / reps, 3),
-            "stages_ms": {k: round(1000 * v / frames, 3) for k, v in totals.items()}, "answer_bytes": size}
+            "stages_ms": stages, "answer_bytes": size}
 
 
 def run_inprocess(a: argparse.Namespace, ckpt_path: Path, model_dir: Path | None, cfg: Any, clip: bytes,
                   threads_list: list[int]) -> list[dict[str, Any]]:
+    """One clip in-process per thread count, and with an ONNX Runtime runtime the most threads again as one lane
+    (a one-thread inference) per core."""
+    from handlers.artifacts import PACKED
     from handlers.segment import SegmentPipeline
 
     out = []
-    for threads in threads_list:
+    top = max(threads_list)
+    runs = [(t, 1) for t in threads_list] + ([(top, top)] if top > 1 and cfg.runtime in PACKED else [])
+    for threads, lanes in runs:
         torch.set_num_threads(threads)
         options = {k: v for k, v in cfg.handler_options.items() if k not in ("runtime", "artifact")}
+        options["lanes"] = lanes
         if model_dir is not None:  # the archived files, as a worker loads them
             pipe = SegmentPipeline.from_file(model_dir / ckpt_path.name, runtime=cfg.runtime,
                                              artifact="artifact.json", **options)
         else:
             pipe = SegmentPipeline.from_file(ckpt_path, runtime=cfg.runtime, **options)
-        print(f"  (i) in-process, {threads} thread(s)", flush=True)
-        out.append({"threads": threads, "runtime": cfg.runtime, "max_batch": pipe.max_batch,
+        print(f"  (i) in-process, {threads} thread(s), {lanes} lane(s)", flush=True)
+        out.append({"threads": threads, "lanes": lanes, "runtime": cfg.runtime, "max_batch": pipe.max_batch,
                     **measure_clip(pipe, clip, a.reps)})
         del pipe
     return out

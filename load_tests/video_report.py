@@ -57,11 +57,20 @@ def profile_ms(profile: dict[str, Any] | None, workers: int) -> tuple[dict[str, 
     return {k: round(v / 100 * per_frame, 2) for k, v in profile["stages"].items()}, fps
 
 
+def inprocess_label(point: dict[str, Any]) -> str:
+    """"2 thread(s)", or "2 lanes × 1 thread" for a clip whose chunks ran on one one-thread inference per core."""
+    lanes = point.get("lanes", 1)
+    if lanes > 1:
+        return f"{lanes} lanes × {point['threads'] // lanes} thread"
+    return f"{point['threads']} thread(s)"
+
+
 def stage_rows(result: dict[str, Any]) -> list[tuple[str, float | None, dict[str, float]]]:
     """(path, frames/s, ms per frame by stage) for the per-stage table and the plot."""
     rows = []
     for p in result.get("inprocess", []):
-        rows.append((f"(i) one clip in-process, {p['threads']} thread(s)", p["fps"], p["stages_ms"]))
+        lanes = " (the stages overlap)" if p.get("lanes", 1) > 1 else ""
+        rows.append((f"(i) one clip in-process, {inprocess_label(p)}{lanes}", p["fps"], p["stages_ms"]))
     rest, workers = result.get("rest", {}), result["meta"]["torchserve"]["maxWorkers"]
     clips, streams = rest.get("clips") or [], rest.get("streams") or []
     for p, label in ((clips[-1] if clips else None, "(ii) clip requests through TorchServe, {} client(s)"),
@@ -102,14 +111,15 @@ def verdicts(result: dict[str, Any]) -> list[str]:
         lines.append(text)
     elif m.get("rest_error"):
         lines.append(f"- The TorchServe part failed: {m['rest_error'].splitlines()[0][:300]}")
-    inproc = max(result.get("inprocess", []), key=lambda p: p["threads"], default=None)
+    inproc = max(result.get("inprocess", []), key=lambda p: p["fps"], default=None)  # the fastest way
     if inproc:
         fps = inproc["fps"]
-        text = (f"- **One clip in-process**, {inproc['threads']} thread(s): **{_f(fps)} FPS** end to end "
+        text = (f"- **One clip in-process**, {inprocess_label(inproc)}: **{_f(fps)} FPS** end to end "
                 f"(decode to answer JSON); goal ≥ {CLIP_FPS_GOAL:g}: ")
         text += ("**met**." if fps >= CLIP_FPS_GOAL else
                  f"**not met**, short by {CLIP_FPS_GOAL - fps:.1f} FPS (needs {CLIP_FPS_GOAL / fps:.2f}x).")
-        lines.append(text + " Time per frame: " + _shares(inproc["stages_ms"]) + ".")
+        summed = " on all threads together (the stages overlap)" if inproc.get("lanes", 1) > 1 else ""
+        lines.append(text + f" Time per frame{summed}: " + _shares(inproc["stages_ms"]) + ".")
     clips, base = rest.get("clips") or [], rest.get("baseline")
     one = next((p for p in clips if p["clients"] == 1), None)
     if one and base:
@@ -133,7 +143,8 @@ def verdicts(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _shares(stages: dict[str, float]) -> str:
+def _shares(stages: dict[str, float | None]) -> str:
+    stages = {k: v for k, v in stages.items() if v is not None}
     total = sum(stages.values()) or 1.0
     return ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f} %)" for k, v in
                      sorted(stages.items(), key=lambda kv: -kv[1]) if v > 0)
@@ -260,26 +271,27 @@ def runtimes_markdown(results: list[dict[str, Any]]) -> str:
     base = results[0]
 
     def row(r: dict[str, Any]) -> dict[str, Any]:
-        fps = {p["threads"]: p["fps"] for p in r["inprocess"]}
+        fps = {inprocess_label(p): p["fps"] for p in r["inprocess"]}
         clips = max(r["rest"]["clips"], key=lambda c: c["fps"]) if r.get("rest") else None
         cams = sorted(r["rest"]["streams"], key=_n) if r.get("rest") else []
-        return {"fps": fps, "clips": clips, "cam": cams[0] if cams else None,
+        return {"fps": fps, "best": max(fps.values()), "clips": clips, "cam": cams[0] if cams else None,
                 "held": streams_held(cams) if cams else None}
 
     rows, ref = [row(r) for r in results], row(base)
-    top = max(ref["fps"])
-    lines = [f"| runtime | in-process FPS, 1 thread | in-process FPS, {top} threads | TorchServe clip FPS "
-             "(clients) | one camera: p99 ms | real-time streams | in-process × " + base["meta"]["runtime"] + " |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    ways = list(dict.fromkeys(k for x in rows for k in x["fps"]))  # "1 thread(s)", "2 thread(s)", "2 lanes × 1 ..."
+    lines = ["| runtime | " + " | ".join(f"in-process FPS, {w.replace('(s)', 's' if w[0] != '1' else '')}"
+                                        for w in ways)
+             + " | TorchServe clip FPS (clients) | one camera: p99 ms | real-time streams | best in-process × "
+             + base["meta"]["runtime"] + " |", "|---|" + "---:|" * (len(ways) + 4)]
     for r, x in zip(results, rows):
         clips = f"{x['clips']['fps']:.1f} ({x['clips']['clients']})" if x["clips"] else "–"
         cam = f"{x['cam']['p99_ms']:.0f}" if x["cam"] else "–"
-        one = x["fps"].get(1)
-        lines.append(f"| {r['meta']['runtime']} | {_f(one)} | {x['fps'][top]:.1f} | {clips} | {cam} | "
-                     f"{_f(x['held'], 0)} | {x['fps'][top] / ref['fps'][top]:.2f} |")
-    best = max(zip(results, rows), key=lambda t: t[1]["fps"][top])
-    gap = CLIP_FPS_GOAL - best[1]["fps"][top]
-    lines += ["", f"Best in-process: {best[0]['meta']['runtime']} at {best[1]['fps'][top]:.1f} FPS "
+        lines.append(f"| {r['meta']['runtime']} | " + " | ".join(_f(x["fps"].get(w)) for w in ways)
+                     + f" | {clips} | {cam} | {_f(x['held'], 0)} | {x['best'] / ref['best']:.2f} |")
+    best = max(zip(results, rows), key=lambda t: t[1]["best"])
+    way = max(best[1]["fps"], key=best[1]["fps"].get)
+    gap = CLIP_FPS_GOAL - best[1]["best"]
+    lines += ["", f"Best in-process: {best[0]['meta']['runtime']} at {best[1]['best']:.1f} FPS, {way} "
               + (f"(goal ≥ {CLIP_FPS_GOAL:.0f}: **met**)." if gap <= 0 else
                  f"(goal ≥ {CLIP_FPS_GOAL:.0f}: **not met**, short by {gap:.1f} FPS).")]
     dates = ", ".join(f"{r['meta']['runtime']} {r['meta']['date']} (load {r['meta']['loadavg_start'][0]} -> "

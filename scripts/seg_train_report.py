@@ -76,7 +76,8 @@ def run_entry(metrics: Path, log: Path, recipe: str) -> dict[str, Any]:
         init["classifier"] = classifier_run(init["source"]) if init["backbone"] else None
     return {"recipe_name": recipe, "arch": m["arch"], "img_size": m["img_size"], "model_args": r["model_args"],
             "init": init,
-            "eval": {k: m[k] for k in ("miou", "miou_objects", "ap50", "pixel_acc", "per_class_iou", "frames", "data")},
+            "eval": {k: m[k] for k in ("miou", "miou_objects", "ap50", "pixel_acc", "per_class_iou", "frames", "data",
+                                       "errors") if k in m},
             "training": {**t, "epochs_planned": r["epochs"], "batch_size": r["batch_size"],
                          "frames_per_epoch": r["data_args"].get("train_frames"),
                          "frames_seen": (t["steps"] or 0) * r["batch_size"]},
@@ -126,6 +127,36 @@ def comparison(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def losses(result: dict[str, Any]) -> list[str]:
+    """Where each run's mIoU is lost: its masks (object vs background) or its classes (training.seg_eval)."""
+    runs = [r for r in result["runs"] if r["eval"].get("errors")]
+    if not runs:
+        return []
+    lines = ["", "Where the mIoU is lost (`python -m training eval`, the same test frames): foreground IoU is object "
+             "vs background whatever the class; \"right class\" the share of the object pixels found as objects that "
+             "carry their true class; the last two columns score the model's masks with every found object pixel "
+             "given its true class, and the true masks with each garment given the class the model votes for it "
+             "(its summed class probabilities over the garment's pixels).", "",
+             "| model | mIoU | foreground IoU | right class | mIoU with the true classes | mIoU with the true masks |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        e = run["eval"]["errors"]
+        lines.append(f"| {label(run)} | {run['eval']['miou']:.3f} | {e['fg_iou']:.3f} | "
+                     f"{100 * e['class_right_on_found']:.1f} % | {e['miou_true_classes']:.3f} | "
+                     f"{e['miou_true_masks']:.3f} |")
+    best = max(runs, key=lambda r: r["eval"]["miou"])
+    e, goal, miou = best["eval"]["errors"], result["goal_miou"], best["eval"]["miou"]
+    classes, masks = e["miou_true_classes"], e["miou_true_masks"]  # right classes alone; right masks alone
+    reach = [name for name, v in (("the classes", classes), ("the masks", masks)) if v >= goal]
+    lines += ["", f"For the best model, {label(best)}: with the true classes its masks would score {classes:.3f}; "
+              f"with the true masks its classes would score {masks:.3f}. "
+              + (f"The goal of {goal} is within reach by correcting {reach[0]} alone. " if reach else
+                 f"The goal of {goal} needs both better. ")
+              + f"The {'classes' if classes > masks else 'masks'} lose more: right classes alone would gain "
+              f"{classes - miou:.3f}, right masks alone {masks - miou:.3f}."]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| model | frames | trained | wall | CPU | load (1 min) start → end | val mIoU per epoch | test mIoU | "
              "mIoU objects | AP@0.5 | pixel acc. |", "|" + "---|" * 11]
@@ -152,7 +183,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "|---|" + "---:|" * len(result["runs"])]
         lines += [f"| {c} | " + " | ".join(f"{run['eval']['per_class_iou'].get(c, float('nan')):.3f}"
                                             for run in result["runs"]) + " |" for c in classes]
-    lines += comparison(result)
+    lines += comparison(result) + losses(result)
     best = max(result["runs"], key=lambda r: r["eval"]["miou"])
     miou, goal = best["eval"]["miou"], result["goal_miou"]
     low = sorted((v, c) for c, v in best["eval"]["per_class_iou"].items() if v < goal)

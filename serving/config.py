@@ -117,7 +117,7 @@ def _handler_options(source: str, opts: Any, handler: Path) -> dict[str, Any]:
     """The model-config `handler:` block, checked against the options that handler's pipeline accepts
     (its class's OPTIONS, one list for both). `runtime` comes from the top-level key."""
     from handlers import pipeline_class
-    from handlers.pipeline import check_options, decode_limits
+    from handlers.options import check_options, decode_limits
 
     if not isinstance(opts, dict):
         raise ConfigError(f"{source}: torchserve.handler must be a mapping of handler options")

@@ -94,6 +94,31 @@ def test_ap50_of_component_boxes_against_instance_boxes():
     assert out["ap50"] < 1.0
 
 
+def test_the_mIoU_loss_is_split_between_masks_and_classes():
+    masks = torch.zeros(1, 10, 10, dtype=torch.long)
+    inst = torch.zeros_like(masks)
+    for k, cols in enumerate([slice(0, 3), slice(4, 7), slice(8, 10)], start=1):
+        masks[0, :, cols], inst[0, :, cols] = k, k  # garments of classes a (30 px), b (30 px), c (20 px)
+    wrong_class = masks.clone()
+    wrong_class[0, :, 4:7] = 3  # exact masks, the b garment called c
+    m = SegMetrics(CLASSES)
+    m.update(_logits(wrong_class), masks, inst)
+    r = m.compute()
+    assert r["errors"]["fg_iou"] == 1.0 and r["errors"]["class_right_on_found"] == pytest.approx(50 / 80)
+    assert r["errors"]["miou_true_classes"] == pytest.approx(1.0)  # the masks lose nothing
+    assert r["miou"] == pytest.approx((1 + 1 + 0 + 20 / 50) / 4)
+    assert r["errors"]["miou_true_masks"] == pytest.approx(r["miou"])  # with true masks, b still votes c
+    short = masks.clone()
+    short[0, :, 4] = 0  # right classes, a third of the b garment missed
+    short[0, 0, 3] = 1  # and one background pixel called a
+    m = SegMetrics(CLASSES)
+    m.update(_logits(short), masks, inst)
+    r = m.compute()
+    assert r["errors"]["fg_iou"] == pytest.approx(70 / 81) and r["errors"]["class_right_on_found"] == 1.0
+    assert r["errors"]["miou_true_masks"] == pytest.approx(1.0)  # the classes lose nothing
+    assert r["errors"]["miou_true_classes"] == pytest.approx(r["miou"]) and r["miou"] < 0.9
+
+
 def test_dice_term_is_zero_for_a_perfect_prediction():
     target = torch.randint(0, 4, (2, 8, 8))
     logits = 50.0 * torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()

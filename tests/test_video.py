@@ -222,6 +222,27 @@ def test_onnx_and_int8_runtimes_serve_the_segmentation_model(ckpt, clips, tmp_pa
     assert len(answer["frames"]) == 3
 
 
+def test_lanes_answer_a_clip_like_one_lane_in_frame_order(ckpt, clips, tmp_path):
+    """lanes=2: a clip's chunks are inferred two at a time, each lane with half the threads; whole answers, streamed
+    parts (in frame order) and a bad request in the same batch come out as with one lane."""
+    import torch as t
+
+    one = SegmentPipeline(ckpt, runtime="onnx", runtime_cache=str(tmp_path), max_batch=4)
+    two = SegmentPipeline(ckpt, runtime="onnx", runtime_cache=str(tmp_path), max_batch=4, lanes=2)
+    assert two.runtime_info["threads"] == max(1, t.get_num_threads() // 2)
+    batch = [{"data": clips["long"]}, {"body": b"not a video"}, {"data": clips["square"], "every": "5"}]
+    want, got = one.handle_requests(batch), two.handle_requests(batch)
+    assert [f["frame"] for f in ok(got[0])["frames"]] == list(range(40))  # 10 chunks of 4, answered in order
+    assert got == want and got[1][0] == 415
+    parts: dict[int, list] = {0: [], 1: []}
+    for pipe, out in ((one, parts[0]), (two, parts[1])):
+        pipe.handle_requests([{"data": clips["long"], "stream": "true"}],
+                             emit=lambda r, lines, out=out: out.extend(lines))
+    assert parts[1] == parts[0] and [f["frame"] for f in parts[1][1:]] == list(range(40))
+    with pytest.raises(ValueError, match="lanes"):
+        SegmentPipeline(ckpt, lanes=2)  # eager: lanes are for ONNX Runtime sessions
+
+
 def test_the_adapter_refuses_an_answer_over_the_frontend_limit(ckpt, clips, tmp_path, monkeypatch):
     """TorchServe drops the worker on an answer over max_response_size: the adapter answers 413 instead, for that
     request only; a streamed answer leaves in parts, each far below the limit."""
@@ -284,7 +305,7 @@ def test_an_int8_segmentation_archive_is_calibrated_on_training_frames_and_measu
 
 
 @pytest.mark.parametrize("name, script", [("video-decoders", "video_decoders"), ("video-runtimes", "seg_runtimes"),
-                                          ("video-training", "seg_train_report")])
+                                          ("video-training", "seg_train_report"), ("video-fusion", "vit_fusion")])
 def test_every_figure_in_video_md_is_generated_from_a_committed_json(name, script):
     """docs/video.md's measurement blocks are exactly what their JSON files generate (no hand-typed figures)."""
     import importlib
@@ -344,7 +365,8 @@ def test_the_training_report_compares_a_run_from_a_classifier_with_scratch_step_
     (tmp_path / "scratch.json").write_text(json.dumps(base))
     init = {"source": str(tmp_path / "gone.pt"), "backbone": "resnet18", "head": "new", "tensors": 120,
             "adapted": ["conv1.weight 1 -> 3 channels"]}
-    warm = {**base, "miou": 0.5, "init": init,
+    warm = {**base, "miou": 0.5, "init": init, "errors": {"fg_iou": 0.8, "class_right_on_found": 0.6,
+                                                          "miou_true_classes": 0.9, "miou_true_masks": 0.6},
             "training": {**base["training"], "val_miou": [0.3, 0.35, 0.4, 0.45]}}
     (tmp_path / "warm.json").write_text(json.dumps(warm))
     (tmp_path / "run.log").write_text("")
@@ -358,4 +380,6 @@ def test_the_training_report_compares_a_run_from_a_classifier_with_scratch_step_
     assert "test accuracy 0.900), first conv adapted (conv1.weight 1 -> 3 channels)" in text
     assert "together: 30.0 min of training steps" in text
     assert "80 steps 0.300 vs 0.100; 160 steps 0.350 vs 0.150; 320 steps 0.450 vs 0.250." in text
+    assert "| `resnet18_seg` from `resnet18` | 0.500 | 0.800 | 60.0 % | 0.900 | 0.600 |" in text
+    assert "within reach by correcting the classes alone" in text and "right classes alone would gain 0.400" in text
     assert "missed by 0.350 (best `resnet18_seg` from `resnet18`: 0.500" in text

@@ -47,7 +47,9 @@ def test_quick_run_times_every_stage_of_a_real_clip(quick):
 
 def test_verdicts_say_by_how_much_a_goal_is_missed(quick, tmp_path):
     result = json.loads(json.dumps(quick[0]))
-    result["inprocess"][-1]["fps"] = 60.0
+    for p in result["inprocess"]:
+        p["fps"] = 50.0
+    result["inprocess"][-1]["fps"] = 60.0  # the verdict rates the fastest way
     result["meta"].update(fps_target=30.0, p99_target_ms=100.0)
     result["rest"] = {"streams": [stream(1, 60.0, 30.0, True), stream(2, 250.0, 48.0, False)],
                       "clips": [{"clients": 1, "requests": 5, "fps": 45.0, "p50_ms": 1, "p99_ms": 2,
@@ -129,5 +131,12 @@ def test_the_runtimes_table_rates_each_run_against_the_first():
     md = video_report.runtimes_markdown([run("onnx", 20.0, 30.0, 150.0, "b"), run("int8", 40.0, 60.0, 90.0, "a")])
     assert "| onnx | 20.0 | 30.0 | 40.0 (2) | 150 | 0 | 1.00 |" in md
     assert "| int8 | 40.0 | 60.0 | 80.0 (2) | 90 | 1 | 2.00 |" in md
-    assert "Best in-process: int8 at 60.0 FPS (goal ≥ 90: **not met**, short by 30.0 FPS)." in md
+    assert "Best in-process: int8 at 60.0 FPS, 2 thread(s) (goal ≥ 90: **not met**, short by 30.0 FPS)." in md
     assert md.index("int8 a") < md.index("onnx b")  # runs listed in the order they ran
+    lanes = run("int8", 40.0, 60.0, 90.0, "a")
+    lanes["inprocess"].append({"threads": 2, "lanes": 2, "fps": 75.0})  # the same cores as one-thread lanes
+    md = video_report.runtimes_markdown([run("onnx", 20.0, 30.0, 150.0, "b"), lanes])
+    assert "| in-process FPS, 2 lanes × 1 thread |" in md
+    assert "| onnx | 20.0 | 30.0 | – | 40.0 (2) | 150 | 0 | 1.00 |" in md
+    assert "| int8 | 40.0 | 60.0 | 75.0 | 80.0 (2) | 90 | 1 | 2.50 |" in md
+    assert "Best in-process: int8 at 75.0 FPS, 2 lanes × 1 thread (goal ≥ 90: **not met**, short by 15.0 FPS)." in md

@@ -2,17 +2,21 @@
 student trained alone and distilled from the teacher, all on the same seeded subset of Fashion-MNIST.
 
 Every student learns the teacher's soft targets (T = 4, alpha = 0.5); ViT-Tiny is also distilled DeiT's way, a
-distillation token with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5); ViT-Tiny uses 7x7 patches (16
+distillation token with hard teacher labels (`vit_tiny_distilled`, alpha = 0.5), and by function matching
+(`vit_tiny-fm`: the teacher's soft targets only, T = 1, on MixUp-ed views); ViT-Tiny uses 7x7 patches (16
 tokens). Two sizes (PROFILES): `full` (10,000 images, a half-width ResNet-18 teacher, 10 epochs each: hours on 2
 cores) and `quick` (2,000 images per split, a quarter-width teacher, a few epochs: under an hour). `vit_epochs`
 (`--vit-epochs N`) trains every ViT run, alone and distilled, for N epochs instead of the profile's, beside the
 profile's teacher and CNN runs (their checkpoints are named `<run>-<N>ep.pt`). Every run is resumable
 (training/runs.py) and lives under <checkpoints>/<profile>/; the raw results go to reports/efficiency/kd.json,
-the summary (with the profile that ran) to docs/efficiency/kd.json and the table into docs/efficiency.md.
+the summary (with the profile that ran) to docs/efficiency/kd.json and the table into docs/efficiency.md; each
+ViT schedule's summary is also kept as docs/efficiency/kd-<N>ep.json, and a second table sets every schedule's
+distilled ViTs side by side.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,9 @@ VIT = {"model_args": {"patch_size": 7}, "optimizer": "adamw", "lr": 1e-3, "weigh
        "grad_clip": 1.0}
 SOFT = {"distill": "soft", "kd_alpha": 0.5, "kd_temperature": 4.0}
 HARD = {"distill": "hard", "kd_alpha": 0.5}
-HOW = {"soft": f"soft targets, T = {SOFT['kd_temperature']:g}", "hard": "distillation token, hard labels"}
+# function matching (Beyer et al., 2022, "a good teacher is patient and consistent"): the teacher's soft targets
+# only (no label term), at T = 1, on the MixUp-ed view the student trains on; it pays off with long schedules
+FM = {"distill": "soft", "kd_alpha": 1.0, "kd_temperature": 1.0, "mixup_alpha": 1.0}
 TEACHER_FILE = "resnet18-teacher.pt"
 # student -> (run name, recipe values, distilled?) in training order, cheapest first: the student alone, then its
 # distilled variants
@@ -47,7 +53,8 @@ STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
                   ("simple_cnn-kd", {**CNN, "arch": "simple_cnn", **SOFT}, True)],
     "ViT-Tiny/7": [("vit_tiny", {**VIT, "arch": "vit_tiny"}, False),
                    ("vit_tiny-kd", {**VIT, "arch": "vit_tiny", **SOFT}, True),
-                   ("vit_tiny_distilled", {**VIT, "arch": "vit_tiny_distilled", **HARD}, True)],
+                   ("vit_tiny_distilled", {**VIT, "arch": "vit_tiny_distilled", **HARD}, True),
+                   ("vit_tiny-fm", {**VIT, "arch": "vit_tiny", **FM}, True)],
 }
 VIT_RUNS = {name for runs in STUDENTS.values() for name, values, _ in runs if values["arch"].startswith("vit")}
 GOAL = 0.5  # the best distilled ViT-Tiny should close at least half of its gap to the teacher
@@ -120,11 +127,37 @@ def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile:
     write_json(Path(reports) / "kd.json", {**raw, "unfinished": unfinished})
     summary = summarise(raw, profile, unfinished, vit_epochs)
     summary["machine"] = machine()
-    write_json(Path(docs) / "efficiency" / "kd.json", summary)
+    folder = Path(docs) / "efficiency"
+    write_json(folder / "kd.json", summary)
+    write_json(folder / f"kd-{summary['size']['vit_epochs']}ep.json", summary)  # one per ViT schedule, kept
     from training.docblock import write_doc_block
 
     write_doc_block(Path(docs) / "efficiency.md", "kd-table", kd_table(summary))
+    write_doc_block(Path(docs) / "efficiency.md", "kd-schedules", schedules_table(schedules(folder)))
     return summary
+
+
+def schedules(folder: Path) -> list[dict[str, Any]]:
+    """The summaries kept per ViT schedule (`kd-<N>ep.json`), shortest schedule first."""
+    found = [json.loads(f.read_text()) for f in Path(folder).glob("kd-*ep.json")]
+    return sorted(found, key=lambda s: (s["profile"], s["size"]["vit_epochs"]))
+
+
+def schedules_table(summaries: list[dict[str, Any]]) -> str:
+    """Every finished distilled ViT of every schedule beside the student alone trained for as many epochs."""
+    lines = ["| profile | ViT epochs (steps) | teacher % | alone % | distilled % | how | gain pt (± SE) | gap closed "
+             "| source |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for s in summaries:
+        size = s["size"]
+        steps = -(-size["limit"] // AUGMENT["batch_size"]) * size["vit_epochs"]
+        source = f"[kd-{size['vit_epochs']}ep.json](efficiency/kd-{size['vit_epochs']}ep.json)"
+        for r in s["students"]:
+            if r["student"].startswith("ViT") and r.get("gain_pt") is not None:
+                closed = "—" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f} %"
+                lines.append(f"| `{s['profile']}` | {size['vit_epochs']} ({steps}) | {_pct(s['teacher'])} | "
+                             f"{_pct(r['alone'])} | {_pct(r['distilled'])} | {r['how']} (`{r['run']}`) | "
+                             f"{r['gain_pt']:+.2f} (± {r['gain_se_pt']:.2f}) | {closed} | {source} |")
+    return "\n".join(lines) if len(lines) > 2 else "_No ViT schedule has a finished distilled run yet._"
 
 
 def _is_buffer(key: str) -> bool:
@@ -142,25 +175,37 @@ def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, 
     rows = []
     for student, ((alone_name, _, _), *variants) in STUDENTS.items():
         for name, values, _ in variants:
-            rows.append(_row(student, name, values["distill"], teacher, raw.get(alone_name), raw.get(name),
+            rows.append(_row(student, name, values, teacher, raw.get(alone_name), raw.get(name),
                              unfinished.get(name), profile))
     return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL, "profile": profile,
             "size": sizes(profile, vit_epochs), "vit_epochs_option": vit_epochs,
             "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
 
 
-def _row(student: str, name: str, mode: str, teacher: dict[str, Any] | None, alone: dict[str, Any] | None,
-         distilled: dict[str, Any] | None, d: dict[str, Any] | None, profile: str) -> dict[str, Any]:
+def how(values: dict[str, Any]) -> str:
+    """How a distilled run learns from the teacher, in words (the table's `how` column)."""
+    if values["distill"] == "hard":
+        return "distillation token, hard labels"
+    soft = f"soft targets, T = {values['kd_temperature']:g}"
+    if values.get("mixup_alpha"):
+        return f"function matching: MixUp views, {soft}, teacher only (α = {values['kd_alpha']:g})"
+    return soft
+
+
+def _row(student: str, name: str, values: dict[str, Any], teacher: dict[str, Any] | None,
+         alone: dict[str, Any] | None, distilled: dict[str, Any] | None, d: dict[str, Any] | None,
+         profile: str) -> dict[str, Any]:
     """One distilled run beside its student alone; `d` is the distilled run's progress when it has not finished."""
-    row: dict[str, Any] = {"student": student, "run": name, "mode": mode, "how": HOW[mode], "alone": _brief(alone),
-                           "distilled": _brief(distilled)}
+    row: dict[str, Any] = {"student": student, "run": name, "mode": values["distill"], "how": how(values),
+                           "alone": _brief(alone), "distilled": _brief(distilled)}
     if teacher and alone and distilled:
         gap = teacher["test_acc"] - alone["test_acc"]
         row["gap_pt"] = round(100 * gap, 2)
         row["gain_pt"] = round(100 * (distilled["test_acc"] - alone["test_acc"]), 2)
         row["gap_closed"] = round((distilled["test_acc"] - alone["test_acc"]) / gap, 3) if gap > 0 else None
-        row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"],
-                                                       PROFILES[profile]["limit"]), 2)
+        n = PROFILES[profile]["limit"]
+        row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"], n), 2)
+        row["gap_se_pt"] = round(100 * _difference_se(teacher["test_acc"], alone["test_acc"], n), 2)
     elif teacher and alone and d and d["val_acc"]:
         k = len(d["val_acc"])
         a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
@@ -239,6 +284,10 @@ def _vit_verdicts(summary: dict[str, Any]) -> list[str]:
               "of test accuracy."),
            f"Its gain's standard error is about {best['gain_se_pt']:.2f} points ({size['limit']:,} test images per "
            "accuracy)."]
+    if best["gap_pt"] < 2 * best.get("gap_se_pt", 0):
+        out.append(f"The gap itself, {best['gap_pt']:.2f} points with a standard error of about "
+                   f"{best['gap_se_pt']:.2f}, is within two standard errors of zero: at this schedule the student "
+                   "alone is level with the teacher within noise, so the share of the gap closed rests on noise.")
     for r in rows:
         if r is not best and r in done:
             out.append(f"The other way, {r['how']} (`{r['run']}`): {_pct(r['distilled'])} %, {r['gain_pt']:+.2f} "
@@ -247,7 +296,7 @@ def _vit_verdicts(summary: dict[str, Any]) -> list[str]:
         elif r is not best:
             out.append(_unmeasured(r))
     if best["gap_closed"] < goal:
-        out.append(_longer(summary, best["distilled"]))
+        out.append(_longer(summary, best))
     return [" ".join(out)]
 
 
@@ -262,12 +311,15 @@ def _unmeasured(r: dict[str, Any]) -> str:
     return f"{name} has not run: it does not count towards the goal."
 
 
-def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
-    """Where the distilled run's time went, and the command of a run with twice the ViT epochs."""
-    vit_runs = len(VIT_RUNS)
+def _longer(summary: dict[str, Any], best: dict[str, Any]) -> str:
+    """Where the best distilled run's time went, and the command that trains it and the student alone for twice
+    the ViT epochs."""
+    distilled, alone = best["distilled"], best["alone"]
     size, profile, epochs = summary["size"], summary["profile"], distilled["epochs"]
     steps = -(-size["limit"] // AUGMENT["batch_size"]) * epochs
     curve = ", ".join(f"{100 * v:.1f}" for v in distilled.get("val_history", []))
+    alone_val = alone.get("val_history") or [0.0]
+    peak = max(range(len(alone_val)), key=alone_val.__getitem__)
     per_epoch = distilled["train_time_s"] / max(epochs, 1)
     teacher = 100 * distilled.get("teacher_time_s", 0) / max(distilled["train_time_s"], 1e-9)
     threads = distilled.get("threads") or summary["data"]["threads"]
@@ -276,11 +328,12 @@ def _longer(summary: dict[str, Any], distilled: dict[str, Any]) -> str:
     targets = ("" if agreement is None else f"The teacher's top-1 was the true label on {100 * agreement:.1f} % "
                "of the training views it labelled. ")
     return (f"{targets}Each ViT trained {epochs} epochs, {steps} optimizer steps (the best distilled run's validation "
-            f"accuracy by epoch: {curve} %); its training took {per_epoch:.0f} s per epoch on {threads} thread(s), "
-            f"{teacher:.0f} % of it in the teacher. Twice the ViT epochs: `make experiment-kd "
-            f"KD_ARGS=\"{profile_arg}--threads {threads} --vit-epochs {2 * epochs}\"` (about "
-            f"{2 * vit_runs * epochs * per_epoch / 3600:.1f} h of training for the {vit_runs} ViT runs at that "
-            "speed).")
+            f"accuracy by epoch: {curve} %; the student alone's peaked at {100 * alone_val[peak]:.1f} % in epoch "
+            f"{peak + 1} and ended at {100 * alone_val[-1]:.1f} %); the distilled run's training took "
+            f"{per_epoch:.0f} s per epoch on {threads} thread(s), {teacher:.0f} % of it in the teacher. Twice the ViT "
+            f"epochs for these two runs: `make experiment-kd KD_ARGS=\"{profile_arg}--threads {threads} --vit-epochs "
+            f"{2 * epochs} --only vit_tiny {best['run']}\"` (about {4 * epochs * per_epoch / 3600:.1f} h of training "
+            "at that speed).")
 
 
 def _threads(summary: dict[str, Any]) -> str:

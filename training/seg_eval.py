@@ -3,6 +3,13 @@
 components (training.masks, the served post-processing) against the ground-truth instance boxes
 (torchmetrics MeanAveragePrecision on the pycocotools backend). Ground-truth instances smaller than the
 detector's min_area are marked crowd: neither a miss nor a false positive.
+
+With instance maps the metrics also split what the mIoU loses between the masks and the classes: foreground IoU
+(object vs background, whatever the class), the share of the object pixels found as objects that carry the right
+class, the mIoU the predicted masks would score with every found object pixel given its true class
+(`miou_true_classes`: what the masks allow) and the mIoU the true masks would score with each instance given the
+class the model votes for it (`miou_true_masks`: its summed object-class probabilities over the instance's
+pixels; what the classes allow).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ class SegMetrics:
             self.map = MeanAveragePrecision(box_format="xyxy", iou_thresholds=[0.5], class_metrics=True,
                                             backend="pycocotools")
         self.loss_sum, self.correct, self.pixels = 0.0, 0, 0
+        self.true_classes = MulticlassJaccardIndex(len(classes), average="none", validate_args=False)
+        self.true_masks = MulticlassJaccardIndex(len(classes), average="none", validate_args=False)
+        self.fg_inter, self.fg_union, self.found, self.found_right = 0, 0, 0, 0
 
     def update(self, logits: torch.Tensor, masks: torch.Tensor, instances: torch.Tensor | None = None) -> None:
         """logits (N, K, h, w) (resized to the masks' size when they differ), masks and instances (N, H, W)."""
@@ -47,10 +57,29 @@ class SegMetrics:
         self.correct += int((pred == masks).sum())
         self.pixels += masks.numel()
         self.jaccard.update(pred, masks)
-        if self.map is not None and instances is not None:
-            probs = logits.softmax(1)
+        if instances is None:
+            return
+        probs = logits.softmax(1)
+        self._split_errors(pred, probs, masks, instances.long().cpu())
+        if self.map is not None:
             preds = [_as_map_input(masks_to_detections(p, q, self.min_area)) for p, q in zip(pred, probs)]
             self.map.update(preds, [instance_truth(m, i, self.min_area) for m, i in zip(masks, instances.long().cpu())])
+
+    def _split_errors(self, pred: torch.Tensor, probs: torch.Tensor, masks: torch.Tensor,
+                      instances: torch.Tensor) -> None:
+        fg_pred, fg_true = pred > 0, masks > 0
+        found = fg_pred & fg_true
+        self.fg_inter += int(found.sum())
+        self.fg_union += int((fg_pred | fg_true).sum())
+        self.found += int(found.sum())
+        self.found_right += int((pred[found] == masks[found]).sum())
+        self.true_classes.update(torch.where(found, masks, pred), masks)
+        n, k = probs.shape[:2]
+        slots = int(instances.max()) + 1
+        index = (torch.arange(n).view(n, 1, 1) * slots + instances).view(-1)
+        votes = torch.zeros(n * slots, k).index_add_(0, index, probs.permute(0, 2, 3, 1).reshape(-1, k))
+        label = votes[:, 1:].argmax(1) + 1  # the object class each instance gets most probability for
+        self.true_masks.update(torch.where(instances > 0, label[index].view_as(masks), 0), masks)
 
     def compute(self) -> dict[str, Any]:
         iou = self.jaccard.compute().tolist()
@@ -58,6 +87,11 @@ class SegMetrics:
             "loss": self.loss_sum / max(1, self.pixels), "pixel_acc": self.correct / max(1, self.pixels),
             "miou": sum(iou) / len(iou), "miou_objects": sum(iou[1:]) / max(1, len(iou) - 1),
             "per_class_iou": dict(zip(self.classes, iou))}
+        if self.fg_union:
+            out["errors"] = {"fg_iou": self.fg_inter / self.fg_union,
+                             "class_right_on_found": self.found_right / max(1, self.found),
+                             "miou_true_classes": float(self.true_classes.compute().mean()),
+                             "miou_true_masks": float(self.true_masks.compute().mean())}
         if self.map is not None:
             r = self.map.compute()
             out["ap50"] = float(r["map_50"])
@@ -163,6 +197,11 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     for name, iou in r["per_class_iou"].items():
         ap = r.get("ap50_per_class", {}).get(name)
         lines.append(f"  {name:<14}{iou:>8.4f}{'' if ap is None else f'{ap:>9.4f}'}")
+    if "errors" in r:
+        e = r["errors"]
+        lines.append(f"  where the mIoU is lost: foreground IoU {e['fg_iou']:.4f}, right class on "
+                     f"{100 * e['class_right_on_found']:.1f} % of the object pixels found; mIoU with the true classes "
+                     f"{e['miou_true_classes']:.4f}, with the true masks {e['miou_true_masks']:.4f}")
     return lines
 
 
