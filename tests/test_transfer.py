@@ -23,8 +23,11 @@ from training.presets import eval_batch
 from training.transfer import (
     METHODS,
     experiment_config,
+    finetune_recipe,
     markdown,
     pretrain,
+    pretrain_recipe,
+    rerun_command,
     run_experiment,
     summarize,
     verdict,
@@ -42,7 +45,7 @@ def quick(tmp_path_factory):
                                    serve_checkpoint=tmp / "served.pt")
 
 
-def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick, tmp_path):
+def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick, tmp_path, capsys):
     _, fm, results = quick
     out = Path(results["trees"]["pretrain"]).parent
     tree = Path(results["trees"]["finetune"]["2-0"])
@@ -78,8 +81,12 @@ def test_quick_experiment_runs_every_method_resumes_and_writes_its_figures(quick
     assert part["runs_done"] == 3 and part["cells"]["2/scratch"]["n"] == 0
     md = markdown(part)
     assert "| not run |" in md and "3 of the 4 planned runs have finished" in md
+    assert "`python -m training experiment-transfer --quick` resumes the others" in md
     assert "the goal is not measured yet" in md and "from scratch by" not in md
     write_docs(part, docs)  # the plot leaves the missing point out
+    args = ["experiment-transfer", "--quick", "--out-dir", str(out), "--data-root", str(fm), "--report-only"]
+    assert main(args) == 0
+    assert "2 images/class  scratch       not run (n=0)" in capsys.readouterr().out
 
 
 def test_pretraining_stored_before_a_recipe_key_existed_is_reused_and_another_configuration_is_not(quick, tmp_path):
@@ -117,6 +124,71 @@ def test_finetune_steps_from_the_command_line_retrains_the_fine_tuning_and_reuse
 
     assert main([*args[:-1], "0"]) == 2
     assert "finetune_steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_pretraining_sees_the_preprocessing_and_augmentation_of_every_fine_tuning_run(full):
+    cfg = experiment_config(full=full)
+    pre = pretrain_recipe(cfg, "/trees/pretrain")
+    same = ("arch", "model_args", "dataset", "img_size", "resize", "train_img_size", "interpolation", "background",
+            "hflip", "crop_scale_min", "auto_augment", "color_jitter", "random_erasing", "label_smoothing",
+            "mixup_alpha", "cutmix_alpha")
+    for method in METHODS:
+        tuned = finetune_recipe(cfg, method, "/trees/finetune", 10, 0, "/pretrain.pt")
+        assert {k: getattr(tuned, k) for k in same} == {k: getattr(pre, k) for k in same}, method
+    assert (pre.color_jitter, pre.random_erasing) == (0.0, 0.1)  # the shipped fine-tuning recipe's
+
+
+def test_a_full_run_with_only_the_fewest_images_done_reports_the_goal_and_shows_the_rest_as_not_run():
+    cfg = experiment_config(full=True)
+    runs = [{"shots": 10, "method": m, "seed": s, "test_acc": 0.5 + 0.1 * (m == "layer4_head") + 0.01 * s,
+             "train_time_s": 60.0, "wall_s": 70.0, "loadavg": [1.0, 2.0], "history": [{"train_loss": 0.8}],
+             "recipe": {"label_smoothing": 0.1}} for s in cfg["seeds"] for m in METHODS]
+    runs.append({**runs[0], "shots": 20, "test_acc": 0.7, "train_time_s": 90.0})  # the next row has begun
+    results = {"config": cfg, "trees": {"test_images": 2000}, "runs": runs, "hardware": "CPU", "torch": "2",
+               "pretrain": {"test_acc": 0.9, "train_time_s": 3000.0, "wall_s": 3100.0, "loadavg": [1.5]}}
+    md = markdown(summarize(results))
+    assert "| 10 | 51.0 ± 1.0 | 51.0 ± 1.0 | 61.0 ± 1.0 | 51.0 ± 1.0 |" in md
+    assert "| 20 | 70.0 (n=1) | not run | not run | not run |" in md and "| 50 | not run |" in md
+    assert "13 of the 36 planned runs have finished; `python -m training experiment-transfer --full` resumes" in md
+    assert "layer4 + head beats from scratch by 10.0 points (per seed: +10.0, +10.0, +10.0" in md
+    assert "4 epochs on 5000 images per class" in md and "one fine-tuning run at 10 images per class" in md
+    assert "full fine-tuning): 60 / 60 / 60 / 60 s." in md  # the times of the row every method has finished
+
+
+def test_the_full_profile_keeps_its_state_apart_from_the_default_one(monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(out_dir, **kwargs):
+        seen.append((str(out_dir), kwargs["full"]))
+        raise Stop  # where the state goes is all this test needs
+
+    monkeypatch.setattr("training.transfer.run_experiment", stop)
+    for args in (["--full"], [], ["--full", "--out-dir", "elsewhere"]):
+        with pytest.raises(Stop):
+            main(["experiment-transfer", *args])
+    assert seen == [("reports/transfer-full", True), ("reports/transfer", False), ("elsewhere", True)]
+
+
+def test_pretrain_epochs_from_the_command_line_pretrains_again_and_is_named_in_the_resume_command(quick, tmp_path,
+                                                                                                 capsys):
+    _, fm, results = quick
+    out = tmp_path / "exp"
+    shutil.copytree(Path(results["trees"]["pretrain"]).parent, out)
+    args = ["experiment-transfer", "--quick", "--out-dir", str(out), "--data-root", str(fm), "--pretrain-epochs"]
+    assert main([*args, "2"]) == 0
+    assert load_checkpoint(out / "pretrain.pt")["epoch"] == 2
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["config"]["pretrain_epochs"] == 2 and len(stored["pretrain"]["history"]) == 2
+    new_base = {r["pretrain_sha256"] for r in stored["runs"]}  # every run fine-tuned the new pretraining
+    assert len(new_base) == 1 and results["runs"][0]["pretrain_sha256"] not in new_base
+    assert rerun_command({**experiment_config(full=True), "pretrain_epochs": 12}) == \
+        "python -m training experiment-transfer --full --pretrain-epochs 12"
+    assert main([*args, "0"]) == 2
+    assert "pretrain_epochs must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_the_verdict_pairs_the_seeds_and_says_how_far_the_gap_is_from_the_goal():

@@ -168,16 +168,18 @@ def _select(args: argparse.Namespace) -> None:
 def _transfer(args: argparse.Namespace) -> None:
     from training.transfer import run_experiment, summarize, verdict, write_docs
 
+    args.out_dir = args.out_dir or ("reports/transfer-full" if args.full else "reports/transfer")
     results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick,
                              serve_checkpoint=args.checkpoint_out, full=args.full,
-                             train_missing=not args.report_only, finetune_steps=args.finetune_steps)
+                             train_missing=not args.report_only, finetune_steps=args.finetune_steps,
+                             pretrain_epochs=args.pretrain_epochs)
     summary = summarize(results)
     (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.docs:
         write_docs(summary, args.docs)
     for cell in summary["cells"].values():
-        print(f"{cell['shots']:>3} images/class  {cell['method']:<13} {100 * cell['mean']:5.1f} ± "
-              f"{100 * cell['std']:.1f} % (n={cell['n']})")
+        acc = f"{100 * cell['mean']:5.1f} ± {100 * cell['std']:.1f} %" if cell["n"] else "not run"
+        print(f"{cell['shots']:>3} images/class  {cell['method']:<13} {acc} (n={cell['n']})")
     print(verdict(summary))
     print(f"wrote {args.out_dir}/results.json, summary.json" + (f"; {args.docs}/transfer.json, transfer.png, "
                                                                "training.md" if args.docs else ""))
@@ -288,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=_attention)
     x = sub.add_parser("experiment-transfer", help="pretrain on Fashion-MNIST 0-4, fine-tune on 5-9 with "
                        "10/20/50 images per class four ways (resumable)")
-    x.add_argument("--out-dir", default="reports/transfer")
+    x.add_argument("--out-dir", help="where the trees, checkpoints and runs go (default reports/transfer, "
+                   "with --full reports/transfer-full: the two profiles keep their own state)")
     x.add_argument("--data-root")
     x.add_argument("--docs", help="also write the figures into this docs folder (docs/)")
     x.add_argument("--quick", action="store_true", help="a tiny version that checks the pipeline in seconds")
@@ -298,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "400 test images per class (hours on 2 cores)")
     x.add_argument("--finetune-steps", type=int, help="optimizer steps of every fine-tuning run (default 300); "
                    "the pretraining is reused, runs of another step count are trained again")
+    x.add_argument("--pretrain-epochs", type=int, help="epochs of the pretraining (default 6, with --full 4); "
+                   "another count pretrains again in --out-dir (give it its own to keep the other)")
     x.add_argument("--checkpoint-out", help="copy the model to archive and serve here (layer4 + head, 50 images "
                    "per class); archive_configs/fmnist-transfer-resnet50 reads checkpoints/resnet50-fmnist-transfer.pt")
     x.set_defaults(fn=_transfer)

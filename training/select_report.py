@@ -134,7 +134,7 @@ def transfer_lines(transfer: dict[str, Any]) -> list[str]:
            f"{len(c['seeds'])} seeds on {transfer['test_images']:,} test images:"]
     for shots in c["shots"]:
         cells = {m: transfer["cells"].get(f"{shots}/{m}") for m in c["methods"]}
-        done = {m: x for m, x in cells.items() if x and x.get("n")}
+        done = {m: x for m, x in cells.items() if x and x.get("n") == len(c["seeds"])}  # the mean the header says
         scratch = done.get("scratch")
         pre = {m: x for m, x in done.items() if m != "scratch"}
         if not (scratch and pre):

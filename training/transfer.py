@@ -37,6 +37,7 @@ TARGET_CLASSES = (5, 6, 7, 8, 9)
 SHOTS = (10, 20, 50)
 METHODS = ("scratch", "linear_probe", "layer4_head", "full")
 FINETUNE_RECIPE = "resnet50_finetune_imagefolder"
+AUGMENT_KEYS = ("crop_scale_min", "auto_augment", "color_jitter", "random_erasing")  # the same in both stages
 BACKGROUND = [0, 0, 0]  # the trees hold Fashion-MNIST's white-on-black items: served transparency goes on black
 
 
@@ -44,11 +45,14 @@ BACKGROUND = [0, 0, 0]  # the trees hold Fashion-MNIST's white-on-black items: s
 FULL_SIZE = {"pretrain_per_class": 5000, "pretrain_epochs": 4, "test_per_class": 400}
 
 
-def experiment_config(quick: bool = False, full: bool = False, finetune_steps: int | None = None) -> dict[str, Any]:
+def experiment_config(quick: bool = False, full: bool = False, finetune_steps: int | None = None,
+                      pretrain_epochs: int | None = None) -> dict[str, Any]:
     """Every knob of the experiment in one place (recorded in the results). `quick` shrinks it for tests,
     `full` enlarges it (FULL_SIZE); `finetune_steps`, when given, sets the optimizer steps of every fine-tuning
-    run over any profile (the pretraining, and so its cached checkpoint, does not depend on it)."""
+    run over any profile (the pretraining, and so its cached checkpoint, does not depend on it);
+    `pretrain_epochs` the pretraining's epochs (a new pretraining, and so every fine-tuning run again)."""
     cfg = {
+        "profile": "default",  # default | full | quick: the command-line flag that gave this configuration
         "arch": "resnet50", "width": 16, "img_size": 28,  # ResNet-50's bottleneck 3-4-6-3 at a quarter width
         # Sized for a shared 2-core CPU; FULL_SIZE is the longer run (`--full`).
         "pretrain_per_class": 1000, "pretrain_epochs": 6, "pretrain_batch": 128, "pretrain_lr": 0.1,
@@ -57,17 +61,22 @@ def experiment_config(quick: bool = False, full: bool = False, finetune_steps: i
         "finetune_steps": 300, "finetune_batch": 16, "head_lr": 0.05, "backbone_lr_factor": 0.1,
         # 28 px augmentation: crops of at least half the area, no TrivialAugmentWide (its translations reach
         # 32 px, more than the whole image); the recipe's flip, random erasing and label smoothing stay.
-        "crop_scale_min": 0.5, "auto_augment": "none",
+        # Pretraining and fine-tuning both use these (AUGMENT_KEYS), so frozen features see what they learnt on.
+        "crop_scale_min": 0.5, "auto_augment": "none", "color_jitter": 0.0, "random_erasing": 0.1,
     }
     if full:
-        cfg.update(FULL_SIZE)
+        cfg.update(FULL_SIZE, profile="full")
     if quick:
-        cfg.update(width=4, pretrain_per_class=16, pretrain_epochs=1, pretrain_batch=16, test_per_class=4,
-                   val_per_class=2, shots=[2], seeds=[0], finetune_steps=2, finetune_batch=4)
+        cfg.update(profile="quick", width=4, pretrain_per_class=16, pretrain_epochs=1, pretrain_batch=16,
+                   test_per_class=4, val_per_class=2, shots=[2], seeds=[0], finetune_steps=2, finetune_batch=4)
     if finetune_steps is not None:
         if finetune_steps < 1:
             raise ValueError(f"finetune_steps must be at least 1, got {finetune_steps}")
         cfg["finetune_steps"] = finetune_steps
+    if pretrain_epochs is not None:
+        if pretrain_epochs < 1:
+            raise ValueError(f"pretrain_epochs must be at least 1, got {pretrain_epochs}")
+        cfg["pretrain_epochs"] = pretrain_epochs
     return cfg
 
 
@@ -147,15 +156,22 @@ def _load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def pretrain_recipe(cfg: dict[str, Any], tree: str) -> Recipe:
+    """ResNet-50 on classes 0-4, with the preprocessing (size, resize, background) and augmentation the
+    fine-tuning runs use."""
+    return make_recipe({
+        "arch": cfg["arch"], "dataset": "imagefolder", "data_root": tree, "img_size": cfg["img_size"],
+        "resize": cfg["img_size"], "model_args": {"width": cfg["width"]}, "epochs": cfg["pretrain_epochs"],
+        "batch_size": cfg["pretrain_batch"], "optimizer": "sgd", "lr": cfg["pretrain_lr"], "weight_decay": 5e-4,
+        "warmup_epochs": 0.5, "label_smoothing": 0.1, "background": BACKGROUND, "seed": 0,
+        **{k: cfg[k] for k in AUGMENT_KEYS}})
+
+
 def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True,
              train_missing: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """ResNet-50 on classes 0-4 (resumes an interrupted run; reuses a finished one). Returns the checkpoint and
     the wall time and load averages of its training, summed over the invocations that trained it."""
-    recipe = make_recipe({
-        "arch": cfg["arch"], "dataset": "imagefolder", "data_root": tree, "img_size": cfg["img_size"],
-        "model_args": {"width": cfg["width"]}, "epochs": cfg["pretrain_epochs"], "batch_size": cfg["pretrain_batch"],
-        "optimizer": "sgd", "lr": cfg["pretrain_lr"], "weight_decay": 5e-4, "warmup_epochs": 0.5,
-        "label_smoothing": 0.1, "crop_scale_min": cfg["crop_scale_min"], "background": BACKGROUND, "seed": 0})
+    recipe = pretrain_recipe(cfg, tree)
     path, wall_file = out / "pretrain.pt", out / "pretrain-wall.json"
     resume, wall = None, {"wall_s": 0.0, "loadavg": []}
     if path.is_file():
@@ -187,7 +203,7 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
         "lr": cfg["head_lr"], "warmup_epochs": 0.1 * epochs, "seed": seed, "num_workers": 0,
         "pretrained_weights": None, "init_from": pretrained, "backbone_lr_factor": cfg["backbone_lr_factor"],
         "freeze": {"scratch": "none", "full": "none"}.get(method, method),
-        "crop_scale_min": cfg["crop_scale_min"], "auto_augment": cfg["auto_augment"], "background": BACKGROUND,
+        "background": BACKGROUND, **{k: cfg[k] for k in AUGMENT_KEYS},
     }
     if method == "scratch":
         overrides.update(init_from=None, backbone_lr_factor=1.0)
@@ -197,16 +213,17 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
 def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: bool = False,
                    progress: bool = True, serve_checkpoint: str | Path | None = None,
                    full: bool = False, train_missing: bool = True,
-                   finetune_steps: int | None = None) -> dict[str, Any]:
+                   finetune_steps: int | None = None, pretrain_epochs: int | None = None) -> dict[str, Any]:
     """Trees, pretraining, every (shots, method, seed) fine-tuning run; writes results.json in out_dir.
     Each run records its wall time and the 1-minute load average before and after it. `train_missing` False:
     report what has finished, train nothing. `serve_checkpoint`: where to copy the model that is archived and
     served (layer4 + head, first seed, the most images per class that finished;
     archive_configs/fmnist-transfer-resnet50). `finetune_steps`: see experiment_config; a run stored with
-    another step count (another recipe) is trained again, the pretraining is reused."""
+    another step count (another recipe) is trained again, the pretraining is reused. `pretrain_epochs`: see
+    experiment_config (a pretraining of another length replaces the one in out_dir)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = experiment_config(quick, full, finetune_steps)
+    cfg = experiment_config(quick, full, finetune_steps, pretrain_epochs)
     t0 = time.perf_counter()
     trees = write_trees(out, cfg, data_root)
     base, wall = pretrain(out, cfg, trees["pretrain"], progress, train_missing)
@@ -315,19 +332,21 @@ def markdown(summary: dict[str, Any]) -> str:
     def cell(c: dict[str, Any]) -> str:
         if not c["n"]:
             return "not run"
-        return f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" + (f" (n={c['n']})" if c["n"] < n else "")
+        spread = f" ± {100 * c['std']:.1f}" if c["n"] > 1 else ""  # one seed has no spread to show
+        return f"{100 * c['mean']:.1f}{spread}" + (f" (n={c['n']})" if c["n"] < n else "")
 
     head = "| images per class | " + " | ".join(METHOD_NAMES[m] for m in cfg["methods"]) + " |"
     rows = [head, "|---" * (len(cfg["methods"]) + 1) + "|"]
     for k in cfg["shots"]:
         vals = [cells[f"{k}/{m}"] for m in cfg["methods"]]
         rows.append(f"| {k} | " + " | ".join(cell(c) for c in vals) + " |")
-    most = max([k for k in cfg["shots"] if any(cells[f"{k}/{m}"]["n"] for m in cfg["methods"])] or cfg["shots"])
+    most = max([k for k in cfg["shots"] if all(cells[f"{k}/{m}"]["n"] for m in cfg["methods"])]
+               or [k for k in cfg["shots"] if any(cells[f"{k}/{m}"]["n"] for m in cfg["methods"])] or cfg["shots"])
     times = " / ".join(f"{c['train_time_s']:.0f}" if c["n"] else "not run"
                        for c in (cells[f"{most}/{m}"] for m in cfg["methods"]))
     done = summary["runs_done"], summary["runs_planned"]
     partial = [] if done[0] == done[1] else [f"{done[0]} of the {done[1]} planned runs have finished; "
-                                             "`make experiment-transfer` resumes the others.", ""]
+                                             f"`{rerun_command(cfg)}` resumes the others.", ""]
     return "\n".join([
         f"Test accuracy (%) on the same {summary['test_images']} held-out test images (Fashion-MNIST test split, "
         f"classes 5-9), mean ± std over {n} seeds (each seed draws its own training images and initialises "
@@ -354,6 +373,17 @@ def markdown(summary: dict[str, Any]) -> str:
     ])
 
 
+def rerun_command(cfg: dict[str, Any]) -> str:
+    """The command that resumes (or repeats) the experiment of `cfg`."""
+    name = cfg.get("profile", "default")
+    cmd = "python -m training experiment-transfer" + ("" if name == "default" else f" --{name}")
+    profile = experiment_config(quick=name == "quick", full=name == "full")
+    for key in ("pretrain_epochs", "finetune_steps"):
+        if cfg[key] != profile[key]:
+            cmd += f" --{key.replace('_', '-')} {cfg[key]}"
+    return cmd
+
+
 def fit_line(summary: dict[str, Any]) -> list[str]:
     """How far the runs at the fewest images per class got on their own training images (their final
     training loss against the lowest there is): tells an underfit schedule from a weak backbone."""
@@ -376,9 +406,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cfg, cells = summary["config"], summary["cells"]
+    n = max(c["n"] for c in cells.values())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in cfg["methods"]:
-        ks = [k for k in cfg["shots"] if cells[f"{k}/{m}"]["n"]]
+    for m in cfg["methods"]:  # cells every seed has finished (the table also shows the others)
+        ks = [k for k in cfg["shots"] if cells[f"{k}/{m}"]["n"] == n]
         ys = [100 * cells[f"{k}/{m}"]["mean"] for k in ks]
         errs = [100 * cells[f"{k}/{m}"]["std"] for k in ks]
         ax.errorbar(ks, ys, yerr=errs, marker="o", capsize=3, label=METHOD_NAMES[m],
@@ -386,6 +417,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy (%)",
            title="Fine-tuning on Fashion-MNIST classes 5-9 after pretraining on 0-4")
     ax.set_xticks(cfg["shots"], [str(k) for k in cfg["shots"]])
+    ax.minorticks_off()
+    ax.set_xlim(min(cfg["shots"]) * 0.85, max(cfg["shots"]) * 1.15)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
