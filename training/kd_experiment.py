@@ -147,17 +147,23 @@ def schedules_table(summaries: list[dict[str, Any]]) -> str:
     """Every finished distilled ViT of every schedule beside the student alone trained for as many epochs."""
     lines = ["| profile | ViT epochs (steps) | teacher % | alone % | distilled % | how | gain pt (± SE) | gap closed "
              "| source |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    alone: list[str] = []  # the ViT alone by schedule, whether or not a distilled run finished beside it
     for s in summaries:
         size = s["size"]
         steps = -(-size["limit"] // AUGMENT["batch_size"]) * size["vit_epochs"]
         source = f"[kd-{size['vit_epochs']}ep.json](efficiency/kd-{size['vit_epochs']}ep.json)"
-        for r in s["students"]:
-            if r["student"].startswith("ViT") and r.get("gain_pt") is not None:
+        vit = [r for r in s["students"] if r["student"].startswith("ViT")]
+        if vit and vit[0]["alone"]:
+            alone.append(f"{_pct(vit[0]['alone'])} % after {size['vit_epochs']} epochs (`{s['profile']}`, teacher "
+                         f"{_pct(s['teacher'])} %)")
+        for r in vit:
+            if r.get("gain_pt") is not None:
                 closed = "—" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f} %"
                 lines.append(f"| `{s['profile']}` | {size['vit_epochs']} ({steps}) | {_pct(s['teacher'])} | "
                              f"{_pct(r['alone'])} | {_pct(r['distilled'])} | {r['how']} (`{r['run']}`) | "
                              f"{r['gain_pt']:+.2f} (± {r['gain_se_pt']:.2f}) | {closed} | {source} |")
-    return "\n".join(lines) if len(lines) > 2 else "_No ViT schedule has a finished distilled run yet._"
+    table = "\n".join(lines) if len(lines) > 2 else "_No ViT schedule has a finished distilled run yet._"
+    return table + (f"\n\nThe ViT-Tiny/7 alone by schedule: {'; '.join(alone)}." if alone else "")
 
 
 def _is_buffer(key: str) -> bool:
