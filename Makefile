@@ -15,7 +15,7 @@ WORKERS ?= 1
 SERVE_MODELS ?= fmnist-lenet5
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo demo-video train eval zoo samples experiment-depth experiment-attention experiment-transfer bench-loader clips seg-speed \
+.PHONY: setup demo demo-video train eval zoo samples experiment-depth experiment-attention experiment-transfer experiment-transfer-lr bench-loader clips seg-speed \
         archive serve stop predict models describe register scale set-default unregister rollout rollback metrics \
         test lint load-test bench bench-video reliability clean fleet-up fleet-down fleet-status fleet-rollout \
         fleet-canary fleet-promote fleet-rollback manifests reliability-fleet \
@@ -58,6 +58,11 @@ seg-speed: setup
 # write the checkpoint archive_configs/fmnist-transfer-resnet50 serves.
 experiment-transfer: setup
 	$(PY) -m training experiment-transfer --docs docs --checkpoint-out checkpoints/resnet50-fmnist-transfer.pt
+
+# The transfer experiment's learning-rate grid at 10 images per class, picked on the val images (reuses the
+# --full pretraining and runs; figures into docs/training.md).
+experiment-transfer-lr: setup
+	$(PY) -m training experiment-transfer --full --lr-grid --docs docs
 
 # Loader images/s on a synthetic ImageNet-layout tree (PIL vs torchvision.io, workers); run on a quiet machine.
 bench-loader: setup

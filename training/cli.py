@@ -169,6 +169,8 @@ def _transfer(args: argparse.Namespace) -> None:
     from training.transfer import run_experiment, summarize, verdict, write_docs
 
     args.out_dir = args.out_dir or ("reports/transfer-full" if args.full else "reports/transfer")
+    if args.lr_grid:
+        return _transfer_lr(args)
     results = run_experiment(args.out_dir, data_root=args.data_root, quick=args.quick,
                              serve_checkpoint=args.checkpoint_out, full=args.full,
                              train_missing=not args.report_only, finetune_steps=args.finetune_steps,
@@ -183,6 +185,21 @@ def _transfer(args: argparse.Namespace) -> None:
     print(verdict(summary))
     print(f"wrote {args.out_dir}/results.json, summary.json" + (f"; {args.docs}/transfer.json, transfer.png, "
                                                                "training.md" if args.docs else ""))
+
+
+def _transfer_lr(args: argparse.Namespace) -> None:
+    from training.transfer_lr import markdown_grid, run_grid, summarize_grid, write_grid_docs
+
+    grid = run_grid(args.out_dir, data_root=args.data_root, quick=args.quick, full=args.full,
+                    train_missing=not args.report_only, finetune_steps=args.finetune_steps,
+                    pretrain_epochs=args.pretrain_epochs)
+    summary = summarize_grid(grid)
+    (Path(args.out_dir) / "lr-grid-summary.json").write_text(json.dumps(summary, indent=2))
+    if args.docs:
+        write_grid_docs(summary, args.docs)
+    print(markdown_grid(summary))
+    print(f"wrote {args.out_dir}/lr-grid.json, lr-grid-summary.json" +
+          (f"; {args.docs}/transfer-lr.json, training.md" if args.docs else ""))
 
 
 def _imagenet_val(args: argparse.Namespace) -> None:
@@ -303,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the pretraining is reused, runs of another step count are trained again")
     x.add_argument("--pretrain-epochs", type=int, help="epochs of the pretraining (default 6, with --full 4); "
                    "another count pretrains again in --out-dir (give it its own to keep the other)")
+    x.add_argument("--lr-grid", action="store_true", help="instead of the experiment: its learning-rate grid at "
+                   "the fewest images per class, each method's setting picked on the val images "
+                   "(training/transfer_lr.py; reuses the experiment's pretraining and runs in --out-dir)")
     x.add_argument("--checkpoint-out", help="copy the model to archive and serve here (layer4 + head, 50 images "
                    "per class); archive_configs/fmnist-transfer-resnet50 reads checkpoints/resnet50-fmnist-transfer.pt")
     x.set_defaults(fn=_transfer)

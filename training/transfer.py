@@ -210,6 +210,31 @@ def finetune_recipe(cfg: dict[str, Any], method: str, tree: str, shots: int, see
     return load_recipe(FINETUNE_RECIPE, overrides)
 
 
+def fine_tune(recipe: Recipe, path: Path, base_sha: str, labels: dict[str, Any], train_missing: bool = True,
+              progress: bool = True) -> dict[str, Any] | None:
+    """One fine-tuning run, recorded in `path` (JSON; its checkpoint beside it, .pt): reused when `path` holds
+    the same recipe on the same pretraining, else trained (None when `train_missing` is False). The record
+    holds `labels`, test accuracy, the per-epoch history (val accuracy included), wall time and load."""
+    key = {"recipe": recipe.to_dict(), "pretrain_sha256": base_sha}
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    if done.get("pretrain_sha256") == base_sha and same_recipe(done.get("recipe"), recipe):
+        return done
+    if not train_missing:
+        return None
+    if progress:
+        print(f"== {path.stem}", flush=True)
+    t, load = time.perf_counter(), _load1()
+    ck = train(recipe, path.with_suffix(".pt"), progress=False)
+    m = ck["metrics"]
+    row = {**labels, "test_acc": m["test_acc"], "train_time_s": m["train_time_s"],
+           "wall_s": round(time.perf_counter() - t, 1), "loadavg": [load, _load1()], "epochs": recipe.epochs,
+           "history": m["history"], "init": ck.get("init"), "hardware": m["hardware"], **key}
+    path.write_text(json.dumps(row, indent=2))
+    if progress:
+        print(f"   test accuracy {m['test_acc']:.4f} ({m['train_time_s']:.0f} s)", flush=True)
+    return row
+
+
 def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: bool = False,
                    progress: bool = True, serve_checkpoint: str | Path | None = None,
                    full: bool = False, train_missing: bool = True,
@@ -238,24 +263,10 @@ def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: boo
             path = runs_dir / f"{shots}shot-{method}-seed{seed}.json"
             recipe = finetune_recipe(cfg, method, trees["finetune"][f"{shots}-{seed}"], shots, seed,
                                      str(out / "pretrain.pt"))
-            key = {"recipe": recipe.to_dict(), "pretrain_sha256": base_sha}
-            done = json.loads(path.read_text()) if path.is_file() else {}
-            if done.get("pretrain_sha256") != base_sha or not same_recipe(done.get("recipe"), recipe):
-                if not train_missing:
-                    continue
-                if progress:
-                    print(f"== {shots} images/class, {method}, seed {seed}", flush=True)
-                t, load = time.perf_counter(), _load1()
-                ck = train(recipe, runs_dir / f"{shots}shot-{method}-seed{seed}.pt", progress=False)
-                m = ck["metrics"]
-                row = {"shots": shots, "method": method, "seed": seed, "test_acc": m["test_acc"],
-                       "train_time_s": m["train_time_s"], "wall_s": round(time.perf_counter() - t, 1),
-                       "loadavg": [load, _load1()], "epochs": recipe.epochs, "history": m["history"],
-                       "init": ck.get("init"), "hardware": m["hardware"], **key}
-                path.write_text(json.dumps(row, indent=2))
-                if progress:
-                    print(f"   test accuracy {m['test_acc']:.4f} ({m['train_time_s']:.0f} s)", flush=True)
-            runs.append(json.loads(path.read_text()))
+            row = fine_tune(recipe, path, base_sha, {"shots": shots, "method": method, "seed": seed},
+                            train_missing, progress)
+            if row:
+                runs.append(row)
     pm = base["metrics"]
     results = {"config": cfg, "trees": trees, "pretrain": {"test_acc": pm["test_acc"], "history": pm["history"],
                "train_time_s": pm["train_time_s"], **wall}, "runs": runs,
