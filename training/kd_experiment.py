@@ -350,8 +350,8 @@ def _threads(summary: dict[str, Any]) -> str:
         runs |= {f"{r['student']} alone": r["alone"], f"`{r['run']}`": r["distilled"]}
     other = [f"{name} {run['threads']}" for name, run in runs.items()
              if run and run.get("threads") not in (None, usual)]
-    return f"{usual} training threads per run" + (f" (at the end of the run, at nice 19: {', '.join(other)})"
-                                                   if other else "")
+    return f"{usual} training threads per run" + (f", except these (threads when the run finished, at nice 19: "
+                                                   f"{', '.join(other)})" if other else "")
 
 
 def _pct(run: dict[str, Any] | None) -> str:
