@@ -166,6 +166,7 @@ def _select(args: argparse.Namespace) -> None:
 
 
 def _transfer(args: argparse.Namespace) -> None:
+    from handlers.artifacts import write_json
     from training.transfer import run_experiment, summarize, verdict, write_docs
 
     args.out_dir = args.out_dir or ("reports/transfer-full" if args.full else "reports/transfer")
@@ -176,7 +177,7 @@ def _transfer(args: argparse.Namespace) -> None:
                              train_missing=not args.report_only, finetune_steps=args.finetune_steps,
                              pretrain_epochs=args.pretrain_epochs)
     summary = summarize(results)
-    (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(Path(args.out_dir) / "summary.json", summary)
     if args.docs:
         write_docs(summary, args.docs)
     for cell in summary["cells"].values():
@@ -188,13 +189,14 @@ def _transfer(args: argparse.Namespace) -> None:
 
 
 def _transfer_lr(args: argparse.Namespace) -> None:
+    from handlers.artifacts import write_json
     from training.transfer_lr import markdown_grid, run_grid, summarize_grid, write_grid_docs
 
     grid = run_grid(args.out_dir, data_root=args.data_root, quick=args.quick, full=args.full,
                     train_missing=not args.report_only, finetune_steps=args.finetune_steps,
                     pretrain_epochs=args.pretrain_epochs)
     summary = summarize_grid(grid)
-    (Path(args.out_dir) / "lr-grid-summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(Path(args.out_dir) / "lr-grid-summary.json", summary)
     if args.docs:
         write_grid_docs(summary, args.docs)
     print(markdown_grid(summary))

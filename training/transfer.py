@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from handlers.artifacts import write_json
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import FASHION_MNIST_CLASSES, load_dataset
 from training.finetune import sha256_of
@@ -137,7 +138,7 @@ def write_trees(out: Path, cfg: dict[str, Any], data_root: str | None = None) ->
             trees[f"{k}-{seed}"] = str(root)
     info = {"shape": shape, "pretrain": str(out / "pretrain"), "finetune": trees, "test_images": len(test),
             "val_images": len(val), "pretrain_images": len(pre_train)}
-    done.write_text(json.dumps(info, indent=2))
+    write_json(done, info)
     return info
 
 
@@ -187,7 +188,7 @@ def pretrain(out: Path, cfg: dict[str, Any], tree: str, progress: bool = True,
     t, load = time.perf_counter(), _load1()
     state = train(recipe, path, resume=resume, progress=progress)
     wall = {"wall_s": wall["wall_s"] + time.perf_counter() - t, "loadavg": [*wall["loadavg"], load, _load1()]}
-    wall_file.write_text(json.dumps(wall))
+    write_json(wall_file, wall)
     return state, wall
 
 
@@ -229,7 +230,7 @@ def fine_tune(recipe: Recipe, path: Path, base_sha: str, labels: dict[str, Any],
     row = {**labels, "test_acc": m["test_acc"], "train_time_s": m["train_time_s"],
            "wall_s": round(time.perf_counter() - t, 1), "loadavg": [load, _load1()], "epochs": recipe.epochs,
            "history": m["history"], "init": ck.get("init"), "hardware": m["hardware"], **key}
-    path.write_text(json.dumps(row, indent=2))
+    write_json(path, row)
     if progress:
         print(f"   test accuracy {m['test_acc']:.4f} ({m['train_time_s']:.0f} s)", flush=True)
     return row
@@ -272,7 +273,7 @@ def run_experiment(out_dir: str | Path, data_root: str | None = None, quick: boo
                "train_time_s": pm["train_time_s"], **wall}, "runs": runs,
                "hardware": hardware_name(torch.device("cpu")), "torch": torch.__version__,
                "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     finished = [r["shots"] for r in runs if r["method"] == "layer4_head" and r["seed"] == cfg["seeds"][0]]
     if serve_checkpoint and finished:
         best = runs_dir / f"{max(finished)}shot-layer4_head-seed{cfg['seeds'][0]}.pt"
@@ -441,6 +442,6 @@ def write_docs(summary: dict[str, Any], docs_dir: str | Path) -> None:
     from training.docblock import write_doc_block
 
     docs = Path(docs_dir)
-    (docs / "transfer.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(docs / "transfer.json", summary)
     plot(summary, docs / "transfer.png")
     write_doc_block(docs / "training.md", "transfer-figures", markdown(summary))

@@ -15,12 +15,12 @@ others go to runs/lr-grid/<k>shot-<method>-<knob><value>-seed<s>.json. Resumable
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from handlers.artifacts import write_json
 from training.finetune import sha256_of
 from training.transfer import (
     METHOD_NAMES,
@@ -84,7 +84,7 @@ def run_grid(out_dir: str | Path, data_root: str | None = None, quick: bool = Fa
             "shots": shots, "runs": runs, "test_images": trees["test_images"], "val_images": trees["val_images"],
             "hardware": runs[0]["hardware"] if runs else None,
             "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}
-    (out / "lr-grid.json").write_text(json.dumps(grid, indent=2))
+    write_json(out / "lr-grid.json", grid)
     return grid
 
 
@@ -193,5 +193,5 @@ def write_grid_docs(summary: dict[str, Any], docs_dir: str | Path) -> None:
     from training.docblock import write_doc_block
 
     docs = Path(docs_dir)
-    (docs / "transfer-lr.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(docs / "transfer-lr.json", summary)
     write_doc_block(docs / "training.md", "transfer-lr", markdown_grid(summary))
