@@ -33,6 +33,43 @@ def test_vit_epochs_train_both_vits_longer_beside_the_profiles_other_runs(tmp_pa
         sizes("quick", 0)
 
 
+
+def test_teacher_epochs_train_a_longer_teacher_that_only_the_distilled_runs_learn_from(tmp_path):
+    from training.kd_experiment import PROFILES, recipes, run_path, sizes, summarise, summary_file
+
+    plan = recipes(tmp_path, "quick", threads=1, vit_epochs=12, teacher_epochs=40)
+    teacher = tmp_path / "quick" / "resnet18-teacher-40ep.pt"
+    assert plan["teacher"].epochs == 40 and run_path(tmp_path, "quick", "teacher", 12, 40) == teacher
+    assert plan["vit_tiny-kd"].teacher == plan["lenet5-kd"].teacher == str(teacher)
+    assert run_path(tmp_path, "quick", "vit_tiny-kd", 12, 40).name == "vit_tiny-kd-12ep-teacher40ep.pt"
+    assert run_path(tmp_path, "quick", "lenet5-kd", 12, 40).name == "lenet5-kd-teacher40ep.pt"
+    # the students alone do not depend on the teacher: the runs already trained are reused
+    assert run_path(tmp_path, "quick", "vit_tiny", 12, 40).name == "vit_tiny-12ep.pt"
+    assert run_path(tmp_path, "quick", "lenet5", 12, 40).name == "lenet5.pt"
+    own = PROFILES["quick"]["teacher_epochs"]
+    assert run_path(tmp_path, "quick", "teacher", 12, own).name == "resnet18-teacher.pt"
+    assert summary_file(summarise({}, "quick", vit_epochs=12, teacher_epochs=40)) == "kd-12ep-teacher40ep.json"
+    assert summary_file(summarise({}, "quick", vit_epochs=12, teacher_epochs=own)) == "kd-12ep.json"
+    with pytest.raises(ValueError, match="teacher_epochs must be at least 1"):
+        sizes("quick", 12, 0)
+
+
+def test_the_verdict_of_a_longer_teacher_names_its_epochs_and_its_command():
+    from training.kd_experiment import kd_table, schedules_table, summarise
+
+    raw = {"teacher": _run("resnet18", 0.86, 40), "vit_tiny": _run("vit_tiny", 0.80, 12),
+           "vit_tiny-kd": _run("vit_tiny", 0.82, 12, distilled="soft")}
+    summary = summarise(raw, "quick", vit_epochs=12, teacher_epochs=40)
+    table = kd_table(summary)
+    assert "the teacher 40 epochs (`--teacher-epochs`), the CNN students" in table
+    assert "--profile quick --teacher-epochs 40 --threads 1 --vit-epochs 24 --only vit_tiny vit_tiny-kd" in table
+    old = summarise({**raw, "teacher": _run("resnet18", 0.80, 8)}, "quick", vit_epochs=12)
+    rows = schedules_table([old, summary])
+    assert "| `quick` | 12 (192) | 80.00 (8) | 80.00 | 82.00 |" in rows
+    assert "| `quick` | 12 (192) | 86.00 (40) | 80.00 | 82.00 |" in rows
+    assert "[kd-12ep-teacher40ep.json](efficiency/kd-12ep-teacher40ep.json)" in rows
+    assert rows.count("80.00 % after 12 epochs") == 1  # the student alone once, however many teachers
+
 def test_vit_tiny_learns_soft_targets_like_the_cnn_students_with_the_same_recipe_as_alone(tmp_path):
     from training.kd_experiment import recipes
 
@@ -163,12 +200,11 @@ def test_every_vit_schedule_is_kept_and_tabled_side_by_side(tmp_path):
     assert [s["size"]["vit_epochs"] for s in found] == [36, 80]
     # -1.00 / 3.00 = -33 %, sqrt((0.77 * 0.23 + 0.76 * 0.24) / 2000) = 1.34; 1.50 / 2.50 = 60 %, 1.30
     assert schedules_table(found).splitlines()[2:] == [
-        "| `quick` | 36 (576) | 80.00 | 77.00 | 76.00 | soft targets, T = 4 (`vit_tiny-kd`) | -1.00 (± 1.34) | -33 % "
+        "| `quick` | 36 (576) | 80.00 (8) | 77.00 | 76.00 | soft targets, T = 4 (`vit_tiny-kd`) | -1.00 (± 1.34) | -33 % "
         "| [kd-36ep.json](efficiency/kd-36ep.json) |",
-        "| `quick` | 80 (1280) | 80.00 | 77.50 | 79.00 | function matching: MixUp views, soft targets, T = 1, teacher "
+        "| `quick` | 80 (1280) | 80.00 (8) | 77.50 | 79.00 | function matching: MixUp views, soft targets, T = 1, teacher "
         "only (α = 1) (`vit_tiny-fm`) | +1.50 (± 1.30) | 60 % | [kd-80ep.json](efficiency/kd-80ep.json) |", "",
-        "The ViT-Tiny/7 alone by schedule: 77.00 % after 36 epochs (`quick`, teacher 80.00 %); 77.50 % after 80 "
-        "epochs (`quick`, teacher 80.00 %)."]
+        "The ViT-Tiny/7 alone by schedule: 77.00 % after 36 epochs (`quick`); 77.50 % after 80 epochs (`quick`)."]
     # report() keeps its schedule's summary and writes both tables, with or without finished runs
     report(tmp_path / "ckpt", tmp_path / "reports", tmp_path / "docs", "quick", 12)
     assert (tmp_path / "docs" / "efficiency" / "kd-12ep.json").is_file()

@@ -121,10 +121,10 @@ def _kd(args: argparse.Namespace) -> None:
     from training.kd_experiment import report, run
 
     if args.report_only:
-        summary = report(args.checkpoints, args.reports, "docs", args.profile, args.vit_epochs)
+        summary = report(args.checkpoints, args.reports, "docs", args.profile, args.vit_epochs, args.teacher_epochs)
     else:
         summary = run(args.checkpoints, args.reports, "docs", only=args.only, profile=args.profile,
-                      threads=args.threads, vit_epochs=args.vit_epochs)
+                      threads=args.threads, vit_epochs=args.vit_epochs, teacher_epochs=args.teacher_epochs)
     print(json.dumps({"teacher": summary["teacher"], "students": summary["students"]}, indent=1))
 
 
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--threads", type=int, help="training threads (default 2; a run may resume with another count)")
     k.add_argument("--vit-epochs", type=int, metavar="N",
                    help="train every ViT run (alone and distilled) N epochs instead of the profile's")
+    k.add_argument("--teacher-epochs", type=int, metavar="N",
+                   help="train the teacher N epochs instead of the profile's (every distilled run learns from it)")
     k.set_defaults(fn=_kd)
     q = sub.add_parser("experiment-qat", help="PTQ vs QAT for LeNet-5 and ResNet-18: accuracy and CPU latency")
     q.add_argument("--checkpoints", default="checkpoints/efficiency")

@@ -57,14 +57,15 @@ STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
                    ("vit_tiny-fm", {**VIT, "arch": "vit_tiny", **FM}, True)],
 }
 VIT_RUNS = {name for runs in STUDENTS.values() for name, values, _ in runs if values["arch"].startswith("vit")}
+DISTILLED = {name for runs in STUDENTS.values() for name, _, distilled in runs if distilled}
 GOAL = 0.5  # the best distilled ViT-Tiny should close at least half of its gap to the teacher
 
 
 def recipes(ckpt_dir: Path, profile: str = "full", threads: int | None = None,
-            vit_epochs: int | None = None) -> dict[str, Recipe]:
+            vit_epochs: int | None = None, teacher_epochs: int | None = None) -> dict[str, Recipe]:
     """Every run's recipe by run name (the teacher first); `threads` overrides DATA's training threads,
-    `vit_epochs` the profile's epochs of every ViT run."""
-    size = sizes(profile, vit_epochs)
+    `vit_epochs` the profile's epochs of every ViT run, `teacher_epochs` the teacher's."""
+    size = sizes(profile, vit_epochs, teacher_epochs)
     data = {**DATA, "limit": size["limit"], **({"threads": threads} if threads else {})}
     # zero_init_residual off: experiment-qat trains the same recipe with qat, which folds the BatchNorm scales
     teacher_args = {"width": size["teacher_width"], "zero_init_residual": False}
@@ -73,47 +74,69 @@ def recipes(ckpt_dir: Path, profile: str = "full", threads: int | None = None,
     for runs in STUDENTS.values():
         for name, values, distilled in runs:
             epochs = size["vit_epochs" if values["arch"].startswith("vit") else "cnn_epochs"]
-            teacher = {"teacher": str(run_path(ckpt_dir, profile, "teacher"))} if distilled else {}
+            teacher = ({"teacher": str(run_path(ckpt_dir, profile, "teacher", teacher_epochs=teacher_epochs))}
+                       if distilled else {})
             out[name] = Recipe(**data, **AUGMENT, **values, epochs=epochs, **teacher)
     return out
 
 
-def sizes(profile: str, vit_epochs: int | None = None) -> dict[str, Any]:
-    """The profile's sizes, with `vit_epochs` (when given) in place of its ViT epochs."""
-    if vit_epochs is not None and vit_epochs < 1:
-        raise ValueError(f"vit_epochs must be at least 1, got {vit_epochs}")
-    return {**PROFILES[profile], **({"vit_epochs": vit_epochs} if vit_epochs else {})}
+def sizes(profile: str, vit_epochs: int | None = None, teacher_epochs: int | None = None) -> dict[str, Any]:
+    """The profile's sizes, with `vit_epochs` and `teacher_epochs` (when given) in place of its own."""
+    given = {"vit_epochs": vit_epochs, "teacher_epochs": teacher_epochs}
+    for key, value in given.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
+    return {**PROFILES[profile], **{k: v for k, v in given.items() if v}}
 
 
-def run_path(ckpt_dir: Path, profile: str, name: str, vit_epochs: int | None = None) -> Path:
-    """The run's checkpoint; a ViT run trained for other than the profile's epochs is `<run>-<N>ep.pt`."""
+def _other(profile: str, key: str, epochs: int | None) -> bool:
+    """Whether `epochs` was given and differs from the profile's own `key`."""
+    return bool(epochs) and epochs != PROFILES[profile][key]
+
+
+def run_path(ckpt_dir: Path, profile: str, name: str, vit_epochs: int | None = None,
+             teacher_epochs: int | None = None) -> Path:
+    """The run's checkpoint; a ViT run trained for other than the profile's epochs is `<run>-<N>ep.pt`; a teacher
+    trained for other than the profile's epochs is `resnet18-teacher-<N>ep.pt`, and every run distilled from it
+    carries `-teacher<N>ep` too."""
+    folder = Path(ckpt_dir) / profile
+    other_teacher = _other(profile, "teacher_epochs", teacher_epochs)
     if name == "teacher":
-        return Path(ckpt_dir) / profile / TEACHER_FILE
-    other = name in VIT_RUNS and vit_epochs and vit_epochs != PROFILES[profile]["vit_epochs"]
-    return Path(ckpt_dir) / profile / (f"{name}-{vit_epochs}ep.pt" if other else f"{name}.pt")
+        return folder / (TEACHER_FILE.replace(".pt", f"-{teacher_epochs}ep.pt") if other_teacher else TEACHER_FILE)
+    stem = f"{name}-{vit_epochs}ep" if name in VIT_RUNS and _other(profile, "vit_epochs", vit_epochs) else name
+    return folder / (f"{stem}-teacher{teacher_epochs}ep.pt" if other_teacher and name in DISTILLED else f"{stem}.pt")
+
+
+def summary_file(summary: dict[str, Any]) -> str:
+    """The name a summary is kept under, one per schedule: `kd-<ViT epochs>ep[-teacher<N>ep].json`."""
+    size, profile = summary["size"], summary["profile"]
+    teacher = (f"-teacher{size['teacher_epochs']}ep" if _other(profile, "teacher_epochs", size["teacher_epochs"])
+               else "")
+    return f"kd-{size['vit_epochs']}ep{teacher}.json"
 
 
 def run(ckpt_dir: str | Path = "checkpoints/efficiency", reports: str | Path = "reports/efficiency",
         docs: str | Path = "docs", only: list[str] | None = None, profile: str = "full",
-        threads: int | None = None, vit_epochs: int | None = None) -> dict[str, Any]:
+        threads: int | None = None, vit_epochs: int | None = None,
+        teacher_epochs: int | None = None) -> dict[str, Any]:
     """Train (or resume, or reuse) every run (or those in `only`, the teacher first when one needs it) with
     `threads` training threads (default DATA's), then write the raw and summary JSON and the docs table."""
-    plan = recipes(Path(ckpt_dir), profile, threads, vit_epochs)
+    plan = recipes(Path(ckpt_dir), profile, threads, vit_epochs, teacher_epochs)
     for name, recipe in plan.items():
         if only and name not in only and not (name == "teacher" and any(plan[n].teacher for n in only)):
             continue
-        train_or_resume(recipe, run_path(Path(ckpt_dir), profile, name, vit_epochs))
-    return report(ckpt_dir, reports, docs, profile, vit_epochs)
+        train_or_resume(recipe, run_path(Path(ckpt_dir), profile, name, vit_epochs, teacher_epochs))
+    return report(ckpt_dir, reports, docs, profile, vit_epochs, teacher_epochs)
 
 
 def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile: str = "full",
-           vit_epochs: int | None = None) -> dict[str, Any]:
+           vit_epochs: int | None = None, teacher_epochs: int | None = None) -> dict[str, Any]:
     """Summarise whatever runs have finished (a missing run shows as not run yet)."""
-    plan = recipes(Path(ckpt_dir), profile, vit_epochs=vit_epochs)
+    plan = recipes(Path(ckpt_dir), profile, vit_epochs=vit_epochs, teacher_epochs=teacher_epochs)
     raw: dict[str, Any] = {}
     unfinished: dict[str, Any] = {}  # run -> its validation accuracy per epoch so far
     for name, recipe in plan.items():
-        path = run_path(Path(ckpt_dir), profile, name, vit_epochs)
+        path = run_path(Path(ckpt_dir), profile, name, vit_epochs, teacher_epochs)
         if path.is_file() and int((c := load_checkpoint(path)).get("epoch", 0)) < recipe.epochs:
             unfinished[name] = {"epochs_done": c["epoch"], "epochs": recipe.epochs,
                                 "val_acc": [h["val_acc"] for h in c["metrics"]["history"]]}
@@ -125,11 +148,11 @@ def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile:
                          "epochs": c["epoch"], "hardware": m["hardware"], "recipe": c["recipe"],
                          "distillation": m.get("distillation"), "history": m["history"]}
     write_json(Path(reports) / "kd.json", {**raw, "unfinished": unfinished})
-    summary = summarise(raw, profile, unfinished, vit_epochs)
+    summary = summarise(raw, profile, unfinished, vit_epochs, teacher_epochs)
     summary["machine"] = machine()
     folder = Path(docs) / "efficiency"
     write_json(folder / "kd.json", summary)
-    write_json(folder / f"kd-{summary['size']['vit_epochs']}ep.json", summary)  # one per ViT schedule, kept
+    write_json(folder / summary_file(summary), summary)  # one per schedule (ViT and teacher epochs), kept
     from training.docblock import write_doc_block
 
     write_doc_block(Path(docs) / "efficiency.md", "kd-table", kd_table(summary))
@@ -138,28 +161,29 @@ def report(ckpt_dir: str | Path, reports: str | Path, docs: str | Path, profile:
 
 
 def schedules(folder: Path) -> list[dict[str, Any]]:
-    """The summaries kept per ViT schedule (`kd-<N>ep.json`), shortest schedule first."""
+    """The summaries kept per schedule (`kd-<N>ep[-teacher<M>ep].json`), shortest schedule first."""
     found = [json.loads(f.read_text()) for f in Path(folder).glob("kd-*ep.json")]
-    return sorted(found, key=lambda s: (s["profile"], s["size"]["vit_epochs"]))
+    return sorted(found, key=lambda s: (s["profile"], s["size"]["vit_epochs"], s["size"]["teacher_epochs"]))
 
 
 def schedules_table(summaries: list[dict[str, Any]]) -> str:
     """Every finished distilled ViT of every schedule beside the student alone trained for as many epochs."""
-    lines = ["| profile | ViT epochs (steps) | teacher % | alone % | distilled % | how | gain pt (± SE) | gap closed "
-             "| source |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    lines = ["| profile | ViT epochs (steps) | teacher % (epochs) | alone % | distilled % | how | gain pt (± SE) "
+             "| gap closed | source |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]
     alone: list[str] = []  # the ViT alone by schedule, whether or not a distilled run finished beside it
     for s in summaries:
         size = s["size"]
         steps = -(-size["limit"] // AUGMENT["batch_size"]) * size["vit_epochs"]
-        source = f"[kd-{size['vit_epochs']}ep.json](efficiency/kd-{size['vit_epochs']}ep.json)"
+        source = f"[{summary_file(s)}](efficiency/{summary_file(s)})"
         vit = [r for r in s["students"] if r["student"].startswith("ViT")]
-        if vit and vit[0]["alone"]:
-            alone.append(f"{_pct(vit[0]['alone'])} % after {size['vit_epochs']} epochs (`{s['profile']}`, teacher "
-                         f"{_pct(s['teacher'])} %)")
+        seen = f"{_pct(vit[0]['alone'])} % after {size['vit_epochs']} epochs (`{s['profile']}`)" if vit else ""
+        if vit and vit[0]["alone"] and seen not in alone:
+            alone.append(seen)
         for r in vit:
             if r.get("gain_pt") is not None:
                 closed = "—" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f} %"
-                lines.append(f"| `{s['profile']}` | {size['vit_epochs']} ({steps}) | {_pct(s['teacher'])} | "
+                lines.append(f"| `{s['profile']}` | {size['vit_epochs']} ({steps}) | {_pct(s['teacher'])} "
+                             f"({size['teacher_epochs']}) | "
                              f"{_pct(r['alone'])} | {_pct(r['distilled'])} | {r['how']} (`{r['run']}`) | "
                              f"{r['gain_pt']:+.2f} (± {r['gain_se_pt']:.2f}) | {closed} | {source} |")
     table = "\n".join(lines) if len(lines) > 2 else "_No ViT schedule has a finished distilled run yet._"
@@ -171,7 +195,7 @@ def _is_buffer(key: str) -> bool:
 
 
 def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, Any] | None = None,
-              vit_epochs: int | None = None) -> dict[str, Any]:
+              vit_epochs: int | None = None, teacher_epochs: int | None = None) -> dict[str, Any]:
     """One row per distilled run (a student with two ways of distilling has two rows): the student alone, distilled,
     and the share of the alone-to-teacher gap distillation closed. A distilled run that has not finished is compared
     at the epoch it reached, on the validation split, with the student alone at the same epoch of the same schedule
@@ -184,7 +208,8 @@ def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, 
             rows.append(_row(student, name, values, teacher, raw.get(alone_name), raw.get(name),
                              unfinished.get(name), profile))
     return {"teacher": _brief(teacher), "students": rows, "goal_gap_closed": GOAL, "profile": profile,
-            "size": sizes(profile, vit_epochs), "vit_epochs_option": vit_epochs,
+            "size": sizes(profile, vit_epochs, teacher_epochs), "vit_epochs_option": vit_epochs,
+            "teacher_epochs_option": teacher_epochs,
             "data": {**DATA, "limit": PROFILES[profile]["limit"]}}
 
 
@@ -244,7 +269,8 @@ def kd_table(summary: dict[str, Any]) -> str:
         return "_Awaiting a run: `make experiment-kd`._"
     size = summary["size"]
     lines = [f"Profile `{summary['profile']}`: {size['limit']:,} images in each of the train, validation and test "
-             f"splits (seeded subsets); the teacher {size['teacher_epochs']} epochs, the CNN students "
+             f"splits (seeded subsets); the teacher {size['teacher_epochs']} epochs"
+             f"{' (`--teacher-epochs`)' if summary.get('teacher_epochs_option') else ''}, the CNN students "
              f"{size['cnn_epochs']}, the ViTs {size['vit_epochs']}"
              f"{' (`--vit-epochs`, every ViT run)' if summary.get('vit_epochs_option') else ''}.", "",
              f"Teacher: {t['arch']} {_args(t)} — **{100 * t['test_acc']:.2f} %** test accuracy, "
@@ -329,7 +355,8 @@ def _longer(summary: dict[str, Any], best: dict[str, Any]) -> str:
     per_epoch = distilled["train_time_s"] / max(epochs, 1)
     teacher = 100 * distilled.get("teacher_time_s", 0) / max(distilled["train_time_s"], 1e-9)
     threads = distilled.get("threads") or summary["data"]["threads"]
-    profile_arg = "" if profile == "full" else f"--profile {profile} "
+    profile_arg = ("" if profile == "full" else f"--profile {profile} ") + (
+        f"--teacher-epochs {t} " if (t := summary.get("teacher_epochs_option")) else "")
     agreement = distilled.get("teacher_label_agreement")
     targets = ("" if agreement is None else f"The teacher's top-1 was the true label on {100 * agreement:.1f} % "
                "of the training views it labelled. ")
