@@ -249,3 +249,52 @@ def test_with_mixup_the_teacher_labels_the_mixed_view_the_student_trains_on(tmp_
         assert torch.equal(t, m) and not torch.equal(m, b)
     # a mixed batch has no single true label, so no agreement is counted
     assert ckpt["metrics"]["distillation"]["teacher_label_agreement"] is None
+
+
+def test_with_a_transfer_set_the_labels_term_covers_the_labelled_images_only(tmp_path):
+    from training.data import UNLABELED
+
+    pre = make_preprocess(28, 1, [0.286], [0.353])
+    teacher = Teacher(_checkpoint(tmp_path / "t.pt"), FMNIST_CLASSES, pre, torch.device("cpu"))
+    torch.manual_seed(0)
+    student = get_model("simple_cnn", width=4, hidden=8)
+    x, y = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 2, UNLABELED, UNLABELED, UNLABELED])
+    t, s = teacher(x), student(x)
+    distiller = Distiller(teacher, "soft", 0.3, 2.0, two_heads=False, unlabeled=True)
+    expected = 0.7 * F.cross_entropy(s[:3], y[:3]) + 0.3 * soft_kd_loss(s, t, 2.0)  # the teacher's term: all six
+    assert distiller.loss(student, x, y, F.cross_entropy).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distiller.describe()["teacher_views"] == 3  # agreement counts the images with a label only
+    hidden = torch.full_like(y, UNLABELED)  # a batch of unlabelled images only: the teacher's term alone
+    loss = distiller.loss(student, x, hidden, F.cross_entropy)
+    assert loss.item() == pytest.approx((0.3 * soft_kd_loss(s, t, 2.0)).item(), rel=1e-5)
+    loss.backward()  # and it still trains the student
+    assert all(p.grad is not None for p in student.parameters())
+
+
+@needs_fmnist
+def test_a_transfer_set_adds_training_images_with_hidden_labels_after_the_limited_ones():
+    from training.data import UNLABELED, load_dataset, with_unlabeled
+
+    limited = load_dataset("fashion_mnist", limit=40)
+    splits = with_unlabeled(load_dataset("fashion_mnist"), 40, 25)
+    assert torch.equal(splits.train.images[:40], limited.train.images)  # the labelled images are the same
+    assert torch.equal(splits.train.labels[:40], limited.train.labels)
+    assert len(splits.train) == 65 and (splits.train.labels[40:] == UNLABELED).all()
+    assert not any(torch.equal(splits.train.images[i], img) for i in range(40, 65) for img in limited.train.images)
+    for part in ("val", "test"):  # scored on the same images as a limited run
+        assert torch.equal(getattr(splits, part).images, getattr(limited, part).images)
+
+
+@needs_fmnist
+def test_a_distilled_run_with_a_transfer_set_trains_on_more_images(tmp_path):
+    from training.recipe import RecipeError
+
+    teacher = str(_checkpoint(tmp_path / "t.pt"))
+    recipe = Recipe(arch="lenet5", epochs=1, batch_size=32, limit=64, kd_unlabeled=96, teacher=teacher,
+                    crop_padding=0)
+    ckpt = train(recipe, tmp_path / "s.pt", progress=False)
+    assert ckpt["metrics"]["distillation"]["teacher_views"] == 64  # 160 images seen, 64 of them with a label
+    with pytest.raises(RecipeError, match="needs a teacher and a limit"):
+        Recipe(arch="lenet5", limit=64, kd_unlabeled=96)
+    with pytest.raises(RecipeError, match="cannot mix images"):
+        Recipe(arch="lenet5", limit=64, kd_unlabeled=96, teacher=teacher, mixup_alpha=1.0)

@@ -127,7 +127,8 @@ def test_the_kd_verdict_takes_the_best_distilled_vit_and_shows_the_other():
     summary = summarise(raw, "quick", vit_epochs=12)
     vit = [r for r in summary["students"] if r["student"].startswith("ViT")]
     assert [(r["run"], r["mode"], r.get("gain_pt")) for r in vit] == [
-        ("vit_tiny-kd", "soft", 6.0), ("vit_tiny_distilled", "hard", -1.0), ("vit_tiny-fm", "soft", None)]
+        ("vit_tiny-kd", "soft", 6.0), ("vit_tiny_distilled", "hard", -1.0), ("vit_tiny-fm", "soft", None),
+        ("vit_tiny-kd-unlabeled", "soft", None), ("vit_tiny_distilled-unlabeled", "hard", None)]
     table = kd_table(summary)
     assert ("The best distilled ViT-Tiny/7 (soft targets, T = 4, `vit_tiny-kd`: 76.00 %, alone 70.00 %) closes 60 % "
             "of its 10.00-point gap to the teacher: the goal (≥ 50 %) is met.") in table
@@ -200,10 +201,10 @@ def test_every_vit_schedule_is_kept_and_tabled_side_by_side(tmp_path):
     assert [s["size"]["vit_epochs"] for s in found] == [36, 80]
     # -1.00 / 3.00 = -33 %, sqrt((0.77 * 0.23 + 0.76 * 0.24) / 2000) = 1.34; 1.50 / 2.50 = 60 %, 1.30
     assert schedules_table(found).splitlines()[2:] == [
-        "| `quick` | 36 (576) | 80.00 (8) | 77.00 | 76.00 | soft targets, T = 4 (`vit_tiny-kd`) | -1.00 (± 1.34) | -33 % "
-        "| [kd-36ep.json](efficiency/kd-36ep.json) |",
-        "| `quick` | 80 (1280) | 80.00 (8) | 77.50 | 79.00 | function matching: MixUp views, soft targets, T = 1, teacher "
-        "only (α = 1) (`vit_tiny-fm`) | +1.50 (± 1.30) | 60 % | [kd-80ep.json](efficiency/kd-80ep.json) |", "",
+        "| `quick` | 36 (576) | 80.00 (8) | 77.00 | 76.00 | soft targets, T = 4 (`vit_tiny-kd`) | -1.00 (± 1.34) "
+        "| -33 % | [kd-36ep.json](efficiency/kd-36ep.json) |",
+        "| `quick` | 80 (1280) | 80.00 (8) | 77.50 | 79.00 | function matching: MixUp views, soft targets, T = 1, "
+        "teacher only (α = 1) (`vit_tiny-fm`) | +1.50 (± 1.30) | 60 % | [kd-80ep.json](efficiency/kd-80ep.json) |", "",
         "The ViT-Tiny/7 alone by schedule: 77.00 % after 36 epochs (`quick`); 77.50 % after 80 epochs (`quick`)."]
     # report() keeps its schedule's summary and writes both tables, with or without finished runs
     report(tmp_path / "ckpt", tmp_path / "reports", tmp_path / "docs", "quick", 12)
@@ -227,3 +228,20 @@ def test_the_verdict_says_when_the_gap_to_the_teacher_is_within_noise():
             "zero") in table
     raw["vit_tiny"]["test_acc"] = 0.70  # a 10-point gap is not noise
     assert "The gap itself" not in kd_table(summarise(raw, "quick", vit_epochs=60))
+
+
+def test_a_transfer_set_run_trains_as_many_steps_as_the_student_alone_on_more_images(tmp_path):
+    from training.kd_experiment import how, recipes
+
+    plan = recipes(tmp_path, "quick", threads=1, vit_epochs=60)
+    alone, soft, more = plan["vit_tiny"], plan["vit_tiny-kd"], plan["vit_tiny-kd-unlabeled"]
+    assert more.kd_unlabeled == 8000 and soft.kd_unlabeled == alone.kd_unlabeled == 0
+    steps = [-(-n // r.batch_size) * r.epochs for n, r in ((2000, alone), (10000, more))]
+    assert (more.epochs, steps) == (12, [960, 948])  # 2,000 labelled + 8,000 unlabelled images an epoch
+    assert more.warmup_epochs == pytest.approx(alone.warmup_epochs / 5)
+    changed = ("kd_unlabeled", "epochs", "warmup_epochs")
+    assert {k: v for k, v in more.to_dict().items() if k not in changed} == {
+        k: v for k, v in soft.to_dict().items() if k not in changed}
+    hard = plan["vit_tiny_distilled-unlabeled"]
+    assert (hard.distill, hard.kd_unlabeled, hard.teacher) == ("hard", 8000, soft.teacher)
+    assert how(more.to_dict()) == "soft targets, T = 4, + 8,000 unlabelled images"

@@ -96,6 +96,25 @@ class Splits:
     test: TensorSplit | ImageFolderSplit
 
 
+UNLABELED = -100  # a hidden label (torch's cross-entropy ignore_index): the image is for the teacher's term only
+
+
+def with_unlabeled(splits: Splits, limit: int, extra: int) -> Splits:
+    """Splits loaded without a limit -> every split capped at `limit` (the same images a limited load gives), the
+    training split followed by `extra` more of its images with their labels hidden (UNLABELED): distillation's
+    transfer set, which only the teacher labels. In-memory datasets only."""
+    if not splits.info.in_memory:
+        raise DatasetError(f"kd_unlabeled needs an in-memory dataset; {splits.info.name} is read from folders")
+    train = splits.train
+    if limit + extra > len(train):
+        raise DatasetError(f"kd_unlabeled {extra} + limit {limit} exceed the {len(train)} training images of "
+                           f"{splits.info.name}")
+    labels = train.labels[:limit + extra].clone()
+    labels[limit:] = UNLABELED
+    return Splits(splits.info, TensorSplit(train.images[:limit + extra], labels),
+                  *(TensorSplit(s.images[:limit], s.labels[:limit]) for s in (splits.val, splits.test)))
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1, seed: int = 0,
                  image_size: int | None = None, limit: int | None = None) -> Splits:
     """Load a dataset's train/val/test splits. `limit` caps every split (fast tests and demos)."""

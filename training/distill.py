@@ -123,24 +123,34 @@ def _short(names: Sequence[str]) -> str:
 class Distiller:
     """The training loss with a teacher: `loss(net, x, target, criterion)` replaces `criterion(net(x), target)`."""
 
-    def __init__(self, teacher: Teacher, mode: str, alpha: float, temperature: float, two_heads: bool) -> None:
+    def __init__(self, teacher: Teacher, mode: str, alpha: float, temperature: float, two_heads: bool,
+                 unlabeled: bool = False) -> None:
         self.teacher, self.alpha, self.temperature, self.two_heads = teacher, alpha, temperature, two_heads
+        self.unlabeled = unlabeled  # the batches may hold images with a hidden label (training.data.UNLABELED)
         self.mode = ("hard" if two_heads else "soft") if mode == "auto" else mode
         # training views the teacher labelled, and those where its top-1 was the true label (how noisy its targets are)
         self.views, self.agreed = 0, torch.zeros((), dtype=torch.long)
 
     def loss(self, net: nn.Module, x: torch.Tensor, target: torch.Tensor,
              criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """With a transfer set (`unlabeled`), the labels' term covers the batch's labelled images only (a hidden
+        label is UNLABELED), the teacher's term all of them."""
         teacher = self.teacher(x)
-        if target.ndim == 1:  # class indices (a mixed batch's soft targets have no single true label)
-            self.agreed = self.agreed.to(target.device) + (teacher.argmax(dim=1) == target).sum()
-            self.views += target.numel()
         if self.two_heads:
             cls, dist = net(x, both_heads=True)
         else:
             cls = dist = net(x)
         kd = hard_kd_loss(dist, teacher) if self.mode == "hard" else soft_kd_loss(dist, teacher, self.temperature)
-        return (1 - self.alpha) * criterion(cls.float(), target) + self.alpha * kd
+        if target.ndim != 1:  # a mixed batch's soft targets have no single true label
+            return (1 - self.alpha) * criterion(cls.float(), target) + self.alpha * kd
+        right = teacher.argmax(dim=1) == target  # how noisy the teacher's targets are, where the label is known
+        if not self.unlabeled:  # no host sync per step
+            self.agreed, self.views = self.agreed.to(target.device) + right.sum(), self.views + target.numel()
+            return (1 - self.alpha) * criterion(cls.float(), target) + self.alpha * kd
+        known = target >= 0
+        self.agreed, self.views = self.agreed.to(target.device) + right.sum(), self.views + int(known.sum())
+        labels = criterion(cls[known].float(), target[known]) if bool(known.any()) else cls.sum() * 0
+        return (1 - self.alpha) * labels + self.alpha * kd
 
     def resume(self, metrics: dict[str, Any]) -> None:
         """Carry the teacher time and label agreement of the epochs before a resume, as the training time is."""
@@ -171,4 +181,5 @@ def make_distiller(recipe: Recipe, model: nn.Module, classes: Sequence[str], pre
         raise DistillError(f"{recipe.arch}'s two heads do not survive QAT's export: distill it first, then train "
                            "the result with qat (its output averages the heads)")
     teacher = Teacher(recipe.teacher, classes, preprocess, device, dataset)
-    return Distiller(teacher, recipe.distill, recipe.kd_alpha, recipe.kd_temperature, two_heads)
+    return Distiller(teacher, recipe.distill, recipe.kd_alpha, recipe.kd_temperature, two_heads,
+                     unlabeled=recipe.kd_unlabeled > 0)

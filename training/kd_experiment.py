@@ -43,6 +43,9 @@ HARD = {"distill": "hard", "kd_alpha": 0.5}
 # function matching (Beyer et al., 2022, "a good teacher is patient and consistent"): the teacher's soft targets
 # only (no label term), at T = 1, on the MixUp-ed view the student trains on; it pays off with long schedules
 FM = {"distill": "soft", "kd_alpha": 1.0, "kd_temperature": 1.0, "mixup_alpha": 1.0}
+# a transfer set (Hinton et al., 2015): this many more training images whose labels the student never sees, for the
+# teacher's term only; such a run trains as many optimizer steps as the student alone (fewer, larger epochs)
+UNLABELED = {"kd_unlabeled": 8000}
 TEACHER_FILE = "resnet18-teacher.pt"
 # student -> (run name, recipe values, distilled?) in training order, cheapest first: the student alone, then its
 # distilled variants
@@ -54,7 +57,10 @@ STUDENTS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "ViT-Tiny/7": [("vit_tiny", {**VIT, "arch": "vit_tiny"}, False),
                    ("vit_tiny-kd", {**VIT, "arch": "vit_tiny", **SOFT}, True),
                    ("vit_tiny_distilled", {**VIT, "arch": "vit_tiny_distilled", **HARD}, True),
-                   ("vit_tiny-fm", {**VIT, "arch": "vit_tiny", **FM}, True)],
+                   ("vit_tiny-fm", {**VIT, "arch": "vit_tiny", **FM}, True),
+                   ("vit_tiny-kd-unlabeled", {**VIT, "arch": "vit_tiny", **SOFT, **UNLABELED}, True),
+                   ("vit_tiny_distilled-unlabeled", {**VIT, "arch": "vit_tiny_distilled", **HARD, **UNLABELED},
+                    True)],
 }
 VIT_RUNS = {name for runs in STUDENTS.values() for name, values, _ in runs if values["arch"].startswith("vit")}
 DISTILLED = {name for runs in STUDENTS.values() for name, _, distilled in runs if distilled}
@@ -76,6 +82,10 @@ def recipes(ckpt_dir: Path, profile: str = "full", threads: int | None = None,
             epochs = size["vit_epochs" if values["arch"].startswith("vit") else "cnn_epochs"]
             teacher = ({"teacher": str(run_path(ckpt_dir, profile, "teacher", teacher_epochs=teacher_epochs))}
                        if distilled else {})
+            if values.get("kd_unlabeled"):  # the same optimizer steps over labelled + unlabelled images
+                share = size["limit"] / (size["limit"] + values["kd_unlabeled"])
+                values = {**values, "warmup_epochs": values["warmup_epochs"] * share}
+                epochs = max(1, round(epochs * share))
             out[name] = Recipe(**data, **AUGMENT, **values, epochs=epochs, **teacher)
     return out
 
@@ -215,12 +225,13 @@ def summarise(raw: dict[str, Any], profile: str = "full", unfinished: dict[str, 
 
 def how(values: dict[str, Any]) -> str:
     """How a distilled run learns from the teacher, in words (the table's `how` column)."""
+    unlabeled = (f", + {values['kd_unlabeled']:,} unlabelled images" if values.get("kd_unlabeled") else "")
     if values["distill"] == "hard":
-        return "distillation token, hard labels"
+        return "distillation token, hard labels" + unlabeled
     soft = f"soft targets, T = {values['kd_temperature']:g}"
     if values.get("mixup_alpha"):
         return f"function matching: MixUp views, {soft}, teacher only (α = {values['kd_alpha']:g})"
-    return soft
+    return soft + unlabeled
 
 
 def _row(student: str, name: str, values: dict[str, Any], teacher: dict[str, Any] | None,
@@ -237,7 +248,7 @@ def _row(student: str, name: str, values: dict[str, Any], teacher: dict[str, Any
         n = PROFILES[profile]["limit"]
         row["gain_se_pt"] = round(100 * _difference_se(alone["test_acc"], distilled["test_acc"], n), 2)
         row["gap_se_pt"] = round(100 * _difference_se(teacher["test_acc"], alone["test_acc"], n), 2)
-    elif teacher and alone and d and d["val_acc"]:
+    elif teacher and alone and d and d["val_acc"] and d["epochs"] == alone["epochs"]:
         k = len(d["val_acc"])
         a_k, d_k = alone["history"][k - 1]["val_acc"], d["val_acc"][-1]
         row["partial"] = {"epoch": k, "of": d["epochs"], "alone_val": a_k, "distilled_val": d_k,

@@ -81,6 +81,8 @@ class Recipe:
     distill: str = "auto"               # auto (hard for *_distilled students, else soft) | soft | hard
     kd_alpha: float = 0.5               # weight of the teacher's term; the labels' term gets 1 - kd_alpha
     kd_temperature: float = 4.0         # temperature of the soft targets (the KL term is scaled by T^2)
+    kd_unlabeled: int = 0               # training images beyond `limit` with their labels hidden: only the
+                                        # teacher's term learns from them (a transfer set; in-memory datasets)
     qat: bool = False                   # int8 quantization-aware training (pt2e, x86 quantizer); no EMA, fp32
 
     def __post_init__(self) -> None:
@@ -118,6 +120,11 @@ class Recipe:
             (self.distill in ("auto", "soft", "hard"), "distill must be auto, soft or hard"),
             (0 <= self.kd_alpha <= 1, "kd_alpha must be in [0, 1]"),
             (self.kd_temperature > 0, "kd_temperature must be > 0"),
+            (self.kd_unlabeled >= 0, "kd_unlabeled must be >= 0"),
+            (not self.kd_unlabeled or (self.teacher and self.limit), "kd_unlabeled (images only the teacher "
+             "labels) needs a teacher and a limit: the labelled training images, the unlabelled ones after them"),
+            (not self.kd_unlabeled or (self.mixup_alpha == 0 and self.cutmix_alpha == 0),
+             "kd_unlabeled cannot mix images: MixUp/CutMix would blend a hidden label into a known one"),
             (not (self.qat and self.ema_decay > 0), "qat trains without a weight EMA: set ema_decay: 0 (the "
              "fake-quantised graph's observers have no average)"),
             (not (self.qat and self.amp == "bf16"), "qat trains in float32 (fake quantisation): set amp: off"),

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.data import DatasetInfo, Splits, load_dataset, make_loaders
+from training.data import DatasetInfo, Splits, load_dataset, make_loaders, with_unlabeled
 from training.distill import make_distiller
 from training.ema import WeightEMA, ema_horizon, recalibrate_bn
 from training.finetune import FreezePolicy, init_weights, param_groups
@@ -365,7 +365,9 @@ def make_data(recipe: Recipe, device: torch.device, ctx: Any) -> tuple[DatasetIn
                                                                           recipe.seed, recipe.data_root, device)
     splits = ctx.agree("dataset", lambda: load_dataset(
         recipe.dataset, recipe.data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
-        image_size=recipe.img_size, limit=recipe.limit), _describe)
+        image_size=recipe.img_size, limit=None if recipe.kd_unlabeled else recipe.limit), _describe)
+    if recipe.kd_unlabeled:  # the labelled images a limited load gives, then the unlabelled ones
+        splits = with_unlabeled(splits, recipe.limit, recipe.kd_unlabeled)
     info = splits.info
     if info.in_memory and (folder_keys := recipe.folder_only_keys()):
         raise RecipeError(f"{', '.join(folder_keys)}: for folder datasets only; {info.name} is augmented in "
