@@ -19,10 +19,10 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # diagonal neighbours join: thin
 
 def labels_and_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K, H, W) logits -> per-pixel labels (N, H, W) int64 (the argmax) and scores (N, H, W): the softmax
-    probability of each pixel's label, 1 / sum_k exp(logit_k - max), without normalising every class plane."""
-    top, labels = logits.max(dim=1)
-    spread = logits - top.unsqueeze(1)
-    return labels, spread.exp_().sum(dim=1).reciprocal_()
+    probability of each pixel's label (one softmax and max over the classes: faster on CPU here than a max and an
+    exp-sum, measured at 224 px with 11 classes)."""
+    scores, labels = torch.softmax(logits, dim=1).max(dim=1)
+    return labels, scores
 
 
 def masks_to_detections(labels: torch.Tensor, scores: torch.Tensor | None = None,
