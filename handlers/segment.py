@@ -3,8 +3,9 @@
 A request's body is told apart by its bytes (handlers/video.py `sniff`): an image is a frame (one unit), an
 MP4/WebM/MKV container is a clip whose sampled frames are decoded lazily, so the shared loop runs them in chunks of
 `max_batch` next to the frames of other requests. Post-processing: logits -> bilinear to the frame's own size ->
-softmax -> per-pixel labels -> detections (training/masks.py, one definition with evaluation) -> the mask as COCO
-RLE, a PNG label map, or nothing. A clip is answered whole, or streamed as NDJSON lines while it is decoded.
+per-pixel labels and the probability of each -> detections (training/masks.py, one definition with evaluation) ->
+the mask as COCO RLE, a PNG label map, or nothing. A clip is answered whole, or streamed as NDJSON lines while it is
+decoded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from handlers.errors import BadInput
 from handlers.pipeline import Job, Pipeline, Unit
 from handlers.request import b64_bytes, parse_json, split_item
 from handlers.video import IMAGE_TYPES, VIDEO_TYPES, Sampling, VideoClip, VideoLimits, sniff
-from training.masks import DEFAULT_MIN_AREA, masks_to_detections
+from training.masks import DEFAULT_MIN_AREA, labels_and_scores, masks_to_detections
 
 MASK_FORMATS = ("rle", "png", "none")
 FIELDS = frozenset({"every", "fps", "max_frames", "masks", "stream", "min_area"})  # per-request options
@@ -154,15 +155,15 @@ class SegmentPipeline(Pipeline):
         """Logits at model size -> per frame: labels at the frame's size, detections, the encoded mask."""
         maps = []
         same = all(tuple(u.pixels.shape[-2:]) == tuple(logits.shape[-2:]) for u in units)
-        if same:  # frames at the model's size (the usual clip): one softmax for the whole chunk
-            conf, labels = torch.softmax(logits, dim=1).max(dim=1)
-            maps = list(zip(labels.to(torch.uint8).cpu(), conf.cpu()))
+        if same:  # frames at the model's size (the usual clip): the whole chunk at once
+            labels, scores = labels_and_scores(logits)
+            maps = list(zip(labels.to(torch.uint8).cpu(), scores.cpu()))
         else:  # one frame at a time: a 1080p frame's upsampled logits alone are ~90 MB
             for n, unit in enumerate(units):
                 up = F.interpolate(logits[n:n + 1], size=tuple(unit.pixels.shape[-2:]), mode="bilinear",
                                    align_corners=False)
-                c, lab = torch.softmax(up, dim=1).max(dim=1)
-                maps.append((lab[0].to(torch.uint8).cpu(), c[0].cpu()))
+                lab, score = labels_and_scores(up)
+                maps.append((lab[0].to(torch.uint8).cpu(), score[0].cpu()))
         # detections and mask encoding per frame (scipy, pycocotools, zlib) release the GIL for most of their work
         args = [(unit, lab, c) for unit, (lab, c) in zip(units, maps)]
         if self.postprocess_threads > 1 and len(args) > 1:
@@ -171,12 +172,9 @@ class SegmentPipeline(Pipeline):
             return list(self._pool.map(lambda a: self._frame_result(*a), args))
         return [self._frame_result(*a) for a in args]
 
-    def _frame_result(self, unit: Unit, labels: torch.Tensor, conf: torch.Tensor) -> dict[str, Any]:
+    def _frame_result(self, unit: Unit, labels: torch.Tensor, scores: torch.Tensor) -> dict[str, Any]:
         job: SegmentJob = unit.job  # type: ignore[assignment]
-        # masks_to_detections scores a component of class k by the mean of probs[k] over it; there probs[k] is the
-        # winning probability, so the (H, W) confidence map stands in for all K planes (a broadcast view, no copy)
-        probs = conf.unsqueeze(0).expand(len(self.classes), *conf.shape)
-        dets = masks_to_detections(labels.long(), probs, min_area=job.min_area, classes=self.classes)
+        dets = masks_to_detections(labels, scores, min_area=job.min_area, classes=self.classes)
         result: dict[str, Any] = dict(unit.info)
         if job.clip is None:
             result.update(width=int(labels.shape[1]), height=int(labels.shape[0]))

@@ -103,9 +103,9 @@ def opencv_detections() -> None:
 
     import handlers.segment as segment
 
-    def detect(labels, probs=None, min_area=64, classes=None):
+    def detect(labels, scores=None, min_area=64, classes=None):
         lab = labels.numpy().astype(np.uint8)
-        conf = probs[0].numpy() if probs is not None else None
+        conf = scores.numpy() if scores is not None else None
         out = []
         for k in [int(k) for k in np.unique(lab) if k > 0]:
             n, comp, stats, _ = cv2.connectedComponentsWithStats((lab == k).astype(np.uint8), connectivity=8)

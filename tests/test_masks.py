@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.masks import masks_to_detections
+from training.masks import labels_and_scores, masks_to_detections
 from training.seg_eval import SegmentationLoss, SegMetrics, instance_truth
 
 CLASSES = ["background", "a", "b", "c"]
@@ -32,11 +32,11 @@ def test_one_detection_per_connected_component_with_exclusive_boxes():
 
 def test_scores_are_mean_class_probabilities_and_sort_the_detections():
     lab = _labels()
-    probs = torch.zeros(4, 20, 30)
-    probs[1, 2:6, 3:9] = 0.9
-    probs[1, 10:18, 20:24], probs[1, 10:18, 24:28] = 0.4, 0.6  # mean 0.5
-    probs[2, 10:14, 2:5] = 0.7
-    dets = masks_to_detections(lab, probs, min_area=4)
+    scores = torch.zeros(20, 30)
+    scores[2:6, 3:9] = 0.9
+    scores[10:18, 20:24], scores[10:18, 24:28] = 0.4, 0.6  # mean 0.5
+    scores[10:14, 2:5] = 0.7
+    dets = masks_to_detections(lab, scores, min_area=4)
     assert [(d["index"], round(d["score"], 4)) for d in dets] == [(1, 0.9), (2, 0.7), (1, 0.5)]
 
 
@@ -47,9 +47,30 @@ def test_diagonal_neighbours_are_one_component_and_bad_shapes_are_errors():
     assert masks_to_detections(torch.zeros(8, 8, dtype=torch.long), None) == []
     with pytest.raises(ValueError, match=r"labels must be \(H, W\)"):
         masks_to_detections(torch.zeros(1, 8, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"probs must be \(K, H, W\)"):
-        masks_to_detections(lab, torch.zeros(3, 8, 9))
+    with pytest.raises(ValueError, match=r"scores must be \(H, W\)"):
+        masks_to_detections(lab, torch.zeros(8, 9))
 
+
+
+def test_labels_and_scores_are_the_softmax_argmax_and_its_probability():
+    logits = 3 * torch.randn(2, 11, 24, 24, generator=torch.Generator().manual_seed(0))
+    logits[0, :, 0, 0] = 80.0  # every class level: the first wins, each at 1/11
+    labels, scores = labels_and_scores(logits)
+    probs, expected = torch.softmax(logits, dim=1).max(dim=1)
+    assert torch.equal(labels, expected) and labels.dtype == torch.long
+    assert torch.allclose(scores, probs, rtol=1e-6, atol=0) and float(scores[0, 0, 0]) == pytest.approx(1 / 11)
+
+
+def test_many_small_components_keep_only_those_of_min_area_in_class_and_raster_order():
+    lab = torch.zeros(40, 40, dtype=torch.long)
+    lab[:20:2, :20:2] = torch.arange(100).reshape(10, 10) % 3 + 1  # 100 one-pixel components of classes 1-3
+    lab[24:34, 0:10], lab[0:8, 26:36], lab[30:38, 26:34] = 2, 1, 2  # and three large garments apart from them
+    scores = torch.full((40, 40), 0.5)
+    scores[0:8, 26:36] = 0.75
+    dets = masks_to_detections(lab, scores, min_area=50)
+    assert [(d["index"], d["box"], d["score"]) for d in dets] == [
+        (1, [26, 0, 36, 8], 0.75), (2, [0, 24, 10, 34], 0.5), (2, [26, 30, 34, 38], 0.5)]
+    assert len(masks_to_detections(lab, None, min_area=1)) == 103
 
 def _logits(pred: torch.Tensor, k: int = 4) -> torch.Tensor:
     return 10.0 * torch.nn.functional.one_hot(pred, k).permute(0, 3, 1, 2).float()

@@ -39,7 +39,7 @@ def test_the_pick_is_the_best_final_val_accuracy_not_the_best_test_accuracy():
     md = markdown_grid(summary)
     assert "| layer4 + head | backbone_lr_factor 0.3 | 70.0 | 50.0 ± 0.0 | 50.0, 50.0 | so far |" in md  # 3.0 to run
     assert "| from scratch | head_lr 0.1 | 90.0 (n=1) | 90.0 (n=1) | 90.0 |  |" in md
-    assert "15 of the 28 planned runs have finished" in md
+    assert "15 of the 40 planned runs have finished" in md
     # The default of full fine-tuning is the lowest of its grid; the others' picks lie inside theirs.
     assert "Picked at the edge of its grid, so a setting beyond it may do better still: full fine-tuning " \
         "(backbone_lr_factor 0.1)." in md
@@ -65,16 +65,19 @@ def test_the_grid_reuses_the_experiments_runs_names_its_own_and_resumes(quick, t
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == own  # the defaults were reused
     names = sorted(p.name for p in (out / "runs" / "lr-grid").glob("*.json"))
     assert names == ["2shot-full-backbone_lr_factor0.3-seed0.json", "2shot-full-backbone_lr_factor1-seed0.json",
+                     "2shot-full-backbone_lr_factor10-seed0.json", "2shot-full-backbone_lr_factor3-seed0.json",
                      "2shot-layer4_head-backbone_lr_factor0.3-seed0.json",
                      "2shot-layer4_head-backbone_lr_factor1-seed0.json",
-                     "2shot-layer4_head-backbone_lr_factor3-seed0.json",
-                     "2shot-linear_probe-head_lr0.02-seed0.json", "2shot-linear_probe-head_lr0.1-seed0.json",
+                     "2shot-layer4_head-backbone_lr_factor10-seed0.json",
+                     "2shot-layer4_head-backbone_lr_factor3-seed0.json", "2shot-linear_probe-head_lr0.02-seed0.json",
+                     "2shot-linear_probe-head_lr0.1-seed0.json", "2shot-linear_probe-head_lr0.3-seed0.json",
+                     "2shot-linear_probe-head_lr1-seed0.json",
                      "2shot-scratch-head_lr0.02-seed0.json", "2shot-scratch-head_lr0.1-seed0.json",
-                     "2shot-scratch-head_lr0.2-seed0.json"]
+                     "2shot-scratch-head_lr0.2-seed0.json", "2shot-scratch-head_lr0.5-seed0.json"]
     by = {(r["method"], r["value"]): r["recipe"] for r in grid["runs"]}
     assert by[("layer4_head", 1.0)]["backbone_lr_factor"] == 1.0 and by[("layer4_head", 1.0)]["lr"] == 0.05
     assert by[("scratch", 0.1)]["lr"] == 0.1 and by[("scratch", 0.1)]["init_from"] is None
-    assert len(grid["runs"]) == 14
+    assert len(grid["runs"]) == 20
 
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")}
     docs = tmp_path / "docs"
@@ -84,7 +87,7 @@ def test_the_grid_reuses_the_experiments_runs_names_its_own_and_resumes(quick, t
     assert main([*args, "--docs", str(docs)]) == 0  # everything is reused
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")} == stamps
     summary = json.loads((docs / "transfer-lr.json").read_text())
-    assert set(summary["picked"]) == set(GRID) and summary["runs_done"] == summary["runs_planned"] == 14
+    assert set(summary["picked"]) == set(GRID) and summary["runs_done"] == summary["runs_planned"] == 20
     page = (docs / "training.md").read_text()
     assert "old" not in page and markdown_grid(summary) in page
     assert "Picked settings: At 2 images" in page  # every run has finished: not "so far"

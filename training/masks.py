@@ -17,32 +17,53 @@ DEFAULT_MIN_AREA = 64  # pixels: smaller components are dropped (noise at 224 px
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # diagonal neighbours join: thin straps stay one garment
 
 
-def masks_to_detections(labels: torch.Tensor, probs: torch.Tensor | None = None,
+def labels_and_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, H, W) logits -> per-pixel labels (N, H, W) int64 (the argmax) and scores (N, H, W): the softmax
+    probability of each pixel's label (one softmax and max over the classes: faster on CPU here than a max and an
+    exp-sum, measured at 224 px with 11 classes)."""
+    scores, labels = torch.softmax(logits, dim=1).max(dim=1)
+    return labels, scores
+
+
+def masks_to_detections(labels: torch.Tensor, scores: torch.Tensor | None = None,
                         min_area: int = DEFAULT_MIN_AREA, classes: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Connected components of every non-background class (index > 0) of an (H, W) label map.
 
     Returns [{"label": name (or the index when `classes` is None), "index": k, "score": float,
     "box": [x0, y0, x1, y1]}] in pixel coordinates with x1/y1 exclusive, sorted by score (highest first).
-    `probs` (K, H, W): per-class probabilities; the score is their mean for class k over the component
-    (1.0 when probs is None). Components of fewer than `min_area` pixels are dropped."""
+    `scores` (H, W): the probability of each pixel's own class (`labels_and_scores`); a component's score is their
+    mean over it (1.0 when scores is None). Components of fewer than `min_area` pixels are dropped."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be (H, W), got shape {tuple(labels.shape)}")
-    if probs is not None and (probs.dim() != 3 or probs.shape[1:] != labels.shape):
-        raise ValueError(f"probs must be (K, H, W) with H, W of labels {tuple(labels.shape)}, "
-                         f"got {tuple(probs.shape)}")
+    if scores is not None and scores.shape != labels.shape:
+        raise ValueError(f"scores must be (H, W) like labels {tuple(labels.shape)}, got {tuple(scores.shape)}")
     lab = labels.detach().cpu().numpy()
-    prob = probs.detach().float().cpu().numpy() if probs is not None else None
     present = np.flatnonzero(np.bincount(lab.ravel()))
-    out = []
+    # one map of every class's components (ids numbered class by class), so areas, scores and boxes take one pass
+    # each over the frame however many classes are present
+    comp = np.zeros(lab.shape, dtype=np.int32)
+    starts, kinds, n = [], [], 0  # each class's first component id, and the class
     for k in present[present > 0].tolist():
-        comp, n = ndimage.label(lab == k, structure=_EIGHT_CONNECTED)
-        area = np.bincount(comp.ravel(), minlength=n + 1)
-        score = (np.bincount(comp.ravel(), weights=prob[k].ravel(), minlength=n + 1) / np.maximum(area, 1)
-                 if prob is not None else np.ones(n + 1))
-        for i, sl in enumerate(ndimage.find_objects(comp), start=1):
-            if sl is None or area[i] < min_area:
-                continue
-            out.append({"label": classes[k] if classes is not None else k, "index": k, "score": float(score[i]),
-                        "box": [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop]})
+        binary = lab == k
+        ids, count = ndimage.label(binary, structure=_EIGHT_CONNECTED)
+        np.add(ids, n, out=comp, where=binary)
+        starts.append(n + 1)
+        kinds.append(k)
+        n += count
+    flat = comp.ravel()
+    area = np.bincount(flat, minlength=n + 1)
+    mean = (np.bincount(flat, weights=scores.detach().float().cpu().numpy().ravel(), minlength=n + 1)
+            / np.maximum(area, 1) if scores is not None else np.ones(n + 1))
+    kept = np.flatnonzero(area >= min_area)
+    kept = kept[kept > 0]  # component ids large enough, in order; boxes are found for these alone
+    renumbered = np.zeros(n + 1, dtype=np.int32)
+    renumbered[kept] = np.arange(1, len(kept) + 1)
+    boxes = ndimage.find_objects(renumbered[comp]) if len(kept) else []
+    owner = np.searchsorted(starts, kept, side="right") - 1  # kept component -> index into kinds
+    out = []
+    for i, sl, o in zip(kept.tolist(), boxes, owner.tolist()):
+        k = kinds[o]
+        out.append({"label": classes[k] if classes is not None else k, "index": k, "score": float(mean[i]),
+                    "box": [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop]})
     out.sort(key=lambda d: -d["score"])
     return out

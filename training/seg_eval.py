@@ -62,7 +62,8 @@ class SegMetrics:
         probs = logits.softmax(1)
         self._split_errors(pred, probs, masks, instances.long().cpu())
         if self.map is not None:
-            preds = [_as_map_input(masks_to_detections(p, q, self.min_area)) for p, q in zip(pred, probs)]
+            scores = probs.gather(1, pred.unsqueeze(1)).squeeze(1)
+            preds = [_as_map_input(masks_to_detections(p, q, self.min_area)) for p, q in zip(pred, scores)]
             self.map.update(preds, [instance_truth(m, i, self.min_area) for m, i in zip(masks, instances.long().cpu())])
 
     def _split_errors(self, pred: torch.Tensor, probs: torch.Tensor, masks: torch.Tensor,

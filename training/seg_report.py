@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from training.masks import masks_to_detections
+from training.masks import labels_and_scores, masks_to_detections
 from training.seg_eval import instance_truth
 
 
@@ -35,14 +35,13 @@ def overlay_figure(frames: torch.Tensor, logits: torch.Tensor, masks: torch.Tens
     import torch.nn.functional as F
 
     logits = F.interpolate(logits.float().cpu(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    probs = logits.softmax(1)
-    pred = probs.argmax(1)
+    pred, scores = labels_and_scores(logits)
     colours = palette(len(classes))
     n = len(frames)
     fig, axes = plt.subplots(n, 2, figsize=(7.2, 3.5 * n + 0.4), squeeze=False)
     for i in range(n):
         truth = instance_truth(masks[i], instances[i], min_area=1)
-        sides = [(pred[i], masks_to_detections(pred[i], probs[i]), "prediction"),
+        sides = [(pred[i], masks_to_detections(pred[i], scores[i]), "prediction"),
                  (masks[i], [{"index": int(k), "box": b.tolist(), "score": None}
                              for k, b in zip(truth["labels"], truth["boxes"])], "ground truth")]
         for ax, (mask, dets, name) in zip(axes[i], sides):

@@ -35,10 +35,10 @@ from training.transfer import (
 
 # method -> (the experiment_config key it varies, its values); the first value is the experiment's default.
 GRID: dict[str, tuple[str, tuple[float, ...]]] = {
-    "layer4_head": ("backbone_lr_factor", (0.1, 0.3, 1.0, 3.0)),
-    "full": ("backbone_lr_factor", (0.1, 0.3, 1.0)),
-    "scratch": ("head_lr", (0.05, 0.02, 0.1, 0.2)),
-    "linear_probe": ("head_lr", (0.05, 0.02, 0.1)),
+    "layer4_head": ("backbone_lr_factor", (0.1, 0.3, 1.0, 3.0, 10.0)),
+    "full": ("backbone_lr_factor", (0.1, 0.3, 1.0, 3.0, 10.0)),
+    "scratch": ("head_lr", (0.05, 0.02, 0.1, 0.2, 0.5)),
+    "linear_probe": ("head_lr", (0.05, 0.02, 0.1, 0.3, 1.0)),
 }
 ORDER = ("layer4_head", "full", "scratch", "linear_probe")  # cheapest grid first; the table's order is METHODS
 
