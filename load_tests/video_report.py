@@ -153,9 +153,8 @@ def _shares(stages: dict[str, float | None]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
     ts, clip = m["torchserve"], m["clip"]
-    busy = (" The machine is shared: other jobs (niced training) ran beside the benchmark, which runs at normal "
-            "priority; with a load above 1 at the start, treat the figures as lower bounds."
-            if m["loadavg_start"][0] > 1 else "")
+    busy = (" The 1-minute load average was above 1 at the start (other work on the shared machine, or the run just "
+            "before this one): treat the figures as lower bounds." if m["loadavg_start"][0] > 1 else "")
     out = [f"Measured by `make bench-video` (`python -m load_tests.video_bench`) on {m['date']} in {m['wall_s']} s; "
            f"every figure below is in [{JSON_NAME}]({JSON_NAME}) (a copy of `{m['json']}`).", "",
            f"- **Machine**: {m['hardware']}, a CPU budget of {m['cores']} cores, {m['memory_gib']} GiB, no GPU; load "
