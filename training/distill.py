@@ -143,13 +143,14 @@ class Distiller:
         kd = hard_kd_loss(dist, teacher) if self.mode == "hard" else soft_kd_loss(dist, teacher, self.temperature)
         if target.ndim != 1:  # a mixed batch's soft targets have no single true label
             return (1 - self.alpha) * criterion(cls.float(), target) + self.alpha * kd
+        if self.unlabeled:  # the labels' term over the images that have one (this syncs with the device)
+            known = target >= 0
+            views = int(known.sum())
+            labels = criterion(cls[known].float(), target[known]) if views else cls.sum() * 0
+        else:  # no host sync per step
+            views, labels = target.numel(), criterion(cls.float(), target)
         right = teacher.argmax(dim=1) == target  # how noisy the teacher's targets are, where the label is known
-        if not self.unlabeled:  # no host sync per step
-            self.agreed, self.views = self.agreed.to(target.device) + right.sum(), self.views + target.numel()
-            return (1 - self.alpha) * criterion(cls.float(), target) + self.alpha * kd
-        known = target >= 0
-        self.agreed, self.views = self.agreed.to(target.device) + right.sum(), self.views + int(known.sum())
-        labels = criterion(cls[known].float(), target[known]) if bool(known.any()) else cls.sum() * 0
+        self.agreed, self.views = self.agreed.to(target.device) + right.sum(), self.views + views
         return (1 - self.alpha) * labels + self.alpha * kd
 
     def resume(self, metrics: dict[str, Any]) -> None:

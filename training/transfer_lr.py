@@ -3,9 +3,8 @@ rate a fair one?
 
 Every method of the experiment trains with one learning-rate setting: head LR 0.05, a pretrained backbone at
 0.1 x that, from scratch everything at 0.05. The grid tries other settings at the fewest images per class
-(the goal's row), for every seed: layer4 + head and full fine-tuning with backbone_lr_factor 0.1, 0.3 and 1.0,
-from scratch and the linear probe with head LR 0.02, 0.05 and 0.1; layer4 + head also at 3.0 and from scratch
-at 0.2, since both picked the top of their first grid. Per method the setting with the best
+(the goal's row), for every seed: the settings of GRID below, widened past every pick that sat on its edge, so
+that each method's pick has a worse setting on both sides. Per method the setting with the best
 mean final **validation** accuracy over the seeds is picked (the trees' val split: 10 images per class, apart
 from every training image; ties go to the default setting); the test images only score the pick.
 
